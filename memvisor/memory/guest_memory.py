@@ -1,0 +1,316 @@
+"""Guest physical memory: regions, their host backing, and the one checked accessor to them.
+
+A `MemoryRegion` is one contiguous range of guest physical addresses (GPA) backed by a host mapping:
+
+- `MemoryRegion.memfd`: guest RAM in a memfd mapped MAP_SHARED (what KVM, migration and discard want),
+- `MemoryRegion.file`: a file mapped MAP_SHARED, read-write or read-only (virtio-pmem),
+- `MemoryRegion.anonymous`: MAP_PRIVATE|MAP_ANONYMOUS memory.
+
+A `GuestMemory` holds non-overlapping regions and is the only way the VMM touches guest memory. Every
+access is range-checked: a negative address or length, a range wrapping past 2**64, a range outside every
+region or spanning two regions, or a write to a read-only region raises `GuestMemoryError`, so a guest can
+never steer the VMM to host memory outside its RAM (Python's negative indexes and unbounded integers make
+these explicit checks a must).
+
+Giving memory back to the host (`discard`) depends on the backing: a shared mapping keeps its pages in the
+memfd or file, so MADV_DONTNEED would only unmap them; the hole must be punched in the file
+(fallocate PUNCH_HOLE). Private anonymous memory is freed by MADV_DONTNEED. `allocated_bytes` measures what
+the host really holds: allocated blocks of the fd, resident pages of a private mapping.
+
+Example::
+
+    mem = GuestMemory()
+    mem.add(MemoryRegion.memfd(0, 16 << 20, "ram"))
+    mem.write_u32(0x1000, 0xDEADBEEF)
+    assert mem.read(0x1000, 4) == b"\\xef\\xbe\\xad\\xde"
+    mem.discard(0x1000, 0x1000)           # the page reads as zeros again and costs the host nothing
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import struct
+from pathlib import Path
+
+from memvisor.errors import MemvisorError
+from memvisor.memory import libc
+from memvisor.memory.libc import PAGE_SIZE
+
+ADDRESS_LIMIT = 1 << 64
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GuestMemoryError(MemvisorError):
+    """An access outside guest RAM, wrapping past 2**64, spanning regions, or writing a read-only region."""
+
+
+def _check_layout(gpa: int, size: int, name: str) -> None:
+    if size <= 0 or size % PAGE_SIZE:
+        raise MemvisorError(f"memory region {name!r}: size {size} is not a positive multiple of {PAGE_SIZE}")
+    if gpa < 0 or gpa % PAGE_SIZE or gpa + size > ADDRESS_LIMIT:
+        raise MemvisorError(f"memory region {name!r}: address {gpa:#x} is not page aligned inside 2**64")
+
+
+class MemoryRegion:
+    """One contiguous range of guest physical memory and its host mapping.
+
+    Attributes: `gpa`, `size`, `name`, `readonly`, `host_addr` (the userspace address of the mapping, for
+    KVM memslots), `fd` (the memfd or file descriptor backing it, None for private anonymous memory) and
+    `view` (a memoryview over the whole mapping, read-only for read-only regions).
+    """
+
+    def __init__(self, gpa: int, size: int, name: str, *, readonly: bool, host_addr: int, fd: int | None):
+        self.gpa = gpa
+        self.size = size
+        self.name = name
+        self.readonly = readonly
+        self.host_addr = host_addr
+        self.fd = fd
+        self.closed = False
+        self.view = libc.memoryview_at(host_addr, size, readonly=readonly)
+
+    @property
+    def end(self) -> int:
+        """The first GPA after the region."""
+        return self.gpa + self.size
+
+    @classmethod
+    def memfd(cls, gpa: int, size: int, name: str = "ram") -> MemoryRegion:
+        """RAM in a new memfd of `size` bytes mapped MAP_SHARED (zero-filled, allocated on first touch)."""
+        _check_layout(gpa, size, name)
+        fd = os.memfd_create(f"memvisor-{name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            addr = libc.mmap(size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED | libc.MAP_NORESERVE, fd)
+        except OSError as err:
+            os.close(fd)
+            raise MemvisorError(f"cannot create {size} bytes of guest RAM {name!r}: {err}; lower the size") from err
+        return cls(gpa, size, name, readonly=False, host_addr=addr, fd=fd)
+
+    @classmethod
+    def file(
+        cls, gpa: int, path: str | os.PathLike[str], size: int | None = None, *, readonly: bool = False,
+        name: str | None = None,
+    ) -> MemoryRegion:
+        """Map the first `size` bytes of the file at `path` MAP_SHARED (the whole file if `size` is None).
+
+        A writable file shorter than `size` is extended; a read-only one must be long enough, since touching
+        a mapping past the end of its file raises SIGBUS.
+        """
+        name = name or Path(path).name
+        try:
+            fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as err:
+            raise MemvisorError(f"cannot open {str(path)!r} for guest memory {name!r}: {err.strerror}; "
+                                "check the path and its permissions") from err
+        try:
+            length = os.fstat(fd).st_size
+            if size is None:
+                size = length
+            _check_layout(gpa, size, name)
+            if length < size:
+                if readonly:
+                    raise MemvisorError(f"file {str(path)!r} has {length} bytes, fewer than the {size} to map "
+                                        "read-only; give a smaller size or a longer file")
+                os.ftruncate(fd, size)
+            prot = libc.PROT_READ if readonly else libc.PROT_READ | libc.PROT_WRITE
+            addr = libc.mmap(size, prot, libc.MAP_SHARED, fd)
+        except OSError as err:
+            os.close(fd)
+            raise MemvisorError(f"cannot map {str(path)!r} as guest memory {name!r}: {err.strerror}") from err
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(gpa, size, name, readonly=readonly, host_addr=addr, fd=fd)
+
+    @classmethod
+    def anonymous(cls, gpa: int, size: int, name: str = "anon") -> MemoryRegion:
+        """Private anonymous memory (MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE)."""
+        _check_layout(gpa, size, name)
+        try:
+            flags = libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE
+            addr = libc.mmap(size, libc.PROT_READ | libc.PROT_WRITE, flags)
+        except OSError as err:
+            raise MemvisorError(f"cannot map {size} bytes of memory {name!r}: {err}; lower the size") from err
+        return cls(gpa, size, name, readonly=False, host_addr=addr, fd=None)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Give the host back [offset, offset+length) of this region (page aligned, already checked)."""
+        if self.fd is not None:
+            libc.fallocate(self.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length)
+        else:
+            libc.madvise(self.host_addr + offset, length, libc.MADV_DONTNEED)
+
+    def allocated_bytes(self) -> int:
+        """Bytes the host really holds for this region."""
+        if self.closed:
+            return 0
+        if self.fd is not None:
+            return os.fstat(self.fd).st_blocks * 512
+        return libc.resident_pages(self.host_addr, self.size) * PAGE_SIZE
+
+    def close(self) -> None:
+        """Unmap and close. Views taken earlier must not be used afterwards."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(BufferError):  # something still exports the view; munmap anyway
+            self.view.release()
+        libc.munmap(self.host_addr, self.size)
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def __repr__(self) -> str:
+        kind = "anon" if self.fd is None else "fd"
+        ro = " ro" if self.readonly else ""
+        return f"<MemoryRegion {self.name} gpa={self.gpa:#x} size={self.size:#x} {kind}{ro}>"
+
+
+class GuestMemory:
+    """The guest physical address space: non-overlapping regions and checked access to them."""
+
+    def __init__(self, regions: list[MemoryRegion] | None = None):
+        self.regions: list[MemoryRegion] = []
+        self._starts: list[int] = []
+        for region in regions or []:
+            self.add(region)
+
+    def add(self, region: MemoryRegion) -> None:
+        """Add `region`; it must not overlap one already present."""
+        for other in self.regions:
+            if region.gpa < other.end and other.gpa < region.end:
+                raise MemvisorError(f"memory region {region.name!r} at {region.gpa:#x} overlaps "
+                                    f"{other.name!r} at {other.gpa:#x}; move one of them")
+        index = bisect.bisect(self._starts, region.gpa)
+        self.regions.insert(index, region)
+        self._starts.insert(index, region.gpa)
+
+    def remove(self, region: MemoryRegion) -> None:
+        """Take `region` out of the address space (it is not closed)."""
+        index = self.regions.index(region)
+        del self.regions[index]
+        del self._starts[index]
+
+    def _find(self, gpa: int) -> MemoryRegion | None:
+        index = bisect.bisect_right(self._starts, gpa) - 1
+        if index < 0:
+            return None
+        region = self.regions[index]
+        return region if gpa < region.end else None
+
+    def _locate(self, gpa: int, length: int) -> tuple[MemoryRegion, int]:
+        """The region holding all of [gpa, gpa+length) and the offset of gpa in it."""
+        if gpa < 0 or length < 0 or gpa + length > ADDRESS_LIMIT:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside the 64-bit address space")
+        region = self._find(gpa)
+        if region is None or region.closed:
+            raise GuestMemoryError(f"guest address {gpa:#x} is not in guest memory")
+        if gpa + length > region.end:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} runs past the end of region {region.name!r}")
+        return region, gpa - region.gpa
+
+    def contains(self, gpa: int, length: int) -> bool:
+        """True when [gpa, gpa+length) lies inside one region."""
+        try:
+            self._locate(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def region_at(self, gpa: int) -> MemoryRegion:
+        """The region holding `gpa`; GuestMemoryError if none."""
+        return self._locate(gpa, 0)[0]
+
+    def host_address(self, gpa: int, length: int) -> int:
+        """The host userspace address of the checked range [gpa, gpa+length)."""
+        region, offset = self._locate(gpa, length)
+        return region.host_addr + offset
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy view of [gpa, gpa+length) (read-only for a read-only region)."""
+        region, offset = self._locate(gpa, length)
+        return region.view[offset:offset + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        region, offset = self._locate(gpa, length)
+        return bytes(region.view[offset:offset + length])
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        region, offset = self._locate(gpa, length)
+        if region.readonly:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is in read-only region {region.name!r}")
+        region.view[offset:offset + length] = data
+
+    def read_u8(self, gpa: int) -> int:
+        region, offset = self._locate(gpa, 1)
+        return region.view[offset]
+
+    def read_u16(self, gpa: int) -> int:
+        region, offset = self._locate(gpa, 2)
+        return int(_U16.unpack_from(region.view, offset)[0])
+
+    def read_u32(self, gpa: int) -> int:
+        region, offset = self._locate(gpa, 4)
+        return int(_U32.unpack_from(region.view, offset)[0])
+
+    def read_u64(self, gpa: int) -> int:
+        region, offset = self._locate(gpa, 8)
+        return int(_U64.unpack_from(region.view, offset)[0])
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.write(gpa, bytes((value & 0xFF,)))
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write(gpa, _U16.pack(value & 0xFFFF))
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, _U32.pack(value & 0xFFFF_FFFF))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, _U64.pack(value & 0xFFFF_FFFF_FFFF_FFFF))
+
+    def discard(self, gpa: int, length: int) -> None:
+        """Give the host back the page-aligned range [gpa, gpa+length); it reads as zeros afterwards.
+
+        memfd and file regions get a hole punched (the file shrinks on disk, every mapping of it drops the
+        pages); private anonymous regions get MADV_DONTNEED. Read-only regions cannot be discarded.
+        """
+        if gpa % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestMemoryError(f"discard of {gpa:#x}+{length:#x} is not aligned to the {PAGE_SIZE}-byte page")
+        region, offset = self._locate(gpa, length)
+        if region.readonly:
+            raise GuestMemoryError(f"cannot discard {gpa:#x}+{length:#x}: region {region.name!r} is read-only")
+        if length == 0:
+            return
+        try:
+            region.discard(offset, length)
+        except OSError as err:
+            raise GuestMemoryError(f"cannot discard {gpa:#x}+{length:#x} of region {region.name!r}: "
+                                   f"{err.strerror}") from err
+
+    def allocated_bytes(self, region: MemoryRegion | None = None) -> int:
+        """Bytes the host really holds for `region`, or for all regions."""
+        if region is not None:
+            return region.allocated_bytes()
+        return sum(r.allocated_bytes() for r in self.regions)
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def close(self) -> None:
+        """Unmap every region."""
+        for region in self.regions:
+            region.close()
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
