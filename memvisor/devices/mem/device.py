@@ -1,0 +1,447 @@
+"""The virtio-mem device model (device id 24, virtio 1.2 section 5.15).
+
+A virtio-mem device owns one region of guest physical memory, split into blocks of `block_size` bytes that
+are each plugged (usable RAM) or unplugged (given back to the host). The host sets `requested_size`; the
+guest driver answers by asking to plug or unplug blocks on the single request queue until its
+`plugged_size` matches. The device checks every request as the specification demands and answers
+
+- ACK: done; NACK: plugging more would exceed `requested_size`;
+- BUSY: not now (the host set `busy`, e.g. during migration, or preallocation / the KVM mapping failed);
+- ERROR: the request is malformed (unaligned, zero blocks, outside the usable region, blocks already in
+  the requested state, unknown type, shorter than 24 bytes). Linux marks the device broken on ERROR.
+
+A chain without a writable buffer of at least 10 bytes cannot carry any answer: it is returned with 0 bytes
+written and counted in `errors`, so no descriptor head ever leaks.
+
+Only the first `usable_region_size` bytes of the region may be plugged. Like QEMU, the device sizes the
+usable region to `requested_size` plus 256 MiB of headroom (two Linux memory blocks of 128 MiB on x86),
+capped at the region and rounded up to the block size, so that the driver can add whole memory blocks and
+choose where to plug. It only grows when `requested_size` changes and shrinks only on UNPLUG_ALL (and on a
+system reset), as section 5.15.4.2 requires; it is 0 while `requested_size` is 0.
+
+Host side: `set_requested_size` (raises a config interrupt), `plugged_size`, `busy`, `system_reset`, and
+three hooks for the VMM and the control plane:
+
+- `on_plug(gpa, size)` / `on_unplug(gpa, size)`: map or unmap the blocks in KVM (used when
+  VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE keeps unplugged memory out of the guest). An exception from
+  `on_plug` turns the request into BUSY and rolls it back; one from `on_unplug` makes it BUSY unchanged.
+- `on_size_change(plugged_size)`: the plugged size changed (QMP MEMORY_DEVICE_SIZE_CHANGE).
+
+Plugging optionally preallocates the blocks (fallocate on the memfd, or touching each page); unplugging
+punches the blocks out of the backing (`GuestMemory.discard`) so the host really gets them back. A virtio
+reset keeps the block states (section 5.15.5.2: the driver unplugs all on its next start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from memvisor.devices.mem.blocks import BlockBitmap
+from memvisor.devices.mem.protocol import (
+    CONFIG,
+    REQUEST,
+    RESPONSE,
+    VIRTIO_MEM_F_ACPI_PXM,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    VIRTIO_MEM_REQ_PLUG,
+    VIRTIO_MEM_REQ_STATE,
+    VIRTIO_MEM_REQ_UNPLUG,
+    VIRTIO_MEM_REQ_UNPLUG_ALL,
+    VIRTIO_MEM_RESP_ACK,
+    VIRTIO_MEM_RESP_BUSY,
+    VIRTIO_MEM_RESP_ERROR,
+    VIRTIO_MEM_RESP_NACK,
+    VIRTIO_MEM_STATE_MIXED,
+    VIRTIO_MEM_STATE_PLUGGED,
+    VIRTIO_MEM_STATE_UNPLUGGED,
+    MemRequest,
+    encode_response,
+)
+from memvisor.errors import UsageError
+from memvisor.memory.guest_memory import GuestMemoryError
+from memvisor.units import format_size
+from memvisor.virtio.device import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_MEM,
+    VirtioDevice,
+    VirtioDeviceError,
+    feature_bit,
+    has_feature,
+)
+from memvisor.virtio.queue import VirtqueueError
+
+if TYPE_CHECKING:
+    from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
+    from memvisor.virtio.queue import DescriptorChain, SplitVirtqueue
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+REGION_ALIGNMENT = 128 * MIB  # a Linux memory block on x86 (FACTS.md): the driver hot-adds whole ones
+MIN_BLOCK_SIZE = 2 * MIB  # a transparent huge page on x86
+USABLE_EXTENT = 256 * MIB  # headroom of the usable region past requested_size (QEMU's value on x86)
+QUEUE_SIZE = 128
+_PAGE_SIZE = 4096
+
+COUNTER_NAMES = (
+    "plug_requests", "unplug_requests", "unplug_all_requests", "state_requests",
+    "acks", "nacks", "busy", "errors",
+    "bytes_plugged", "bytes_unplugged", "bytes_discarded", "discard_failures", "hook_failures",
+)
+
+SizeHook = Callable[[int], None]
+RangeHook = Callable[[int, int], None]
+
+
+class MemError(VirtioDeviceError):
+    """The virtio-mem device cannot go on (e.g. the driver refused UNPLUGGED_INACCESSIBLE)."""
+
+
+def _validate(region: MemoryRegion, block_size: int, requested_size: int, node_id: int | None) -> None:
+    """Raise UsageError, naming the fix, for a device layout a Linux driver could not use."""
+    if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
+        raise UsageError(f"virtio-mem block size {format_size(block_size)} is not a power of two of at least "
+                         f"{format_size(MIN_BLOCK_SIZE)}; use e.g. 2M or 4M")
+    if region.gpa % REGION_ALIGNMENT:
+        raise UsageError(f"virtio-mem region at {region.gpa:#x} is not aligned to "
+                         f"{format_size(REGION_ALIGNMENT)}; place it at a multiple of 128M")
+    if region.size <= 0 or region.size % block_size:
+        raise UsageError(f"virtio-mem region size {format_size(region.size)} is not a multiple of the block "
+                         f"size {format_size(block_size)}; round the size to the block size")
+    if region.readonly:
+        raise UsageError(f"virtio-mem region {region.name!r} is read-only; back it with writable memory")
+    if requested_size < 0 or requested_size % block_size or requested_size > region.size:
+        raise UsageError(f"virtio-mem requested size {format_size(requested_size)} must be a multiple of the "
+                         f"block size {format_size(block_size)} no larger than the region "
+                         f"{format_size(region.size)}; choose such a size")
+    if node_id is not None and not 0 <= node_id <= 0xFFFF:
+        raise UsageError(f"virtio-mem NUMA node {node_id} does not fit 16 bits; give a node from 0 to 65535")
+
+
+class VirtioMemDevice(VirtioDevice):
+    """virtio-mem over `region` (memfd-backed, 128 MiB aligned), in blocks of `block_size` bytes."""
+
+    device_id = VIRTIO_ID_MEM
+    queue_max_sizes = (QUEUE_SIZE,)
+
+    def __init__(
+        self,
+        region: MemoryRegion,
+        *,
+        block_size: int = MIN_BLOCK_SIZE,
+        requested_size: int = 0,
+        node_id: int | None = None,
+        prealloc: bool = False,
+        unplugged_inaccessible: bool = True,
+        on_size_change: SizeHook | None = None,
+        on_plug: RangeHook | None = None,
+        on_unplug: RangeHook | None = None,
+    ):
+        super().__init__()
+        _validate(region, block_size, requested_size, node_id)
+        self.region = region
+        self.block_size = block_size
+        self.node_id = node_id
+        self.prealloc = prealloc
+        self.unplugged_inaccessible = unplugged_inaccessible
+        self.on_size_change = on_size_change
+        self.on_plug = on_plug
+        self.on_unplug = on_unplug
+        self.busy = False  # set by the host (e.g. during migration): state changes answer BUSY
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self._bitmap = BlockBitmap(region.size // block_size)
+        self._requested_size = requested_size
+        self._usable_region_size = 0
+        self._resize_usable_region(can_shrink=True)
+        self._memory: GuestMemory | None = None
+        self._queue: SplitVirtqueue | None = None
+
+    # --- host API ---------------------------------------------------------------------------------------
+
+    @property
+    def addr(self) -> int:
+        return self.region.gpa
+
+    @property
+    def region_size(self) -> int:
+        return self.region.size
+
+    @property
+    def usable_region_size(self) -> int:
+        return self._usable_region_size
+
+    @property
+    def requested_size(self) -> int:
+        return self._requested_size
+
+    @property
+    def plugged_size(self) -> int:
+        return self._bitmap.plugged_count * self.block_size
+
+    def set_requested_size(self, size: int) -> None:
+        """Ask the guest to plug `size` bytes in total; raises a config interrupt."""
+        _validate(self.region, self.block_size, size, self.node_id)
+        with self.lock:
+            self._requested_size = size
+            self._resize_usable_region(can_shrink=False)
+        self.signal_config_change()
+
+    def system_reset(self) -> None:
+        """The machine resets: unplug every block (section 5.15.5: SHOULD) and size the usable region anew."""
+        with self.lock:
+            self._unplug_everything()
+            self._resize_usable_region(can_shrink=True)
+
+    def block_state(self, gpa: int) -> bool:
+        """Whether the block holding `gpa` is plugged (for the VMM and tests)."""
+        index = (gpa - self.addr) // self.block_size
+        if not 0 <= index < len(self._bitmap):
+            raise UsageError(f"address {gpa:#x} is outside the virtio-mem region; give an address inside it")
+        return self._bitmap.all_plugged(index, 1)
+
+    # --- VirtioDevice -----------------------------------------------------------------------------------
+
+    def device_features(self) -> int:
+        features = feature_bit(VIRTIO_F_VERSION_1)
+        if self.node_id is not None:
+            features |= feature_bit(VIRTIO_MEM_F_ACPI_PXM)
+        if self.unplugged_inaccessible:
+            features |= feature_bit(VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE)
+        return features
+
+    def config_bytes(self) -> bytes:
+        """The whole struct virtio_mem_config as the driver sees it now."""
+        with self.lock:
+            return CONFIG.pack(self.block_size, self.node_id or 0, self.addr, self.region_size,
+                               self._usable_region_size, self.plugged_size, self._requested_size)
+
+    def read_config(self, offset: int, length: int) -> bytes:
+        config = self.config_bytes()
+        if offset < 0 or length <= 0:
+            return bytes(max(length, 0))
+        return config[offset:offset + length].ljust(length, b"\0")
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """The configuration is read-only for the driver (section 5.15.4.1): writes are ignored."""
+        log.debug("virtio-mem: ignored driver write of %d bytes to config offset %d", len(data), offset)
+
+    def activate(self, memory: GuestMemory, queues: list[SplitVirtqueue], features: int) -> None:
+        if self.unplugged_inaccessible and not has_feature(features, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE):
+            raise MemError("the guest driver did not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE; use a guest "
+                           "kernel of 5.16 or later or turn unplugged-inaccessible off")
+        if not queues or not queues[0].ready:
+            raise MemError("the guest driver set DRIVER_OK without setting up the virtio-mem request queue")
+        with self.lock:
+            self._memory = memory
+            self._queue = queues[0]
+
+    def reset(self) -> None:
+        """Forget the queue; block states stay as they are (section 5.15.5.2)."""
+        with self.lock:
+            self._queue = None
+
+    def notify(self, queue_index: int) -> None:
+        """Answer the available requests (at most one queue's worth per kick, so the work is bounded)."""
+        with self.lock:
+            queue = self._queue
+            if queue is None or queue_index != 0:
+                return
+            completed = 0
+            try:
+                for _ in range(max(queue.size, 1)):
+                    chain = queue.pop()
+                    if chain is None:
+                        break
+                    self._complete(queue, chain)
+                    completed += 1
+            finally:
+                if completed:
+                    self.signal_used(queue)
+
+    # --- requests ---------------------------------------------------------------------------------------
+
+    def _complete(self, queue: SplitVirtqueue, chain: DescriptorChain) -> None:
+        """Answer one chain and return its head to the driver, whatever it holds."""
+        memory = self._memory
+        assert memory is not None
+        written = 0
+        if chain.writable_length < RESPONSE.size:
+            log.warning("virtio-mem: request without a %d-byte response buffer, returned unanswered", RESPONSE.size)
+            self.count("errors")
+        else:
+            try:
+                data = chain.read_all(memory, REQUEST.size)
+            except (GuestMemoryError, VirtqueueError):
+                data = b""
+            response = self._answer(data)
+            try:
+                written = chain.write_all(memory, response)
+            except (GuestMemoryError, VirtqueueError):
+                written = 0
+        queue.push_used(chain.head, written)
+
+    def _answer(self, data: bytes) -> bytes:
+        """The response to the request bytes `data`, with the counters updated."""
+        if len(data) < REQUEST.size:
+            log.warning("virtio-mem: short request of %d bytes", len(data))
+            return self._respond(VIRTIO_MEM_RESP_ERROR)
+        request = MemRequest.decode(data)
+        if request.type == VIRTIO_MEM_REQ_PLUG:
+            self.count("plug_requests")
+            return self._respond(self._change_state(request, plug=True))
+        if request.type == VIRTIO_MEM_REQ_UNPLUG:
+            self.count("unplug_requests")
+            return self._respond(self._change_state(request, plug=False))
+        if request.type == VIRTIO_MEM_REQ_UNPLUG_ALL:
+            self.count("unplug_all_requests")
+            return self._respond(self._unplug_all_request())
+        if request.type == VIRTIO_MEM_REQ_STATE:
+            self.count("state_requests")
+            return self._state_request(request)
+        log.warning("virtio-mem: unknown request type %d", request.type)
+        return self._respond(VIRTIO_MEM_RESP_ERROR)
+
+    def _respond(self, response_type: int, state: int = 0) -> bytes:
+        name = {VIRTIO_MEM_RESP_ACK: "acks", VIRTIO_MEM_RESP_NACK: "nacks",
+                VIRTIO_MEM_RESP_BUSY: "busy"}.get(response_type, "errors")
+        self.count(name)
+        return encode_response(response_type, state)
+
+    def _block_range(self, request: MemRequest) -> tuple[int, int] | None:
+        """(first block, count) of the request, or None unless it is aligned, non-empty and usable."""
+        if request.nb_blocks == 0 or request.addr % self.block_size or request.addr < self.addr:
+            return None
+        first = (request.addr - self.addr) // self.block_size
+        if first + request.nb_blocks > self._usable_region_size // self.block_size:
+            return None  # also every addr + size that would wrap past 2**64
+        return first, request.nb_blocks
+
+    def _change_state(self, request: MemRequest, *, plug: bool) -> int:
+        blocks = self._block_range(request)
+        if blocks is None:
+            return VIRTIO_MEM_RESP_ERROR
+        first, count = blocks
+        if plug and not self._bitmap.all_unplugged(first, count):
+            return VIRTIO_MEM_RESP_ERROR
+        if not plug and not self._bitmap.all_plugged(first, count):
+            return VIRTIO_MEM_RESP_ERROR
+        if plug and self.plugged_size + count * self.block_size > self._requested_size:
+            return VIRTIO_MEM_RESP_NACK
+        if self.busy:
+            return VIRTIO_MEM_RESP_BUSY
+        gpa, size = self.addr + first * self.block_size, count * self.block_size
+        done = self._plug(gpa, size) if plug else self._unplug(gpa, size)
+        if not done:
+            return VIRTIO_MEM_RESP_BUSY
+        self._bitmap.set_range(first, count, plug)
+        self.count("bytes_plugged" if plug else "bytes_unplugged", size)
+        self._size_changed()
+        return VIRTIO_MEM_RESP_ACK
+
+    def _plug(self, gpa: int, size: int) -> bool:
+        """Make [gpa, gpa+size) usable; False (nothing changed) when that fails."""
+        try:
+            if self.prealloc:
+                self._preallocate(gpa, size)
+            if self.on_plug is not None:
+                self.on_plug(gpa, size)
+        except Exception as err:  # the host could not back or map the blocks: BUSY, roll back
+            log.warning("virtio-mem: plugging %#x+%#x failed: %s", gpa, size, err)
+            self.count("hook_failures")
+            self._discard(gpa, size)
+            return False
+        return True
+
+    def _unplug(self, gpa: int, size: int) -> bool:
+        """Take [gpa, gpa+size) from the guest and give it back to the host; False if the VMM refused."""
+        if self.on_unplug is not None:
+            try:
+                self.on_unplug(gpa, size)
+            except Exception as err:
+                log.warning("virtio-mem: unmapping %#x+%#x failed: %s", gpa, size, err)
+                self.count("hook_failures")
+                return False
+        self._discard(gpa, size)
+        return True
+
+    def _preallocate(self, gpa: int, size: int) -> None:
+        """Back [gpa, gpa+size) with host memory now, so a plugged block never faults for lack of it."""
+        if self.region.fd is not None:
+            os.posix_fallocate(self.region.fd, gpa - self.addr, size)
+            return
+        offset = gpa - self.addr
+        pages = np.frombuffer(self.region.view[offset:offset + size], dtype=np.uint8)
+        pages[::_PAGE_SIZE] = 0  # one write per page: the content of a newly plugged block is undefined
+
+    def _discard(self, gpa: int, size: int) -> None:
+        memory = self._memory
+        try:
+            if memory is None:
+                raise GuestMemoryError("the device was never activated")
+            memory.discard(gpa, size)
+        except GuestMemoryError as err:
+            log.warning("virtio-mem: discarding %#x+%#x failed: %s", gpa, size, err)
+            self.count("discard_failures")
+            return
+        self.count("bytes_discarded", size)
+
+    def _unplug_all_request(self) -> int:
+        if self.busy:
+            return VIRTIO_MEM_RESP_BUSY
+        if not self._unplug_everything():
+            return VIRTIO_MEM_RESP_BUSY
+        self._resize_usable_region(can_shrink=True)  # no config interrupt for UNPLUG_ALL (5.15.4.2)
+        return VIRTIO_MEM_RESP_ACK
+
+    def _unplug_everything(self) -> bool:
+        """Unplug every plugged run; False if the VMM refused one (the runs before it stay unplugged)."""
+        changed = False
+        ok = True
+        for first, count in list(self._bitmap.plugged_runs()):
+            gpa, size = self.addr + first * self.block_size, count * self.block_size
+            if not self._unplug(gpa, size):
+                ok = False
+                break
+            self._bitmap.set_range(first, count, False)
+            self.count("bytes_unplugged", size)
+            changed = True
+        if changed:
+            self._size_changed()
+        return ok
+
+    def _state_request(self, request: MemRequest) -> bytes:
+        blocks = self._block_range(request)
+        if blocks is None:
+            return self._respond(VIRTIO_MEM_RESP_ERROR)
+        first, count = blocks
+        if self._bitmap.all_plugged(first, count):
+            state = VIRTIO_MEM_STATE_PLUGGED
+        elif self._bitmap.all_unplugged(first, count):
+            state = VIRTIO_MEM_STATE_UNPLUGGED
+        else:
+            state = VIRTIO_MEM_STATE_MIXED
+        return self._respond(VIRTIO_MEM_RESP_ACK, state)
+
+    def _resize_usable_region(self, *, can_shrink: bool) -> None:
+        """usable = requested + USABLE_EXTENT, capped at the region, rounded up to a block; 0 if nothing is requested."""
+        if self._requested_size == 0:
+            size = 0
+        else:
+            size = min(self.region_size, self._requested_size + USABLE_EXTENT)
+            size = -(-size // self.block_size) * self.block_size
+        if size >= self._usable_region_size or can_shrink:
+            self._usable_region_size = size
+
+    def _size_changed(self) -> None:
+        if self.on_size_change is None:
+            return
+        try:
+            self.on_size_change(self.plugged_size)
+        except Exception as err:  # a control-plane listener must not break the guest's request
+            log.warning("virtio-mem: size-change listener failed: %s", err)
+            self.count("hook_failures")
