@@ -1,0 +1,148 @@
+"""The base class of every virtio device model, and the constants shared by devices and transports.
+
+A device model knows its own features, configuration space and request handling; it never sees the
+transport registers or KVM. The transport (`memvisor.virtio.mmio`) drives it:
+
+- `device_features()` is offered to the driver; it must include VIRTIO_F_VERSION_1.
+- `read_config` / `write_config` serve the device-specific configuration space (virtio 1.2 section 5.x).
+- `activate(memory, queues, features)` runs once the driver sets DRIVER_OK, with every queue of
+  `queue_max_sizes` (a queue the driver did not set up has `ready` False) and the negotiated features.
+- `notify(queue_index)` runs when the driver kicks a queue.
+- `reset()` runs when the driver writes 0 to the status register.
+
+A device raises an interrupt through the callback the transport binds: `signal_used(queue)` after adding
+used buffers (it honours the queue's notification suppression when a queue is given) and
+`signal_config_change()` after its configuration changed (the transport bumps ConfigGeneration).
+An exception out of `activate`, `notify` or `write_config` makes the transport set DEVICE_NEEDS_RESET;
+work done on another thread reports its failure with `report_failure(error)` instead.
+
+Devices that complete requests from a worker thread hold `self.lock` while they push used buffers and
+signal; the transport never calls into a device while holding a lock a device could wait for.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memvisor.memory.guest_memory import GuestMemory
+    from memvisor.virtio.queue import SplitVirtqueue
+
+# Reserved feature bits, virtio 1.2 section 6.
+VIRTIO_F_RING_INDIRECT_DESC = 28
+VIRTIO_F_RING_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33  # never offered: guest addresses are guest physical addresses
+VIRTIO_F_RING_PACKED = 34  # never offered: split rings only
+
+# The features the transport and split virtqueue implement for every device.
+TRANSPORT_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_INDIRECT_DESC) | (1 << VIRTIO_F_RING_EVENT_IDX)
+
+# Device status bits, virtio 1.2 section 2.1.
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_DEVICE_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+
+# Interrupt reasons (the virtio-mmio InterruptStatus bits), virtio 1.2 section 4.2.2.
+VIRTIO_MMIO_INT_VRING = 1
+VIRTIO_MMIO_INT_CONFIG = 2
+
+# Device ids, virtio 1.2 section 5.
+VIRTIO_ID_BALLOON = 5
+VIRTIO_ID_MEM = 24
+VIRTIO_ID_PMEM = 27
+
+
+def feature_bit(bit: int) -> int:
+    """The feature mask of bit number `bit`."""
+    return 1 << bit
+
+
+def has_feature(features: int, bit: int) -> bool:
+    return bool(features >> bit & 1)
+
+
+class VirtioDeviceError(Exception):
+    """A device cannot go on (a malformed request it cannot answer, a failed activation).
+
+    Each device subclasses it (BalloonError, MemError, PmemError). Raised out of a device method, it makes
+    the transport set DEVICE_NEEDS_RESET.
+    """
+
+
+class VirtioDevice(abc.ABC):
+    """A virtio device model. Subclasses set `device_id` and `queue_max_sizes` and call super().__init__()."""
+
+    device_id: int = 0
+    queue_max_sizes: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+        self.lock = threading.RLock()
+        self._interrupt: Callable[[int], None] | None = None
+        self._failure: Callable[[BaseException], None] | None = None
+
+    @abc.abstractmethod
+    def device_features(self) -> int:
+        """Feature bits offered to the driver; must include 1 << VIRTIO_F_VERSION_1."""
+
+    @abc.abstractmethod
+    def read_config(self, offset: int, length: int) -> bytes:
+        """`length` bytes of the device configuration space at `offset` (zeros past its end)."""
+
+    @abc.abstractmethod
+    def write_config(self, offset: int, data: bytes) -> None:
+        """The driver wrote `data` to the configuration space at `offset`."""
+
+    @abc.abstractmethod
+    def activate(self, memory: GuestMemory, queues: list[SplitVirtqueue], features: int) -> None:
+        """The driver set DRIVER_OK with the negotiated `features`."""
+
+    @abc.abstractmethod
+    def notify(self, queue_index: int) -> None:
+        """The driver made buffers available on queue `queue_index`."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """The driver reset the device: forget the queues and negotiated state."""
+
+    # --- interrupt plumbing, bound by the transport ----------------------------------------------------
+
+    def bind_interrupt(self, interrupt: Callable[[int], None]) -> None:
+        """Set the callback that raises an interrupt with reason VIRTIO_MMIO_INT_VRING or _CONFIG."""
+        self._interrupt = interrupt
+
+    def bind_failure(self, failure: Callable[[BaseException], None]) -> None:
+        """Set the callback that marks the device DEVICE_NEEDS_RESET (see `report_failure`)."""
+        self._failure = failure
+
+    def signal_used(self, queue: SplitVirtqueue | None = None) -> None:
+        """Tell the driver used buffers are ready; with `queue`, only if its notification suppression allows."""
+        if queue is not None and not queue.should_interrupt():
+            return
+        interrupt = getattr(self, "_interrupt", None)
+        if interrupt is not None:
+            interrupt(VIRTIO_MMIO_INT_VRING)
+
+    def signal_config_change(self) -> None:
+        """Tell the driver the configuration space changed (the transport bumps ConfigGeneration)."""
+        interrupt = getattr(self, "_interrupt", None)
+        if interrupt is not None:
+            interrupt(VIRTIO_MMIO_INT_CONFIG)
+
+    def report_failure(self, error: BaseException) -> None:
+        """Mark the device broken (DEVICE_NEEDS_RESET) from outside a transport call, e.g. a worker thread."""
+        failure = getattr(self, "_failure", None)
+        if failure is not None:
+            failure(error)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add `amount` to counter `name`."""
+        counters = self.__dict__.setdefault("counters", {})
+        counters[name] = counters.get(name, 0) + amount
