@@ -102,9 +102,7 @@ async def record_all(sock: str, out: Path) -> None:
         "qom-set-balloon-polling", "qom-set",
         {"path": "balloon0", "property": "guest-stats-polling-interval", "value": 2},
     )  # fmt: skip
-    await rec.record_raw(
-        "qom-set-read-only", "qom-set", {"path": "vm0", "property": "size", "value": 0}
-    )
+    await rec.record_raw("qom-set-read-only", "qom-set", {"path": "vm0", "property": "size", "value": 0})
     await rec.record_raw(
         "qom-set-unaligned", "qom-set", {"path": "vm0", "property": "requested-size", "value": 12345}
     )
@@ -115,9 +113,7 @@ async def record_all(sock: str, out: Path) -> None:
         "qom-set-wrong-type", "qom-set", {"path": "vm0", "property": "requested-size", "value": "big"}
     )
     for hmp in ("info memory-devices", "info balloon", "info status"):
-        await rec.record_raw(
-            "hmp-" + hmp.replace(" ", "-"), "human-monitor-command", {"command-line": hmp}
-        )
+        await rec.record_raw("hmp-" + hmp.replace(" ", "-"), "human-monitor-command", {"command-line": hmp})
     await rec.record_raw("hmp-unknown", "human-monitor-command", {"command-line": "nosuchcommand"})
     await rec.record_raw("hmp-info-unknown", "human-monitor-command", {"command-line": "info nosuch"})
     await rec.record_raw("unknown-command", "no-such-command")
@@ -133,12 +129,16 @@ async def record_all(sock: str, out: Path) -> None:
             {"path": "balloon0", "property": "guest-stats-polling-interval", "value": value},
         )  # fmt: skip
     await rec.record_raw(
-        "qom-set-requested-size-negative", "qom-set", {"path": "vm0", "property": "requested-size", "value": -2}
+        "qom-set-requested-size-negative",
+        "qom-set",
+        {"path": "vm0", "property": "requested-size", "value": -2},
     )
     await rec.record_raw("balloon-huge", "balloon", {"value": 1 << 62})
     await rec.record_raw("query-balloon-after-huge", "query-balloon")
     await rec.record_raw("balloon-too-big-for-int64", "balloon", {"value": 1 << 64})
-    await rec.record_raw("hmp-info-memory-size-summary", "human-monitor-command", {"command-line": "info memory_size_summary"})
+    await rec.record_raw(
+        "hmp-info-memory-size-summary", "human-monitor-command", {"command-line": "info memory_size_summary"}
+    )
     await rec.record_raw("stop", "stop")
     await rec.record_raw("cont", "cont")
     await rec.record_raw("query-status-running", "query-status")
@@ -210,11 +210,13 @@ def record_raw_errors(sock: str, out: Path) -> None:
     save("before-capabilities", before)
     neg, malformed = exchange([b'{"execute": "qmp_capabilities"}\n', b'{"execute": \n}\n'], 2)
     save("malformed-json", malformed)
-    neg, not_object = exchange([b'{"execute": "qmp_capabilities"}\n', b'[1, 2]\n'], 2)
+    neg, not_object = exchange([b'{"execute": "qmp_capabilities"}\n', b"[1, 2]\n"], 2)
     save("not-an-object", not_object)
     neg, no_execute = exchange([b'{"execute": "qmp_capabilities"}\n', b'{"id": 7}\n'], 2)
     save("no-execute", no_execute)
-    neg, bad_args = exchange([b'{"execute": "qmp_capabilities"}\n', b'{"execute": "stop", "arguments": 3}\n'], 2)
+    neg, bad_args = exchange(
+        [b'{"execute": "qmp_capabilities"}\n', b'{"execute": "stop", "arguments": 3}\n'], 2
+    )
     save("arguments-not-object", bad_args)
     neg, twice = exchange(
         [b'{"execute": "qmp_capabilities"}\n', b'{"execute": "qmp_capabilities", "id": "x"}\n'], 2
@@ -262,6 +264,7 @@ def main() -> None:
         bare_sock = os.path.join(tmp, "bare.sock")
         bare = [*argv[:8], "-m", "1G", "-qmp", f"unix:{bare_sock},server=on,wait=off"]
         run_qemu(bare, bare_sock, lambda: asyncio.run(record_bare(bare_sock, args.out)))
+
 
 if __name__ == "__main__":
     main()
