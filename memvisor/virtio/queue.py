@@ -17,6 +17,7 @@ after the check cannot change what the device uses. The walk refuses (with `Virt
 - buffers not wholly inside one region of guest RAM (or wrapping past 2**64), device-writable buffers in a
   read-only region,
 - a device-readable descriptor after a device-writable one,
+  (zero-length descriptors are checked for order but left out of the chain: they carry nothing),
 - indirect descriptors when VIRTIO_F_INDIRECT_DESC was not negotiated, an indirect table whose length is 0
   or not a multiple of 16, INDIRECT together with NEXT, an indirect descriptor inside an indirect table.
 
@@ -248,6 +249,7 @@ class SplitVirtqueue:
         table_len = self.size
         budget = self.size
         indirect = False
+        seen_writable = False
         index = head
         count = 0
         while True:
@@ -274,12 +276,12 @@ class SplitVirtqueue:
             write_only = bool(flags & VIRTQ_DESC_F_WRITE)
             self._check_buffer(head, addr, length, write_only)
             if write_only:
-                writable.append(Descriptor(addr, length, True))
-            elif writable:
+                seen_writable = True
+            elif seen_writable:
                 raise VirtqueueError(f"queue {self.index} chain {head}: readable descriptor after a writable one",
                                      head)
-            else:
-                readable.append(Descriptor(addr, length, False))
+            if length:  # an empty buffer carries nothing: leave it out
+                (writable if write_only else readable).append(Descriptor(addr, length, write_only))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return DescriptorChain(head, readable, writable)
             index = next_index

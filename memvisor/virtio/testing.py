@@ -12,6 +12,8 @@ Linux does. This module gives one, plus a small allocator for guest buffers:
   descriptors (optionally an indirect table), `kick()`, `get_used() -> [(head, written, in_data)]`, and raw
   helpers to write hostile descriptors and ring entries (`write_desc`, `publish`, `set_avail_idx`, ...).
 - `attach(device)`: memory + transport + initialised driver in one call, counting raised IRQs.
+- `standalone_queue(size)`: a DriverQueue and the device's SplitVirtqueue over the same rings, with no
+  device or transport in between (for tests of the queue itself or of a device's chain handling).
 
 Example (a device test)::
 
@@ -57,6 +59,7 @@ from memvisor.virtio.queue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
+    SplitVirtqueue,
     avail_ring_size,
     desc_table_size,
     used_ring_size,
@@ -402,3 +405,55 @@ def attach(device: VirtioDevice, memory: GuestMemory | None = None, **init_optio
     holder.append(driver)
     driver.init(**init_options)  # type: ignore[arg-type]
     return driver
+
+
+class _NullDevice(VirtioDevice):
+    """A device with one queue that does nothing: the transport behind `standalone_queue`."""
+
+    device_id = 0
+
+    def __init__(self, max_size: int):
+        super().__init__()
+        self.queue_max_sizes = (max_size,)
+
+    def device_features(self) -> int:
+        return 1 << VIRTIO_F_VERSION_1
+
+    def read_config(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        pass
+
+    def activate(self, memory: GuestMemory, queues: list[SplitVirtqueue], features: int) -> None:
+        pass
+
+    def notify(self, queue_index: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+def standalone_queue(size: int = 16, memory: GuestMemory | None = None, *, max_size: int | None = None,
+                     event_idx: bool = False, indirect: bool = True) -> tuple[DriverQueue, SplitVirtqueue]:
+    """A driver queue of `size` entries laid out in `memory` and the enabled device queue reading it.
+
+    `max_size` (default `size`) is the device queue's maximum; `event_idx` / `indirect` are the negotiated
+    ring features. `kick()` on the driver queue does nothing here: call the device side yourself.
+    """
+    memory = memory or test_memory()
+    max_size = max_size or size
+    transport = VirtioMmioTransport(_NullDevice(max_size), memory, lambda: None)
+    driver = VirtioDriver(memory, transport)
+    if event_idx:
+        driver.features |= 1 << VIRTIO_F_RING_EVENT_IDX
+    dq = DriverQueue(driver, 0, size)
+    driver.queues.append(dq)
+    sq = SplitVirtqueue(0, max_size, memory)
+    sq.size = size
+    sq.desc_addr, sq.driver_addr, sq.device_addr = dq.desc_addr, dq.avail_addr, dq.used_addr
+    sq.event_idx = event_idx
+    sq.indirect_desc = indirect
+    sq.enable()
+    return dq, sq
