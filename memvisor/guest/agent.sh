@@ -1,0 +1,63 @@
+#!/bin/sh
+# memvisor guest agent (busybox sh), on the second UART /dev/ttyS1. One request per line, answers as lines:
+#   -> MVAGENT READY                   once, at start
+#   <- RUN <id> <base64 of command>    run it with /bin/sh -c in /, stdin /dev/null, oom_score_adj 0
+#   -> <id> O <base64 line>...         its stdout (the file, base64-encoded as busybox wraps it)
+#   -> <id> E <base64 line>...         its stderr
+#   -> <id> X <exit status>            last (128+N when killed by signal N, e.g. 137 by the OOM killer)
+#   <- PING <id>          -> <id> PONG
+#   <- POWEROFF           -> the guest powers off (ACPI S5)
+#   <- anything else      -> <id or -> ERR unknown
+# Ids are host-chosen words of [A-Za-z0-9._:-]; others are refused with ERR unknown.
+PORT=${MVAGENT_PORT:-/dev/ttyS1}
+set -f
+# clocal: open without waiting for a carrier; -hupcl: keep the line up when closed.
+stty -F "$PORT" raw -echo -echoe -echok -echoctl -echoke -icrnl -onlcr -opost clocal -hupcl
+exec 3<>"$PORT"
+cd /
+
+valid_id() {
+    case "$1" in
+        "" | *[!A-Za-z0-9._:-]*) return 1 ;;
+    esac
+    return 0
+}
+
+run_command() {
+    id=$1
+    work=$(mktemp -d /tmp/mvagent.XXXXXX) || { echo "$id X 126" >&3; return; }
+    printf '%s\n' "$2" | base64 -d > "$work/cmd" 2>/dev/null
+    (
+        echo 0 > /proc/self/oom_score_adj
+        exec /bin/sh -c "$(cat "$work/cmd")"
+    ) < /dev/null > "$work/out" 2> "$work/err"
+    status=$?
+    base64 "$work/out" | sed "s/^/$id O /" >&3
+    base64 "$work/err" | sed "s/^/$id E /" >&3
+    echo "$id X $status" >&3
+    rm -rf "$work"
+}
+
+echo "MVAGENT READY" >&3
+while IFS= read -r line <&3; do
+    line=${line%"$(printf '\r')"}
+    # shellcheck disable=SC2086  # split the request into words on purpose (globbing is off)
+    set -- $line
+    verb=${1:-}
+    case "$verb" in
+        "") continue ;;
+        RUN)
+            if [ $# -le 3 ] && valid_id "${2:-}"; then
+                run_command "$2" "${3:-}"
+            else
+                if valid_id "${2:-}"; then echo "$2 ERR unknown" >&3; else echo "- ERR unknown" >&3; fi
+            fi ;;
+        PING)
+            if valid_id "${2:-}"; then echo "$2 PONG" >&3; else echo "- ERR unknown" >&3; fi ;;
+        POWEROFF)
+            sync
+            poweroff -f ;;
+        *)
+            if valid_id "${2:-}"; then echo "$2 ERR unknown" >&3; else echo "- ERR unknown" >&3; fi ;;
+    esac
+done
