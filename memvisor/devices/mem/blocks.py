@@ -34,9 +34,6 @@ class BlockBitmap:
     def set_range(self, first: int, count: int, plugged: bool) -> None:
         self._bits[first:first + count] = plugged
 
-    def clear(self) -> None:
-        self._bits[:] = False
-
     def plugged_runs(self) -> Iterator[tuple[int, int]]:
         """Each maximal run of plugged blocks as (first, count), in address order."""
         padded = np.concatenate(([False], self._bits, [False])).astype(np.int8)
