@@ -1,0 +1,98 @@
+"""KVM ioctl request numbers, computed the way <asm-generic/ioctl.h> does, and a ctypes ioctl call.
+
+`fcntl.ioctl` takes its integer argument as a signed C int (KVM_SET_TSS_ADDR 0xfffbd000 overflows) and holds
+the GIL for large buffers, so every KVM call goes through libc's ioctl with ctypes, which releases the GIL
+while a vCPU sits in KVM_RUN.
+"""
+
+import ctypes
+import ctypes.util
+import os
+
+from memvisor.kvm import structs
+
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+KVMIO = 0xAE
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _io(nr: int) -> int:
+    return _ioc(_IOC_NONE, nr, 0)
+
+
+def _iow(nr: int, size: int) -> int:
+    return _ioc(_IOC_WRITE, nr, size)
+
+
+def _ior(nr: int, size: int) -> int:
+    return _ioc(_IOC_READ, nr, size)
+
+
+def _iowr(nr: int, size: int) -> int:
+    return _ioc(_IOC_READ | _IOC_WRITE, nr, size)
+
+
+_sizeof = ctypes.sizeof
+KVM_GET_API_VERSION = _io(0x00)
+KVM_CREATE_VM = _io(0x01)
+KVM_CHECK_EXTENSION = _io(0x03)
+KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_GET_SUPPORTED_CPUID = _iowr(0x05, 8)
+KVM_CREATE_VCPU = _io(0x41)
+KVM_GET_DIRTY_LOG = _iow(0x42, _sizeof(structs.KvmDirtyLog))
+KVM_SET_USER_MEMORY_REGION = _iow(0x46, _sizeof(structs.KvmUserspaceMemoryRegion))
+KVM_SET_TSS_ADDR = _io(0x47)
+KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, 8)
+KVM_CREATE_IRQCHIP = _io(0x60)
+KVM_IRQ_LINE = _iow(0x61, _sizeof(structs.KvmIrqLevel))
+KVM_IRQFD = _iow(0x76, _sizeof(structs.KvmIrqfd))
+KVM_CREATE_PIT2 = _iow(0x77, _sizeof(structs.KvmPitConfig))
+KVM_IOEVENTFD = _iow(0x79, _sizeof(structs.KvmIoeventfd))
+KVM_RUN = _io(0x80)
+KVM_GET_REGS = _ior(0x81, _sizeof(structs.KvmRegs))
+KVM_SET_REGS = _iow(0x82, _sizeof(structs.KvmRegs))
+KVM_GET_SREGS = _ior(0x83, _sizeof(structs.KvmSregs))
+KVM_SET_SREGS = _iow(0x84, _sizeof(structs.KvmSregs))
+KVM_SET_MSRS = _iow(0x89, 8)
+KVM_SET_FPU = _iow(0x8D, _sizeof(structs.KvmFpu))
+KVM_GET_LAPIC = _ior(0x8E, _sizeof(structs.KvmLapicState))
+KVM_SET_LAPIC = _iow(0x8F, _sizeof(structs.KvmLapicState))
+KVM_SET_CPUID2 = _iow(0x90, 8)
+
+# Capabilities (KVM_CHECK_EXTENSION).
+KVM_CAP_IRQCHIP = 0
+KVM_CAP_USER_MEMORY = 3
+KVM_CAP_SET_TSS_ADDR = 4
+KVM_CAP_EXT_CPUID = 7
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_PIT2 = 33
+KVM_CAP_IRQFD = 32
+KVM_CAP_IOEVENTFD = 36
+KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_READONLY_MEM = 81
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+
+
+class KvmIoctlError(OSError):
+    """An ioctl on a KVM file descriptor failed; `errno` says why."""
+
+
+def ioctl(fd: int, request: int, arg: int | ctypes.Structure | ctypes.Array | None = None) -> int:  # type: ignore[type-arg]
+    """Call ioctl(fd, request, arg) through libc; `arg` is an integer or a ctypes object passed by address."""
+    if arg is None:
+        pointer: int | None = 0
+    elif isinstance(arg, int):
+        pointer = arg
+    else:
+        pointer = ctypes.addressof(arg)
+    result: int = _libc.ioctl(fd, request, pointer)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise KvmIoctlError(err, f"KVM ioctl {request:#x} failed: {os.strerror(err)}")
+    return result

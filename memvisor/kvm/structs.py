@@ -1,0 +1,289 @@
+"""KVM's binary structures, as ctypes mirrors of <linux/kvm.h> and <asm/kvm.h> (x86_64).
+
+Each structure's size is checked by tests/unit/test_kvm_structs.py against the kernel UAPI sizes.
+"""
+
+import ctypes
+
+u8 = ctypes.c_uint8
+u16 = ctypes.c_uint16
+u32 = ctypes.c_uint32
+u64 = ctypes.c_uint64
+
+
+class KvmUserspaceMemoryRegion(ctypes.Structure):
+    """struct kvm_userspace_memory_region (KVM_SET_USER_MEMORY_REGION)."""
+
+    _fields_ = [
+        ("slot", u32),
+        ("flags", u32),
+        ("guest_phys_addr", u64),
+        ("memory_size", u64),
+        ("userspace_addr", u64),
+    ]
+
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+
+
+class KvmRegs(ctypes.Structure):
+    """struct kvm_regs (asm/kvm.h): general purpose registers."""
+
+    _fields_ = [
+        (name, u64)
+        for name in (
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
+        )
+    ]
+
+
+class KvmSegment(ctypes.Structure):
+    """struct kvm_segment (asm/kvm.h)."""
+
+    _fields_ = [
+        ("base", u64),
+        ("limit", u32),
+        ("selector", u16),
+        ("type", u8),
+        ("present", u8),
+        ("dpl", u8),
+        ("db", u8),
+        ("s", u8),
+        ("l", u8),
+        ("g", u8),
+        ("avl", u8),
+        ("unusable", u8),
+        ("padding", u8),
+    ]
+
+
+class KvmDtable(ctypes.Structure):
+    """struct kvm_dtable (asm/kvm.h): GDT/IDT base and limit."""
+
+    _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
+
+
+class KvmSregs(ctypes.Structure):
+    """struct kvm_sregs (asm/kvm.h): segment and control registers."""
+
+    _fields_ = [
+        ("cs", KvmSegment),
+        ("ds", KvmSegment),
+        ("es", KvmSegment),
+        ("fs", KvmSegment),
+        ("gs", KvmSegment),
+        ("ss", KvmSegment),
+        ("tr", KvmSegment),
+        ("ldt", KvmSegment),
+        ("gdt", KvmDtable),
+        ("idt", KvmDtable),
+        ("cr0", u64),
+        ("cr2", u64),
+        ("cr3", u64),
+        ("cr4", u64),
+        ("cr8", u64),
+        ("efer", u64),
+        ("apic_base", u64),
+        ("interrupt_bitmap", u64 * 4),
+    ]
+
+
+class KvmFpu(ctypes.Structure):
+    """struct kvm_fpu (asm/kvm.h)."""
+
+    _fields_ = [
+        ("fpr", (u8 * 16) * 8),
+        ("fcw", u16),
+        ("fsw", u16),
+        ("ftwx", u8),
+        ("pad1", u8),
+        ("last_opcode", u16),
+        ("last_ip", u64),
+        ("last_dp", u64),
+        ("xmm", (u8 * 16) * 16),
+        ("mxcsr", u32),
+        ("pad2", u32),
+    ]
+
+
+class KvmCpuidEntry2(ctypes.Structure):
+    """struct kvm_cpuid_entry2 (asm/kvm.h)."""
+
+    _fields_ = [
+        ("function", u32),
+        ("index", u32),
+        ("flags", u32),
+        ("eax", u32),
+        ("ebx", u32),
+        ("ecx", u32),
+        ("edx", u32),
+        ("padding", u32 * 3),
+    ]
+
+
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
+MAX_CPUID_ENTRIES = 256
+
+
+class KvmCpuid2(ctypes.Structure):
+    """struct kvm_cpuid2 with room for MAX_CPUID_ENTRIES entries."""
+
+    _fields_ = [("nent", u32), ("padding", u32), ("entries", KvmCpuidEntry2 * MAX_CPUID_ENTRIES)]
+
+
+class KvmMsrEntry(ctypes.Structure):
+    """struct kvm_msr_entry (asm/kvm.h)."""
+
+    _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
+
+
+def kvm_msrs_type(count: int) -> type[ctypes.Structure]:
+    """struct kvm_msrs followed by `count` entries."""
+
+    class KvmMsrs(ctypes.Structure):
+        _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", KvmMsrEntry * count)]
+
+    return KvmMsrs
+
+
+class KvmLapicState(ctypes.Structure):
+    """struct kvm_lapic_state (asm/kvm.h): the 1 KiB local APIC register page."""
+
+    _fields_ = [("regs", u8 * 1024)]
+
+
+class KvmPitConfig(ctypes.Structure):
+    """struct kvm_pit_config (KVM_CREATE_PIT2)."""
+
+    _fields_ = [("flags", u32), ("pad", u32 * 15)]
+
+
+KVM_PIT_SPEAKER_DUMMY = 1
+
+
+class KvmIrqLevel(ctypes.Structure):
+    """struct kvm_irq_level (KVM_IRQ_LINE)."""
+
+    _fields_ = [("irq", u32), ("level", u32)]
+
+
+class KvmIrqfd(ctypes.Structure):
+    """struct kvm_irqfd (KVM_IRQFD)."""
+
+    _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
+
+
+class KvmIoeventfd(ctypes.Structure):
+    """struct kvm_ioeventfd (KVM_IOEVENTFD)."""
+
+    _fields_ = [
+        ("datamatch", u64),
+        ("addr", u64),
+        ("len", u32),
+        ("fd", ctypes.c_int32),
+        ("flags", u32),
+        ("pad", u8 * 36),
+    ]
+
+
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+
+
+class KvmDirtyLog(ctypes.Structure):
+    """struct kvm_dirty_log (KVM_GET_DIRTY_LOG): slot and a pointer to the caller's bitmap."""
+
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
+
+
+class KvmRunIo(ctypes.Structure):
+    """kvm_run.io: a port I/O exit; the data lives at kvm_run + data_offset."""
+
+    _fields_ = [("direction", u8), ("size", u8), ("port", u16), ("count", u32), ("data_offset", u64)]
+
+
+class KvmRunMmio(ctypes.Structure):
+    """kvm_run.mmio: an MMIO exit; a read completes on the next KVM_RUN with `data` filled in."""
+
+    _fields_ = [("phys_addr", u64), ("data", u8 * 8), ("len", u32), ("is_write", u8)]
+
+
+class KvmRunSystemEvent(ctypes.Structure):
+    """kvm_run.system_event."""
+
+    _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
+
+
+class KvmRunInternal(ctypes.Structure):
+    """kvm_run.internal (KVM_EXIT_INTERNAL_ERROR)."""
+
+    _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
+
+
+class KvmRunExitUnion(ctypes.Union):
+    _fields_ = [
+        ("io", KvmRunIo),
+        ("mmio", KvmRunMmio),
+        ("system_event", KvmRunSystemEvent),
+        ("internal", KvmRunInternal),
+        ("hardware_exit_reason", u64),
+        ("fail_entry_reason", u64),
+        ("padding", ctypes.c_char * 256),
+    ]
+
+
+class KvmRun(ctypes.Structure):
+    """The head of struct kvm_run, the page shared between KVM and the vCPU thread."""
+
+    _fields_ = [
+        ("request_interrupt_window", u8),
+        ("immediate_exit", u8),
+        ("padding1", u8 * 6),
+        ("exit_reason", u32),
+        ("ready_for_interrupt_injection", u8),
+        ("if_flag", u8),
+        ("flags", u16),
+        ("cr8", u64),
+        ("apic_base", u64),
+        ("exit", KvmRunExitUnion),
+    ]
+
+
+# Exit reasons (linux/kvm.h).
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_EXCEPTION = 1
+KVM_EXIT_IO = 2
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_DEBUG = 4
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+KVM_SYSTEM_EVENT_RESET = 2
+KVM_SYSTEM_EVENT_CRASH = 3

@@ -1,0 +1,184 @@
+"""Typed wrappers over the three KVM file descriptors: the system (/dev/kvm), a VM, and a vCPU.
+
+Devices never see these handles; the machine (memvisor.vmm) owns them and hands devices callbacks.
+"""
+
+import ctypes
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+
+from memvisor.errors import MemvisorError
+from memvisor.kvm import ioctls, structs
+from memvisor.kvm.ioctls import KvmIoctlError, ioctl
+
+KVM_API_VERSION = 12
+
+
+class Kvm:
+    """The KVM system handle, /dev/kvm."""
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MemvisorError(
+                f"{path} does not exist: load the kvm module (modprobe kvm_intel or kvm_amd), or run with --lab on"
+            ) from None
+        except PermissionError:
+            raise MemvisorError(
+                f"cannot open {path}: permission denied; add your user to the kvm group"
+            ) from None
+        version = ioctl(self.fd, ioctls.KVM_GET_API_VERSION)
+        if version != KVM_API_VERSION:
+            raise MemvisorError(f"KVM API version {version} is not the expected {KVM_API_VERSION}")
+        self.vcpu_mmap_size = ioctl(self.fd, ioctls.KVM_GET_VCPU_MMAP_SIZE)
+
+    def check_extension(self, capability: int) -> int:
+        return ioctl(self.fd, ioctls.KVM_CHECK_EXTENSION, capability)
+
+    def supported_cpuid(self) -> structs.KvmCpuid2:
+        cpuid = structs.KvmCpuid2()
+        cpuid.nent = structs.MAX_CPUID_ENTRIES
+        ioctl(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID, cpuid)
+        return cpuid
+
+    def create_vm(self) -> "Vm":
+        return Vm(self, ioctl(self.fd, ioctls.KVM_CREATE_VM, 0))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass(frozen=True)
+class MemorySlot:
+    slot: int
+    guest_phys_addr: int
+    size: int
+    userspace_addr: int
+    flags: int
+
+
+class Vm:
+    """A KVM virtual machine file descriptor."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.slots: dict[int, MemorySlot] = {}
+
+    def set_tss_addr(self, address: int) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_TSS_ADDR, address)
+
+    def create_irqchip(self) -> None:
+        ioctl(self.fd, ioctls.KVM_CREATE_IRQCHIP)
+
+    def create_pit2(self) -> None:
+        config = structs.KvmPitConfig(flags=structs.KVM_PIT_SPEAKER_DUMMY)
+        ioctl(self.fd, ioctls.KVM_CREATE_PIT2, config)
+
+    def set_memory_slot(
+        self, slot: int, guest_phys_addr: int, size: int, userspace_addr: int, flags: int = 0
+    ) -> None:
+        """Map (size > 0) or remove (size == 0) a memory slot."""
+        region = structs.KvmUserspaceMemoryRegion(
+            slot=slot,
+            flags=flags,
+            guest_phys_addr=guest_phys_addr,
+            memory_size=size,
+            userspace_addr=userspace_addr,
+        )
+        ioctl(self.fd, ioctls.KVM_SET_USER_MEMORY_REGION, region)
+        if size:
+            self.slots[slot] = MemorySlot(slot, guest_phys_addr, size, userspace_addr, flags)
+        else:
+            self.slots.pop(slot, None)
+
+    def get_dirty_log(self, slot: int, bitmap: ctypes.Array) -> None:  # type: ignore[type-arg]
+        """Fill `bitmap` (one bit per 4 KiB page of the slot) with the pages dirtied since the last call."""
+        log = structs.KvmDirtyLog(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
+        ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log)
+
+    def irq_line(self, gsi: int, level: int) -> None:
+        ioctl(self.fd, ioctls.KVM_IRQ_LINE, structs.KvmIrqLevel(irq=gsi, level=level))
+
+    def create_vcpu(self, index: int) -> "Vcpu":
+        return Vcpu(self, index, ioctl(self.fd, ioctls.KVM_CREATE_VCPU, index))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Vcpu:
+    """A KVM vCPU file descriptor and its shared kvm_run page."""
+
+    def __init__(self, vm: Vm, index: int, fd: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        self._run_map = mmap.mmap(
+            fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        self.run_struct = structs.KvmRun.from_buffer(self._run_map)
+        self.run_address = ctypes.addressof(self.run_struct)
+
+    def run(self) -> int:
+        """Enter the guest until the next exit; returns the exit reason (KVM_EXIT_INTR when interrupted)."""
+        try:
+            ioctl(self.fd, ioctls.KVM_RUN)
+        except KvmIoctlError as error:
+            if error.errno in (errno.EINTR, errno.EAGAIN):
+                return structs.KVM_EXIT_INTR
+            raise
+        return int(self.run_struct.exit_reason)
+
+    def io_data(self, size: int) -> ctypes.Array:  # type: ignore[type-arg]
+        """The data bytes of the current port I/O exit (inside the kvm_run page)."""
+        return (ctypes.c_uint8 * size).from_address(self.run_address + self.run_struct.exit.io.data_offset)
+
+    def get_regs(self) -> structs.KvmRegs:
+        regs = structs.KvmRegs()
+        ioctl(self.fd, ioctls.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: structs.KvmRegs) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> structs.KvmSregs:
+        sregs = structs.KvmSregs()
+        ioctl(self.fd, ioctls.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: structs.KvmSregs) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_SREGS, sregs)
+
+    def set_fpu(self, fpu: structs.KvmFpu) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_FPU, fpu)
+
+    def set_cpuid2(self, cpuid: structs.KvmCpuid2) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_CPUID2, cpuid)
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        table = structs.kvm_msrs_type(len(msrs))()
+        table.nmsrs = len(msrs)
+        for position, (index, value) in enumerate(msrs.items()):
+            table.entries[position].index = index
+            table.entries[position].data = value
+        done = ioctl(self.fd, ioctls.KVM_SET_MSRS, table)
+        if done != len(msrs):
+            failed = list(msrs)[done]
+            raise MemvisorError(f"KVM refused MSR {failed:#x} on vCPU {self.index}")
+
+    def get_lapic(self) -> structs.KvmLapicState:
+        state = structs.KvmLapicState()
+        ioctl(self.fd, ioctls.KVM_GET_LAPIC, state)
+        return state
+
+    def set_lapic(self, state: structs.KvmLapicState) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_LAPIC, state)
+
+    def close(self) -> None:
+        del self.run_struct
+        self._run_map.close()
+        os.close(self.fd)

@@ -1,0 +1,39 @@
+"""The guest console: bytes from COM1 to a file or standard output, watched for a kernel panic."""
+
+import os
+import re
+import threading
+from collections.abc import Callable
+
+PANIC_RE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+
+
+class Console:
+    """Writes console bytes to `fd` and calls `on_panic(message)` once when the kernel panics."""
+
+    def __init__(self, fd: int, on_panic: Callable[[str], None]) -> None:
+        self._fd = fd
+        self._on_panic = on_panic
+        self._line = bytearray()
+        self._lock = threading.Lock()
+        self.panicked = False
+
+    def write(self, data: bytes) -> None:
+        try:
+            os.write(self._fd, data)
+        except OSError:
+            pass  # a closed console must not stop the guest
+        with self._lock:
+            self._line += data
+            while (end := self._line.find(b"\n")) >= 0:
+                line = bytes(self._line[:end])
+                del self._line[: end + 1]
+                self._check(line)
+            if len(self._line) > 4096:
+                del self._line[:-1024]
+
+    def _check(self, line: bytes) -> None:
+        match = PANIC_RE.search(line)
+        if match and not self.panicked:
+            self.panicked = True
+            self._on_panic(match.group(1).decode(errors="replace").strip())

@@ -1,0 +1,325 @@
+"""A running virtual machine: KVM objects, guest memory, devices on the port and MMIO buses, vCPU threads.
+
+Lifecycle: `Machine(config)` builds everything (nothing runs yet); `start()` starts one thread per vCPU;
+`wait()` blocks until the guest powers off, resets (with --reboot exit), panics or `stop()` is called, and
+returns why. Device emulation runs on the vCPU thread that exited; devices get callbacks, never KVM handles.
+"""
+
+import collections
+import contextlib
+import ctypes
+import enum
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from memvisor.boot import cpu, layout
+from memvisor.boot.acpi.tables import VirtioMmioSlot, build_acpi_tables
+from memvisor.boot.bzimage import parse_bzimage
+from memvisor.devices.acpi_pm import AcpiPowerManagement
+from memvisor.devices.i8042 import I8042
+from memvisor.devices.rtc import CmosRtc
+from memvisor.devices.serial import Serial16550
+from memvisor.errors import MemvisorError
+from memvisor.kvm import structs
+from memvisor.kvm.ioctls import KvmIoctlError
+from memvisor.kvm.system import Kvm, Vcpu, Vm
+from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
+from memvisor.vmm.agent import GuestAgent
+from memvisor.vmm.config import MachineConfig
+from memvisor.vmm.console import Console
+from memvisor.vmm.loader import load_kernel
+
+KICK_SIGNAL = signal.SIGUSR1
+
+
+class StopReason(enum.Enum):
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    PANIC = "panic"
+    QUIT = "quit"
+    ERROR = "error"
+
+
+@dataclass
+class Outcome:
+    reason: StopReason
+    message: str = ""
+
+
+PortRead = Callable[[int], int]
+PortWrite = Callable[[int, int], None]
+
+
+class PortBus:
+    """Port I/O handlers by port number; unclaimed ports read as all ones and ignore writes."""
+
+    def __init__(self) -> None:
+        self._read: dict[int, PortRead] = {}
+        self._write: dict[int, PortWrite] = {}
+
+    def add(
+        self, base: int, length: int, read: Callable[[int], int], write: Callable[[int, int], None]
+    ) -> None:
+        for offset in range(length):
+            self._read[base + offset] = lambda port, _o=offset: read(_o)
+            self._write[base + offset] = lambda port, value, _o=offset: write(_o, value)
+
+    def add_ports(self, ports: list[int], read: PortRead, write: PortWrite) -> None:
+        for port in ports:
+            self._read[port] = read
+            self._write[port] = write
+
+    def read(self, port: int, size: int) -> int:
+        handler = self._read.get(port)
+        if handler is None or size != 1:
+            return (1 << (8 * size)) - 1
+        return handler(port) & 0xFF
+
+    def write(self, port: int, size: int, value: int) -> None:
+        handler = self._write.get(port)
+        if handler is not None and size == 1:
+            handler(port, value & 0xFF)
+
+
+class MmioDevice:
+    """What an MMIO window needs: byte-level reads and writes at an offset."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """The kick signal only interrupts KVM_RUN; it needs a handler (SIG_IGN would not interrupt)."""
+
+
+class Machine:
+    """One VM. Build it, `start()`, then `wait()`."""
+
+    def __init__(self, config: MachineConfig, console_fd: int | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.kvm = Kvm()
+        self.vm: Vm = self.kvm.create_vm()
+        self.memory = GuestMemory()
+        self.exit_counts: collections.Counter[str] = collections.Counter()
+        self._outcome: Outcome | None = None
+        self._done = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self.boot_started = 0.0
+        self.ports = PortBus()
+        self.mmio: list[tuple[int, int, MmioDevice]] = []
+        self.virtio_slots: list[VirtioMmioSlot] = []
+        self._next_slot = 0
+
+        self.vm.set_tss_addr(layout.TSS_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        for index, (gpa, size) in enumerate(layout.ram_ranges(config.memory)):
+            region = MemoryRegion.memfd(gpa, size, f"ram{index}")
+            self.memory.add(region)
+            self.vm.set_memory_slot(index, gpa, size, region.host_addr)
+        self._next_memslot = len(self.memory.regions)
+
+        self.console = Console(console_fd if console_fd is not None else 1, self._on_panic)
+        self.com1 = Serial16550(self.console.write, lambda level: self.vm.irq_line(layout.COM1_GSI, level))
+        self.agent = GuestAgent(lambda data: self.com2.feed(data))
+        self.com2 = Serial16550(self.agent.on_output, lambda level: self.vm.irq_line(layout.COM2_GSI, level))
+        self.ports.add(layout.COM1_PORT, 8, self.com1.read, self.com1.write)
+        self.ports.add(layout.COM2_PORT, 8, self.com2.read, self.com2.write)
+        rtc = CmosRtc()
+        self.ports.add(layout.RTC_PORT, 2, rtc.read, rtc.write)
+        i8042 = I8042(self.request_reset)
+        self.ports.add(layout.I8042_DATA_PORT, 1, i8042.read, i8042.write)
+        self.ports.add(layout.I8042_COMMAND_PORT, 1, lambda o: i8042.read(4), lambda o, v: i8042.write(4, v))
+        pm = AcpiPowerManagement(self.request_poweroff, self.request_reset)
+        self.ports.add_ports(
+            [layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_SLEEP_STATUS_PORT, layout.ACPI_RESET_PORT],
+            pm.read,
+            pm.write,
+        )
+        self.vcpus: list[Vcpu] = []
+
+    # Devices.
+    def add_mmio(self, base: int, size: int, device: MmioDevice) -> None:
+        self.mmio.append((base, size, device))
+
+    def allocate_virtio_slot(self) -> tuple[int, int]:
+        """The next free virtio-mmio slot: (base address, GSI)."""
+        if self._next_slot >= layout.VIRTIO_MMIO_SLOTS:
+            raise MemvisorError(f"too many virtio devices: at most {layout.VIRTIO_MMIO_SLOTS}")
+        base, gsi = layout.virtio_mmio_slot(self._next_slot)
+        self._next_slot += 1
+        self.virtio_slots.append(VirtioMmioSlot(base, gsi))
+        return base, gsi
+
+    def pulse_irq(self, gsi: int) -> None:
+        """An edge on `gsi` (virtio-mmio interrupts are edge-triggered, active high in the DSDT)."""
+        self.vm.irq_line(gsi, 1)
+        self.vm.irq_line(gsi, 0)
+
+    def add_memory_region(self, region: MemoryRegion, *, readonly: bool = False) -> int:
+        """Add a region to guest memory and to KVM; returns its memory slot."""
+        self.memory.add(region)
+        slot = self._next_memslot
+        self._next_memslot += 1
+        flags = structs.KVM_MEM_READONLY if readonly else 0
+        self.vm.set_memory_slot(slot, region.gpa, region.size, region.host_addr, flags)
+        return slot
+
+    # Boot.
+    def load(self) -> None:
+        image = parse_bzimage(self.config.kernel)
+        acpi = build_acpi_tables(
+            self.config.vcpus,
+            [(layout.COM1_PORT, layout.COM1_GSI), (layout.COM2_PORT, layout.COM2_GSI)],
+            self.virtio_slots,
+        )
+        loaded = load_kernel(
+            self.memory, image, self.config.initrd, self.config.cmdline, self.config.memory, acpi
+        )
+        supported = self.kvm.supported_cpuid()
+        for index in range(self.config.vcpus):
+            vcpu = self.vm.create_vcpu(index)
+            cpu.setup_vcpu(vcpu, supported, self.config.vcpus, loaded.entry_point)
+            self.vcpus.append(vcpu)
+
+    def start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(KICK_SIGNAL, _ignore_signal)
+        self.boot_started = time.monotonic()
+        for vcpu in self.vcpus:
+            thread = threading.Thread(
+                target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    # Ending.
+    def _finish(self, outcome: Outcome) -> None:
+        with self._done:
+            if self._outcome is None:
+                self._outcome = outcome
+                self._stopping = True
+                self._done.notify_all()
+        self._kick_all()
+
+    def request_poweroff(self) -> None:
+        self._finish(Outcome(StopReason.POWEROFF))
+
+    def request_reset(self) -> None:
+        if self.console.panicked:
+            return  # panic=-1 resets right after the panic; the panic is what ended the guest
+        self._finish(Outcome(StopReason.RESET, "the guest rebooted"))
+
+    def _on_panic(self, message: str) -> None:
+        self._finish(Outcome(StopReason.PANIC, message))
+
+    def stop(self, message: str = "stopped by request") -> None:
+        self._finish(Outcome(StopReason.QUIT, message))
+
+    def _kick_all(self) -> None:
+        for vcpu, thread in zip(self.vcpus, self._threads, strict=False):
+            vcpu.run_struct.immediate_exit = 1
+            if thread.ident is not None and thread.is_alive() and thread is not threading.current_thread():
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        with self._done:
+            self._done.wait_for(lambda: self._outcome is not None, timeout)
+            outcome = self._outcome
+        if outcome is not None:
+            for thread in self._threads:
+                thread.join(timeout=5)
+        return outcome
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        self.vm.close()
+        self.kvm.close()
+        self.memory.close()
+
+    # The vCPU loop: the hot path; every exit here costs a trip through Python.
+    def _vcpu_loop(self, vcpu: Vcpu) -> None:
+        run = vcpu.run_struct
+        exit_union = run.exit
+        counts = self.exit_counts
+        ports = self.ports
+        try:
+            while not self._stopping:
+                reason = vcpu.run()
+                if reason == structs.KVM_EXIT_IO:
+                    io = exit_union.io
+                    port, size, count = io.port, io.size, io.count
+                    counts[f"io {port:#x}"] += 1
+                    data = vcpu.io_data(size * count)
+                    for item in range(count):
+                        if io.direction == structs.KVM_EXIT_IO_OUT:
+                            value = int.from_bytes(bytes(data[item * size : (item + 1) * size]), "little")
+                            ports.write(port, size, value)
+                        else:
+                            value = ports.read(port, size)
+                            data[item * size : (item + 1) * size] = list(value.to_bytes(size, "little"))
+                elif reason == structs.KVM_EXIT_MMIO:
+                    self._handle_mmio(exit_union.mmio)
+                elif reason == structs.KVM_EXIT_INTR:
+                    run.immediate_exit = 0 if not self._stopping else 1
+                elif reason == structs.KVM_EXIT_SHUTDOWN:
+                    self.request_reset()
+                elif reason == structs.KVM_EXIT_SYSTEM_EVENT:
+                    event = exit_union.system_event.type
+                    if event == structs.KVM_SYSTEM_EVENT_SHUTDOWN:
+                        self.request_poweroff()
+                    elif event == structs.KVM_SYSTEM_EVENT_RESET:
+                        self.request_reset()
+                    else:
+                        self._on_panic(f"KVM system event {event}")
+                elif reason == structs.KVM_EXIT_HLT:
+                    time.sleep(0.001)
+                else:
+                    self._finish(Outcome(StopReason.ERROR, self._describe_exit(vcpu, reason)))
+        except KvmIoctlError as error:
+            self._finish(Outcome(StopReason.ERROR, f"vCPU {vcpu.index}: {error.strerror}"))
+
+    def _handle_mmio(self, mmio: structs.KvmRunMmio) -> None:
+        address, length = mmio.phys_addr, min(mmio.len, 8)
+        self.exit_counts["mmio"] += 1
+        for base, size, device in self.mmio:
+            if base <= address < base + size:
+                if mmio.is_write:
+                    device.write(address - base, bytes(mmio.data[:length]))
+                else:
+                    data = device.read(address - base, length)
+                    ctypes.memmove(ctypes.addressof(mmio.data), data, min(len(data), length))
+                return
+        if not mmio.is_write:
+            ctypes.memset(ctypes.addressof(mmio.data), 0xFF, length)
+
+    def _describe_exit(self, vcpu: Vcpu, reason: int) -> str:
+        detail = ""
+        if reason == structs.KVM_EXIT_INTERNAL_ERROR:
+            detail = f" (suberror {vcpu.run_struct.exit.internal.suberror})"
+        elif reason == structs.KVM_EXIT_FAIL_ENTRY:
+            detail = f" (hardware reason {vcpu.run_struct.exit.fail_entry_reason:#x})"
+        try:
+            rip = vcpu.get_regs().rip
+        except KvmIoctlError:
+            rip = 0
+        return f"vCPU {vcpu.index} stopped with KVM exit {reason}{detail} at rip {rip:#x}"
+
+
+def open_console(path: os.PathLike[str] | None) -> int:
+    """A file descriptor for the console: the file at `path` (appended), or standard output."""
+    if path is None:
+        return 1
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
