@@ -285,11 +285,13 @@ def test_unplug_all_unplugs_every_run_and_shrinks_the_usable_region(s: Setup) ->
     for addr, n in ((VMEM_GPA, 2), (VMEM_GPA + 10 * BLOCK, 3), (VMEM_GPA + 30 * BLOCK, 1)):
         assert s.request(VIRTIO_MEM_REQ_PLUG, addr, n)[0] == VIRTIO_MEM_RESP_ACK
         s.memory.write(addr, b"x" * 64)
+    assert s.device.plugged_ranges() == [(VMEM_GPA, 2 * BLOCK), (VMEM_GPA + 10 * BLOCK, 3 * BLOCK),
+                                         (VMEM_GPA + 30 * BLOCK, BLOCK)]
     s.device.set_requested_size(0)
     assert s.config(OFF_USABLE) == 64 * MIB + USABLE_EXTENT  # only UNPLUG_ALL may shrink it
     generation = s.driver.read_reg(0xFC)
     assert s.request(VIRTIO_MEM_REQ_UNPLUG_ALL, 0, 0)[0] == VIRTIO_MEM_RESP_ACK
-    assert s.device.plugged_size == 0 and s.config(OFF_USABLE) == 0
+    assert s.device.plugged_size == 0 and s.config(OFF_USABLE) == 0 and s.device.plugged_ranges() == []
     assert s.driver.read_reg(0xFC) == generation  # no config notification for UNPLUG_ALL
     assert sorted(s.unplugged) == [(VMEM_GPA, 2 * BLOCK), (VMEM_GPA + 10 * BLOCK, 3 * BLOCK),
                                    (VMEM_GPA + 30 * BLOCK, BLOCK)]

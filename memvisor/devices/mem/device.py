@@ -197,6 +197,12 @@ class VirtioMemDevice(VirtioDevice):
             self._unplug_everything()
             self._resize_usable_region(can_shrink=True)
 
+    def plugged_ranges(self) -> list[tuple[int, int]]:
+        """Every maximal plugged range as (gpa, size), in address order (for KVM memslots, migration)."""
+        with self.lock:
+            return [(self.addr + first * self.block_size, count * self.block_size)
+                    for first, count in self._bitmap.plugged_runs()]
+
     def block_state(self, gpa: int) -> bool:
         """Whether the block holding `gpa` is plugged (for the VMM and tests)."""
         index = (gpa - self.addr) // self.block_size
