@@ -297,7 +297,7 @@ class VirtioMmioTransport:
         elif offset == QUEUE_READY:
             self._write_queue_ready(queue, value, setting_up)
         elif offset == QUEUE_NOTIFY:
-            self._notify(value & 0xFFFF)
+            self._notify(value)  # without VIRTIO_F_NOTIFICATION_DATA the value is the index
         elif offset == INTERRUPT_ACK:
             with self._irq_lock:
                 self.interrupt_status &= ~value

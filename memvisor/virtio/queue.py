@@ -16,13 +16,15 @@ after the check cannot change what the device uses. The walk refuses (with `Virt
   `MAX_INDIRECT_DESCRIPTORS` or with loops,
 - buffers not wholly inside one region of guest RAM (or wrapping past 2**64), device-writable buffers in a
   read-only region,
-- a device-readable descriptor after a device-writable one,
-  (zero-length descriptors are checked for order but left out of the chain: they carry nothing),
+- a device-readable descriptor after a device-writable one.
+
+Zero-length descriptors are checked for order but left out of the chain: they carry nothing.
 - indirect descriptors when VIRTIO_F_INDIRECT_DESC was not negotiated, an indirect table whose length is 0
   or not a multiple of 16, INDIRECT together with NEXT, an indirect descriptor inside an indirect table.
 
-A device that gets `VirtqueueError` should answer the head (`error.head`, when known) if it can, or raise so
-the transport marks it DEVICE_NEEDS_RESET. `push_used` returns a buffer; `should_interrupt` decides whether
+A device that gets `VirtqueueError` should answer the head (`push_used(error.head, 0)` when `error.head` is
+not None: the head counts as popped) if it can, or raise so the transport marks it DEVICE_NEEDS_RESET.
+`in_flight` counts the popped heads not yet returned, so tests can check that no head leaks. `push_used` returns a buffer; `should_interrupt` decides whether
 the driver wants to hear about it (VIRTQ_AVAIL_F_NO_INTERRUPT, or used_event with VIRTIO_F_EVENT_IDX).
 """
 
@@ -238,9 +240,8 @@ class SplitVirtqueue:
             raise VirtqueueError(f"queue {self.index}: {err}") from err
         if head >= size:
             raise VirtqueueError(f"queue {self.index}: head {head} is out of range for size {size}", head)
-        chain = self._walk(head)
-        self.in_flight[head] += 1
-        return chain
+        self.in_flight[head] += 1  # counted before the walk, so a device may answer a malformed chain too
+        return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
         readable: list[Descriptor] = []
