@@ -31,7 +31,7 @@ from memvisor.virtio.device import (
     has_feature,
 )
 from memvisor.virtio.mmio import VirtioMmioTransport
-from memvisor.virtio.queue import SplitVirtqueue
+from memvisor.virtio.queue import SplitVirtqueue, VirtqueueError
 from memvisor.virtio.testing import DriverError, VirtioDriver, attach, test_memory
 
 READY = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
@@ -578,12 +578,30 @@ _ACCESS = st.tuples(st.booleans(), _OFFSETS, st.sampled_from([1, 2, 4, 4, 4, 8, 
 
 @settings(max_examples=200, deadline=None)
 @given(accesses=st.lists(_ACCESS, max_size=60), fail=st.sets(st.sampled_from(
-    ["activate", "notify0", "notify1", "read_config", "write_config", "reset", "device_features"])))
-def test_random_register_traffic_never_raises(accesses: list[tuple[bool, int, int, int]], fail: set[str]) -> None:
+    ["activate", "notify0", "notify1", "read_config", "write_config", "reset", "device_features"])),
+    initialised=st.booleans(), garbage=st.lists(st.tuples(st.integers(0, 0x3FFF), st.binary(max_size=32)),
+                                                max_size=8))
+def test_random_register_traffic_never_raises(accesses: list[tuple[bool, int, int, int]], fail: set[str],
+                                              initialised: bool, garbage: list[tuple[int, bytes]]) -> None:
     memory = _PROPERTY_MEMORY
+    memory.write(0, bytes(0x8000))
     device = EchoDevice()
     device.fail = fail
     transport = VirtioMmioTransport(device, memory, lambda: None)
+    if initialised and not fail:
+        driver = VirtioDriver(memory, transport)
+        driver.init()
+        driver.queues[0].add_buffer([b"ok"], [2])
+        for offset, data in garbage:  # the driver scribbles over its own rings and buffers
+            memory.write(offset, data)
+    failures: list[BaseException] = []
+    real_failed = transport._device_failed
+
+    def record(error: BaseException) -> None:
+        failures.append(error)
+        real_failed(error)
+
+    transport._device_failed = record  # type: ignore[method-assign]
     for is_write, offset, width, value in accesses:
         if is_write:
             transport.write(offset, (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little"))
@@ -599,6 +617,8 @@ def test_random_register_traffic_never_raises(accesses: list[tuple[bool, int, in
             if queue.ready:
                 assert queue.size & (queue.size - 1) == 0 and 1 <= queue.size <= queue.max_size
                 assert memory.contains(queue.desc_addr, 16 * queue.size)
+    # Only the device's own failures (told to fail, or refusing a hostile ring) may reach the catch-all.
+    assert all(isinstance(e, VirtioDeviceError | VirtqueueError) for e in failures), failures
 
 
 _PROPERTY_MEMORY = test_memory(1 << 20)
