@@ -20,8 +20,10 @@ exist only when their feature is negotiated, and count only those):
 Guest input is hostile and never raises out of the device for a bad buffer: write-only or odd-length
 inflate buffers, more than 256 PFNs (the rest is ignored), PFNs outside guest RAM (ignored, counted in
 `errors`), oversized or repeated stats buffers, unknown stat tags, hints or reports outside RAM are all
-completed. Only a malformed ring (a `VirtqueueError` from the queue, when no head can be returned) raises
-`BalloonError`, which makes the transport set DEVICE_NEEDS_RESET. Work per notification is bounded by
+completed, and so is a malformed chain (a descriptor loop, a buffer outside guest RAM: answered with
+nothing done). Only a broken ring (an available index running ahead, a head out of range, a used ring that
+cannot be written: no head can be returned) raises `BalloonError`, which makes the transport set
+DEVICE_NEEDS_RESET. Work per notification is bounded by
 the queue size; nothing outside the balloon's RAM regions (writable regions by default) is discarded.
 
 Statistics polling needs a clock: the VMM's event loop calls `poll_stats()` (and can sleep
@@ -411,7 +413,14 @@ class BalloonDevice(VirtioDevice):
             try:
                 chain = queue.pop()
             except VirtqueueError as err:
-                raise BalloonError(f"balloon queue {queue.index}: {err}") from err
+                if err.head is None:  # the ring itself is broken: no head to answer
+                    raise BalloonError(f"balloon queue {queue.index}: {err}") from err
+                # A malformed chain (a loop, a buffer outside RAM...): answer it untouched and go on.
+                log.debug("balloon queue %d: %s", queue.index, err)
+                self.count("errors")
+                self._push(queue, err.head, 0)
+                pushed = True
+                continue
             if chain is None:
                 break
             try:
