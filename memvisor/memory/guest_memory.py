@@ -72,6 +72,8 @@ class MemoryRegion:
         self.host_addr = host_addr
         self.fd = fd
         self.closed = False
+        # The KVM memslot number, set by the VMM when it registers the region (dirty logging is per slot).
+        self.slot: int | None = None
         self.view = libc.memoryview_at(host_addr, size, readonly=readonly)
 
     @property

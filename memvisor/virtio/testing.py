@@ -147,6 +147,9 @@ class DriverQueue:
 
     def add_buffer(self, out: list[bytes], in_sizes: list[int], *, indirect: bool = False) -> int:
         """Make one chain available: readable buffers holding `out`, then writable ones of `in_sizes` bytes."""
+        needed = 1 if indirect else len(out) + len(in_sizes)
+        if needed > len(self._free_descs):
+            raise DriverError(f"queue {self.index}: {needed} descriptors wanted, {len(self._free_descs)} free")
         buffers: list[int] = []
         entries: list[tuple[int, int, int]] = []  # addr, length, flags
         in_buffers: list[tuple[int, int]] = []
@@ -183,8 +186,6 @@ class DriverQueue:
         return head
 
     def _take_descs(self, count: int) -> list[int]:
-        if count > len(self._free_descs):
-            raise DriverError(f"queue {self.index}: {count} descriptors wanted, {len(self._free_descs)} free")
         taken, self._free_descs = self._free_descs[:count], self._free_descs[count:]
         return taken
 
