@@ -53,6 +53,7 @@ class GuestAgent:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._exec_lock = threading.Lock()
+        self._aborted: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -105,9 +106,21 @@ class GuestAgent:
             self._ready = False
             self._buffer.clear()
 
+    def abort(self, message: str) -> None:
+        """The machine stopped: every waiter gets a MemvisorError with `message`."""
+        with self._lock:
+            self._aborted = message
+            self._lock.notify_all()
+
+    def _check_aborted(self) -> None:
+        if self._aborted is not None:
+            raise MemvisorError(self._aborted)
+
     def wait_ready(self, timeout: float | None = None) -> None:
         with self._lock:
-            if not self._lock.wait_for(lambda: self._ready, timeout):
+            ok = self._lock.wait_for(lambda: self._ready or self._aborted is not None, timeout)
+            self._check_aborted()
+            if not ok:
                 raise AgentTimeout(
                     f"the guest agent did not start within {timeout:.0f} s: check the console log for boot errors"
                 )
@@ -124,8 +137,12 @@ class GuestAgent:
             self._send(f"RUN {ident} {encoded}\n".encode())
             with self._lock:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                finished = self._lock.wait_for(lambda: pending.status is not None, remaining)
+                finished = self._lock.wait_for(
+                    lambda: pending.status is not None or self._aborted is not None, remaining
+                )
                 del self._pending[ident]
+                if pending.status is None:
+                    self._check_aborted()
             if not finished:
                 raise AgentTimeout(
                     f"the guest command did not finish within {timeout:.0f} s: raise --timeout"

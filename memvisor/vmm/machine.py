@@ -209,6 +209,7 @@ class Machine:
                 self._outcome = outcome
                 self._stopping = True
                 self._done.notify_all()
+        self.agent.abort(_describe_outcome(outcome))
         self._kick_all()
 
     def request_poweroff(self) -> None:
@@ -316,6 +317,14 @@ class Machine:
         except KvmIoctlError:
             rip = 0
         return f"vCPU {vcpu.index} stopped with KVM exit {reason}{detail} at rip {rip:#x}"
+
+
+def _describe_outcome(outcome: Outcome) -> str:
+    if outcome.reason is StopReason.POWEROFF:
+        return "the guest powered off"
+    if outcome.reason is StopReason.PANIC:
+        return f"guest kernel panic: {outcome.message}"
+    return outcome.message or f"the guest stopped ({outcome.reason.value})"
 
 
 def open_console(path: os.PathLike[str] | None) -> int:

@@ -1,0 +1,78 @@
+"""The `memvisor` command: one verb per job; memvisor's own failures exit 125 with a one-line message."""
+
+import argparse
+import sys
+
+from memvisor.errors import EXIT_MEMVISOR_FAILURE, MemvisorError
+
+DESCRIPTION = """\
+memvisor: a virtual machine monitor on KVM, built around managing guest memory
+(virtio-balloon, virtio-mem, virtio-pmem), driven through a QMP-compatible socket.
+On machines whose /dev/kvm is not hardware virtualization, guests run inside the lab
+(QEMU TCG with nested SVM) on their own."""
+
+EPILOG = """\
+examples:
+  memvisor image build                                  fetch the Debian kernel and build the guest image
+  memvisor run --memory 1G --vcpus 2 --exec 'nproc'     boot, run a command, power off
+  memvisor run --memory 1G --qmp /tmp/vm.sock           run a guest with a control socket
+  memvisor exec /tmp/vm.sock -- free -m                 run a command in that guest
+  memvisor lab -- pytest tests/guest                    run a command inside the lab"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memvisor", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    from memvisor.cli.run import add_run_command
+    from memvisor.guest.cli import add_image_commands
+
+    add_run_command(subparsers)
+    add_image_commands(subparsers)
+    lab = subparsers.add_parser("lab", help="run a command inside the lab (QEMU TCG guest with a working /dev/kvm)",
+                                add_help=False)  # fmt: skip
+    lab.set_defaults(func=None)
+    try:
+        from memvisor.control.cli_verbs import register
+    except ImportError:
+        pass
+    else:
+        register(subparsers)
+    return parser
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "lab":
+            from memvisor.lab.cli import lab_main
+
+            return lab_main(argv[1:])
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else EXIT_MEMVISOR_FAILURE
+            return EXIT_MEMVISOR_FAILURE if code == 2 else code
+        if args.verb == "run":
+            return int(args.func(args, argv[1:]))
+        return int(args.func(args))
+    except MemvisorError as error:
+        print(f"memvisor: error: {error}", file=sys.stderr)
+        return EXIT_MEMVISOR_FAILURE
+    except KeyboardInterrupt:
+        print("memvisor: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""One `memvisor run` on this host's KVM: build the machine, boot it, serve it, end it.
+
+Exit statuses: with --exec, the command's own status; otherwise 0 when the guest powers off (or reboots
+with --reboot exit, or `quit` arrives); 125 for memvisor's failures and guest panics.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from memvisor.errors import MemvisorError
+from memvisor.vmm.config import MachineConfig
+from memvisor.vmm.machine import Machine, Outcome, StopReason, open_console
+
+BOOT_TIMEOUT = 300.0
+POWEROFF_TIMEOUT = 30.0
+
+
+def _tail(path: Path | None, lines: int = 5) -> str:
+    if path is None:
+        return ""
+    try:
+        text = path.read_bytes().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    shown = " | ".join(line.strip() for line in text[-lines:] if line.strip())
+    return f" (console {path}: ... {shown})" if shown else f" (console log: {path})"
+
+
+def build_machine(config: MachineConfig, console_fd: int) -> Machine:
+    from memvisor.vmm.devices import attach_devices
+
+    machine = Machine(config, console_fd)
+    try:
+        attach_devices(machine)
+        machine.load()
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def _console_target(config: MachineConfig, exec_mode: bool) -> Path | None:
+    if config.console_path is not None:
+        return config.console_path
+    if exec_mode:
+        return Path(tempfile.gettempdir()) / f"memvisor-console-{os.getpid()}.log"
+    return None
+
+
+def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
+    console_path = _console_target(config, args.command is not None)
+    console_fd = open_console(console_path)
+    stop_requested = threading.Event()
+    current: list[Machine] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_requested.set()
+        for machine in current:
+            machine.stop(f"stopped by signal {signum}")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            machine = build_machine(config, console_fd)
+            current[:] = [machine]
+            server = None
+            try:
+                if args.qmp is not None:
+                    from memvisor.vmm.control import start_control_server
+
+                    server = start_control_server(machine, args.qmp)
+                machine.start()
+                if args.command is not None:
+                    return _exec_and_poweroff(machine, args.command, args.timeout, console_path)
+                _forward_stdin(machine)
+                outcome = machine.wait()
+                assert outcome is not None
+                if outcome.reason is StopReason.RESET and config.reboot == "restart" and not stop_requested.is_set():
+                    print("memvisor: the guest rebooted; restarting it", file=sys.stderr)
+                    continue
+                return _status_of(outcome, console_path)
+            finally:
+                if server is not None:
+                    server.stop()
+                machine.stop("memvisor is ending")
+                machine.wait(timeout=5)
+                machine.close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if console_fd > 2:
+            os.close(console_fd)
+
+
+def _status_of(outcome: Outcome, console_path: Path | None) -> int:
+    if outcome.reason in (StopReason.POWEROFF, StopReason.QUIT, StopReason.RESET):
+        return 0
+    if outcome.reason is StopReason.PANIC:
+        raise MemvisorError(f"guest kernel panic: {outcome.message}{_tail(console_path)}")
+    raise MemvisorError(f"the guest stopped: {outcome.message}{_tail(console_path)}")
+
+
+def _exec_and_poweroff(machine: Machine, command: str, timeout: float | None, console_path: Path | None) -> int:
+    try:
+        machine.agent.wait_ready(BOOT_TIMEOUT)
+        result = machine.agent.exec(command, timeout)
+    except MemvisorError as error:
+        raise MemvisorError(f"{error}{_tail(console_path)}") from None
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.buffer.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.buffer.flush()
+    machine.agent.poweroff()
+    if machine.wait(POWEROFF_TIMEOUT) is None:
+        machine.stop("the guest did not power off in time")
+    return result.status
+
+
+def _forward_stdin(machine: Machine) -> None:
+    """Console input: what the user types goes to the guest's COM1 (a daemon thread)."""
+    if sys.stdin is None or sys.stdin.closed:
+        return
+
+    def pump() -> None:
+        try:
+            fd = sys.stdin.fileno()
+            while True:
+                data = os.read(fd, 4096)
+                if not data:
+                    return
+                machine.com1.feed(data.replace(b"\n", b"\r"))
+        except (OSError, ValueError):
+            return
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
