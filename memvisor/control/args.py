@@ -23,16 +23,20 @@ UINT64_MAX = (1 << 64) - 1
 
 
 class Kind(enum.Enum):
-    """A QAPI argument type and the word QEMU uses for it in 'expected: ...'."""
+    """A QAPI argument type; `word` is what QEMU calls it in 'expected: ...'."""
 
-    STR = "string"
-    INT = "integer"  # int64
-    UINT = "integer"  # uint64 (same word in QEMU's message)
-    NUMBER = "number"  # int or float
-    BOOL = "boolean"
-    OBJECT = "object"
-    ARRAY = "array"
-    ANY = "any"
+    STR = ("string", 0)
+    INT = ("integer", 1)  # int64
+    UINT = ("integer", 2)  # uint64 (same word in QEMU's message; the number keeps the members distinct)
+    NUMBER = ("number", 3)  # int or float
+    BOOL = ("boolean", 4)
+    OBJECT = ("object", 5)
+    ARRAY = ("array", 6)
+    ANY = ("any", 7)
+
+    @property
+    def word(self) -> str:
+        return self.value[0]
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def check_args(spec: tuple[Arg, ...], arguments: Mapping[str, Any]) -> dict[str,
                 raise QmpError(f"Parameter '{arg.name}' is missing")
             continue
         if not _fits(arg.kind, arguments[arg.name]):
-            raise QmpError(f"Invalid parameter type for '{arg.name}', expected: {arg.kind.value}")
+            raise QmpError(f"Invalid parameter type for '{arg.name}', expected: {arg.kind.word}")
     known = {arg.name for arg in spec}
     for name in arguments:
         if name not in known:
