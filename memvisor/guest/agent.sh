@@ -34,8 +34,8 @@ run_command() {
     status=$?
     base64 "$work/out" | sed "s/^/$id O /" >&3
     base64 "$work/err" | sed "s/^/$id E /" >&3
-    echo "$id X $status" >&3
     rm -rf "$work"
+    echo "$id X $status" >&3
 }
 
 echo "MVAGENT READY" >&3

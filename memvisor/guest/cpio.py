@@ -161,7 +161,7 @@ def write_archive(path: Path, entries: Iterable[InitramfsEntry], *, compress: bo
     """Write `entries` to the file `path`, gzip-compressed when `compress` (the kernel unpacks either)."""
     with path.open("wb") as raw:
         if compress:
-            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
                 write_newc(gz, entries)  # type: ignore[arg-type]  # GzipFile is a binary stream
         else:
             write_newc(raw, entries)
@@ -197,7 +197,12 @@ def read_newc(blob: bytes) -> Iterator[CpioMember]:
         except ValueError as exc:
             raise CpioFormatError(f"bad hex field in header at offset {offset}") from exc
         mode, nlink, filesize, rdev_major, rdev_minor, namesize = (
-            fields[1], fields[4], fields[6], fields[9], fields[10], fields[11],
+            fields[1],
+            fields[4],
+            fields[6],
+            fields[9],
+            fields[10],
+            fields[11],
         )
         name_raw = stream.read(namesize)
         if len(name_raw) != namesize or not name_raw.endswith(b"\0"):

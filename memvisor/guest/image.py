@@ -146,7 +146,9 @@ def kernel_release(kernel_root: Path) -> str:
     """The release ("6.1.0-56-amd64") of an unpacked linux-image package: its lib/modules folder name."""
     releases = sorted(p.name for p in (kernel_root / "lib" / "modules").iterdir() if p.is_dir())
     if len(releases) != 1:
-        raise MemvisorError(f"{kernel_root} holds {len(releases)} kernel releases, expected 1: remove it and retry")
+        raise MemvisorError(
+            f"{kernel_root} holds {len(releases)} kernel releases, expected 1: remove it and retry"
+        )
     return releases[0]
 
 
@@ -184,10 +186,14 @@ def _find_library(soname: str, roots: Sequence[Path]) -> Path:
             candidate = root / folder / soname
             if candidate.exists():
                 return candidate.resolve()
-    raise MemvisorError(f"no pinned package provides {soname}: add its package to pins.json with `memvisor image pin`")
+    raise MemvisorError(
+        f"no pinned package provides {soname}: add its package to pins.json with `memvisor image pin`"
+    )
 
 
-def stage_programs(staging: Path, programs: Iterable[tuple[Path, str]], library_roots: Sequence[Path]) -> None:
+def stage_programs(
+    staging: Path, programs: Iterable[tuple[Path, str]], library_roots: Sequence[Path]
+) -> None:
     """Copy dynamically linked programs (source, path in the image) with every library they need, and the
     dynamic loader at /lib64, all from the unpacked packages in `library_roots`."""
     pending: list[Path] = []
@@ -240,7 +246,9 @@ def _hash_text(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def image_key(kind: str, flavour: str, pins: Sequence[Pin], modules: Sequence[str], texts: Sequence[Path]) -> str:
+def image_key(
+    kind: str, flavour: str, pins: Sequence[Pin], modules: Sequence[str], texts: Sequence[Path]
+) -> str:
     """A hash of everything an image is made of: pins, module list, scripts and the builder's source."""
     sources = [HERE / name for name in BUILDER_SOURCES]
     document = {
@@ -329,7 +337,12 @@ def _build_image(
             stage(staging, roots, kernel_root)
             build_initramfs(out / "initrd.img", staging)
             shutil.copyfile(kernel_root / "boot" / f"vmlinuz-{release}", out / "vmlinuz")
-            meta = {"kind": kind, "flavour": flavour, "kernel_release": release, "pins": [p.as_json() for p in used]}
+            meta = {
+                "kind": kind,
+                "flavour": flavour,
+                "kernel_release": release,
+                "pins": [p.as_json() for p in used],
+            }
             (out / _IMAGE_META).write_text(json.dumps(meta, indent=2) + "\n")
             if final.exists():
                 shutil.rmtree(final)  # an incomplete leftover
@@ -357,7 +370,10 @@ class _GuestStager(_Stager):
         stage_programs(
             staging,
             [(e2fs / "sbin" / name, f"sbin/{name}") for name in E2FS_PROGRAMS],
-            [roots[name] for name in ("libc6", "libext2fs2", "libcom-err2", "libss2", "libblkid1", "libuuid1")],
+            [
+                roots[name]
+                for name in ("libc6", "libext2fs2", "libcom-err2", "libss2", "libblkid1", "libuuid1")
+            ],
         )
         for link, target in E2FS_LINKS.items():
             path = staging / "sbin" / link
@@ -365,7 +381,9 @@ class _GuestStager(_Stager):
                 path.unlink()
             path.symlink_to(target)
         shutil.copyfile(e2fs / "etc" / "mke2fs.conf", staging / "etc" / "mke2fs.conf")
-        required, optional = stage_modules(staging, kernel_root, busybox, GUEST_MODULES, GUEST_OPTIONAL_MODULES)
+        required, optional = stage_modules(
+            staging, kernel_root, busybox, GUEST_MODULES, GUEST_OPTIONAL_MODULES
+        )
         init = INIT_TEMPLATE.read_text().replace("@MODULES@", " ".join(required))
         init = init.replace("@OPTIONAL_MODULES@", " ".join(optional))
         (staging / "init").write_text(init)

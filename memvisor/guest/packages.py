@@ -92,7 +92,9 @@ def _parse_pin(raw: object, where: str) -> Pin:
     for key in ("package", "version", "sha256"):
         value = raw.get(key)
         if not isinstance(value, str) or not value:
-            raise MemvisorError(f"{PINS_PATH}: {where} lacks {key!r}: restore the file from git or {_FIX_PIN}")
+            raise MemvisorError(
+                f"{PINS_PATH}: {where} lacks {key!r}: restore the file from git or {_FIX_PIN}"
+            )
         fields[key] = value
     if not _SHA256_RE.match(fields["sha256"]):
         raise MemvisorError(f"{PINS_PATH}: {where} has a malformed sha256: restore the file from git")
@@ -115,7 +117,9 @@ def parse_pins(document: object) -> Pins:
             raise MemvisorError(f"{PINS_PATH}: kernels.{flavour} names {pin.package}, not a {flavour} kernel")
     for name, pin in packages.items():
         if pin.package != name:
-            raise MemvisorError(f"{PINS_PATH}: packages.{name} names {pin.package}: restore the file from git")
+            raise MemvisorError(
+                f"{PINS_PATH}: packages.{name} names {pin.package}: restore the file from git"
+            )
     return Pins(kernels, packages)
 
 
@@ -124,7 +128,9 @@ def load_pins(path: Path = PINS_PATH) -> Pins:
     try:
         document = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise MemvisorError(f"cannot read the package pins {path} ({exc}): restore the file from git") from exc
+        raise MemvisorError(
+            f"cannot read the package pins {path} ({exc}): restore the file from git"
+        ) from exc
     return parse_pins(document)
 
 
@@ -336,13 +342,19 @@ def move_pins(
     changes: list[tuple[str, str, str]] = []
     for flavour in flavours or sorted(KERNEL_FLAVOURS):
         if flavour not in KERNEL_FLAVOURS:
-            raise MemvisorError(f"unknown kernel flavour {flavour!r}: choose one of {', '.join(KERNEL_FLAVOURS)}")
+            raise MemvisorError(
+                f"unknown kernel flavour {flavour!r}: choose one of {', '.join(KERNEL_FLAVOURS)}"
+            )
         if progress:
             progress(f"looking up the newest {flavour} kernel")
         new = candidate(newest_kernel_package(flavour))
         before = kernels.get(flavour)
         changes.append(
-            (f"kernel {flavour}", f"{before.package} {before.version}" if before else "-", f"{new.package} {new.version}")
+            (
+                f"kernel {flavour}",
+                f"{before.package} {before.version}" if before else "-",
+                f"{new.package} {new.version}",
+            )
         )
         kernels[flavour] = new
     if flavours is None:
