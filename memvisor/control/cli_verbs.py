@@ -283,7 +283,7 @@ def register(subparsers: Any) -> None:
     for name, (help_text, build, run) in _VERB_TABLE.items():
         parser = subparsers.add_parser(name, help=help_text, description=help_text)
         build(parser)
-        parser.set_defaults(handler=run)
+        parser.set_defaults(handler=run, func=run)
 
 
 def _verb(name: str) -> Callable[[Sequence[str]], int]:
