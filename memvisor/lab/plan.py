@@ -1,0 +1,220 @@
+"""Everything the runner decides before starting QEMU: shares, forwards, memory, the command line.
+
+Pure functions of their arguments (paths are resolved on the host), so all of it is unit tested without QEMU.
+
+What the lab sees (see init.sh): the host's root read-only over 9p, with tmpfs folders on LAB_TMPFS. So
+- a folder shared read-write must exist on the host and not be under /proc, /sys or /dev; it is mounted over
+  the same path inside the lab, so the user's paths work unchanged (inside a lab tmpfs the mount point is
+  created first);
+- a forwarded socket's folder must be writable inside the lab: a shared folder or one under a lab tmpfs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from memvisor.errors import MemvisorError, UsageError
+from memvisor.units import format_size
+
+# The folders init.sh covers with a tmpfs inside the lab: empty there, whatever the host holds.
+LAB_TMPFS = ("/run", "/tmp", "/var/tmp", "/dev/shm")
+# Host folders that are not files: they cannot be shared.
+UNSHAREABLE = ("/proc", "/sys", "/dev")
+# What the lab itself needs besides the guests it runs: kernel, page cache of the 9p root, Python, pytest.
+LAB_OVERHEAD = 1536 << 20
+# Keep this much of the host's available memory for the host itself.
+HOST_RESERVE = 2 << 30
+# Under this the lab's own Python does not fit comfortably.
+LAB_MINIMUM = 512 << 20
+PORT_SOCKET = "lab.sock"
+
+
+def _under(path: str, folders: tuple[str, ...] | list[str]) -> str | None:
+    """The first of `folders` that `path` is, or is inside; None if none."""
+    for folder in folders:
+        if path == folder or path.startswith(folder.rstrip("/") + "/"):
+            return folder
+    return None
+
+
+def resolve_share(folder: Path) -> str:
+    """Check a folder to share read-write with the lab; returns its resolved host path."""
+    resolved = os.path.realpath(folder)
+    if not os.path.isdir(resolved):
+        raise UsageError(f"cannot share {folder} with the lab: it is not an existing folder; create it first")
+    if resolved == "/":
+        raise UsageError("cannot share / read-write with the lab: name the folder that holds your files")
+    if _under(resolved, UNSHAREABLE):
+        raise UsageError(
+            f"cannot share {folder} with the lab: {resolved} is under /proc, /sys or /dev, which hold no files; "
+            "put the file in a normal folder"
+        )
+    return resolved
+
+
+def share_folder_of(path: Path) -> Path:
+    """The folder to share so that the lab can write the file `path` (a console log, a pmem backing file)."""
+    return Path(os.path.realpath(path)).parent
+
+
+def resolve_forward(path: Path, shares: list[str]) -> str:
+    """Check a UNIX socket path to forward from the host into the lab; returns its absolute host path."""
+    absolute = os.path.abspath(path)
+    folder = os.path.realpath(os.path.dirname(absolute))
+    absolute = os.path.join(folder, os.path.basename(absolute))
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot forward socket {path}: its folder {folder} does not exist; create it first")
+    if len(absolute.encode()) > 107:
+        raise UsageError(
+            f"cannot forward socket {path}: UNIX socket paths are limited to 107 bytes; use a shorter one"
+        )
+    if os.path.lexists(absolute) and not os.path.isdir(absolute) and not _is_socket(absolute):
+        raise UsageError(
+            f"cannot forward socket {path}: a file that is not a socket is in the way; remove it"
+        )
+    if _under(folder, shares) is None and _under(folder, LAB_TMPFS) is None:
+        raise UsageError(
+            f"cannot forward socket {path}: its folder {folder} is read-only inside the lab; "
+            f"share it (--share {folder}) or put the socket under /tmp or /run"
+        )
+    return absolute
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def check_cwd(cwd: str, shares: list[str]) -> None:
+    """The command's working folder must exist inside the lab: not hidden by a lab tmpfs unless shared."""
+    resolved = os.path.realpath(cwd)
+    hidden = _under(resolved, LAB_TMPFS)
+    if hidden is not None and _under(resolved, shares) is None:
+        raise UsageError(
+            f"the working folder {cwd} is under {hidden}, which is an empty tmpfs inside the lab: "
+            f"share it (--share {resolved}) or run from another folder"
+        )
+
+
+def lab_memory_for(guest_memory: int) -> int:
+    """Memory to give a lab that will run guests of `guest_memory` bytes in total."""
+    return guest_memory + LAB_OVERHEAD
+
+
+def check_lab_memory(memory: int, available: int) -> None:
+    """Refuse a lab larger than the host can give (`available` = MemAvailable) while keeping HOST_RESERVE."""
+    if memory < LAB_MINIMUM:
+        raise UsageError(
+            f"lab memory {format_size(memory)} is too small: give it at least {format_size(LAB_MINIMUM)}"
+        )
+    allowed = available - HOST_RESERVE
+    if memory > allowed:
+        raise MemvisorError(
+            f"the lab needs {format_size(memory)} but the host has {format_size(available)} available "
+            f"(keeping {format_size(HOST_RESERVE)} for itself): ask for less memory or free some"
+        )
+
+
+def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise MemvisorError(f"no MemAvailable in {meminfo}: cannot size the lab")
+
+
+def _qemu_path(path: str) -> str:
+    """A path as a value inside a QEMU `-opt a=b,c=d` argument (commas are doubled)."""
+    return path.replace(",", ",,")
+
+
+def _kernel_word(name: str, value: str) -> str:
+    if not value or any(ch.isspace() or ch == '"' for ch in value):
+        raise UsageError(
+            f"{name} {value!r} cannot go on the lab's kernel command line: use a path without spaces"
+        )
+    return f"mvlab.{name}={value}"
+
+
+@dataclass(frozen=True)
+class LabMachine:
+    """The L1 machine: what `qemu_command` needs."""
+
+    kernel: Path
+    initrd: Path
+    memory: int
+    cpus: int
+    python: str
+    root: str
+    port_socket: Path
+    console_log: Path
+    shares: tuple[str, ...] = ()
+    qemu: str = "qemu-system-x86_64"
+
+
+def share_tag(index: int) -> str:
+    return f"rw{index}"
+
+
+def qemu_command(machine: LabMachine) -> list[str]:
+    """The qemu-system-x86_64 argv for the lab (FACTS.md "The lab": TCG, `-cpu max` for nested SVM)."""
+    if machine.cpus < 1:
+        raise UsageError(f"the lab needs at least one vCPU, got {machine.cpus}")
+    append = " ".join(
+        [
+            "console=ttyS0",
+            "panic=-1",
+            "quiet",
+            "loglevel=0",
+            "mitigations=off",
+            _kernel_word("python", machine.python),
+            _kernel_word("root", machine.root),
+        ]
+    )
+    argv = [
+        machine.qemu,
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-smp",
+        str(machine.cpus),
+        "-m",
+        f"{machine.memory >> 20}M",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-nodefaults",
+        "-net",
+        "none",
+        "-serial",
+        f"file:{machine.console_log}",
+        "-kernel",
+        str(machine.kernel),
+        "-initrd",
+        str(machine.initrd),
+        "-append",
+        append,
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    ]
+    for index, folder in enumerate(machine.shares):
+        argv += [
+            "-virtfs",
+            f"local,path={_qemu_path(folder)},mount_tag={share_tag(index)},security_model=none,multidevs=remap",
+        ]
+    argv += [
+        "-device",
+        "virtio-serial-pci",
+        "-chardev",
+        f"socket,id=mvlab,path={_qemu_path(str(machine.port_socket))},server=on,wait=on",
+        "-device",
+        "virtserialport,chardev=mvlab,name=memvisor.lab",
+    ]
+    return argv

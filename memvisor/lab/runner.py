@@ -1,0 +1,445 @@
+"""The host side of the lab: start QEMU, hand the command to the agent inside, bridge everything back.
+
+    status = run_in_lab(["pytest", "tests/guest"], memory=4 << 30, cwd=os.getcwd(), env=dict(os.environ))
+
+What happens:
+1. The plan (plan.py) is checked: shares, forwarded sockets, memory.
+2. QEMU starts with the L1 console in a log file and a virtio-serial port on a UNIX socket in a private temp
+   folder. The chardev waits (`wait=on`) until the runner connects, so no byte is lost.
+3. The runner sends START (mux.py) and then pumps: the command's stdout and stderr to ours as they arrive,
+   our stdin to the command when asked, and for each forwarded socket, once the agent says the command is
+   listening, a host socket at the user's path whose every client gets its own connection inside.
+4. EXIT carries the command's status; the runner stops QEMU and returns it. Ctrl-C or SIGTERM asks the agent
+   to pass SIGTERM on, and stops QEMU after a grace period. If the lab dies first, MemvisorError carries the
+   end of the L1 console log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from memvisor.errors import MemvisorError
+from memvisor.lab import plan
+from memvisor.lab.mux import (
+    CONTROL,
+    FIRST_CONNECTION,
+    STDERR,
+    STDIN,
+    STDOUT,
+    Frame,
+    Kind,
+    MuxError,
+    StartRequest,
+    int_frame,
+)
+from memvisor.lab.pump import Link, Reactor, Readable, Stream
+from memvisor.units import format_size
+
+# How long the lab may take from QEMU's start to the agent's READY.
+BOOT_TIMEOUT = 180.0
+# After Ctrl-C/SIGTERM: how long the command gets to end before QEMU is killed.
+GRACE = 10.0
+CONSOLE_TAIL_LINES = 12
+
+
+class LabImage(Protocol):
+    """The lab's kernel and initramfs (memvisor.guest.image.build_lab_image() returns one)."""
+
+    @property
+    def kernel(self) -> Path: ...
+    @property
+    def initrd(self) -> Path: ...
+
+
+@dataclass(frozen=True)
+class _Paths:
+    kernel: Path
+    initrd: Path
+
+
+def default_image(progress: Callable[[str], None] | None = None) -> LabImage:
+    """The lab image: $MEMVISOR_LAB_KERNEL/$MEMVISOR_LAB_INITRD if both are set (for development),
+    else the cached one from the image builder (built on first use)."""
+    kernel, initrd = os.environ.get("MEMVISOR_LAB_KERNEL"), os.environ.get("MEMVISOR_LAB_INITRD")
+    if kernel and initrd:
+        return _Paths(Path(kernel), Path(initrd))
+    from memvisor.guest.image import build_lab_image  # the builder fetches packages: import only when needed
+
+    image: LabImage = build_lab_image(progress=progress)
+    return image
+
+
+def package_root() -> str:
+    """The folder that holds the `memvisor` package: the agent inside imports it from there."""
+    return str(Path(__file__).resolve().parent.parent.parent)
+
+
+def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
+    """The last lines of the L1 console log, joined with " | " (for one-line errors)."""
+    try:
+        text = path.read_bytes()[-16384:].decode(errors="replace")
+    except OSError:
+        return "(no console log)"
+    kept = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return " | ".join(kept[-lines:]) or "(the console log is empty)"
+
+
+class _Stopped(Exception):
+    """The lab stopped without an EXIT frame."""
+
+
+class LabSession:
+    """One lab run on the host side (see the module docstring); `run()` returns the command's status."""
+
+    def __init__(
+        self,
+        request: StartRequest,
+        forwards: list[str],
+        link_socket: socket.socket,
+        qemu: subprocess.Popen[bytes],
+        console_log: Path,
+        *,
+        forward_stdin: bool,
+        log: Callable[[str], None],
+    ) -> None:
+        self.request = request
+        self.forward_paths = forwards
+        self.qemu = qemu
+        self.console_log = console_log
+        self.log = log
+        self.reactor = Reactor()
+        self.sock = link_socket
+        self.link = Link(link_socket.fileno(), self.on_frame)
+        self.reactor.add(self.link)
+        self.streams: dict[int, Stream] = {}
+        self.listeners: dict[int, socket.socket] = {}
+        self.next_channel = FIRST_CONNECTION
+        self.status: int | None = None
+        self.ready_at: float | None = None
+        self.error: str | None = None
+        self.forward_stdin = forward_stdin
+        self._stdin_pipe: int | None = None
+
+    # -- frames from the lab ----------------------------------------------------------------------
+    def on_frame(self, frame: Frame) -> None:
+        if frame.channel == CONTROL:
+            if frame.kind is Kind.READY:
+                self.ready_at = time.monotonic()
+                self.log("lab agent ready")
+            elif frame.kind is Kind.EXIT:
+                self.status = frame.integer()
+            elif frame.kind is Kind.ERROR:
+                self.error = frame.payload.decode(errors="replace")
+            elif frame.kind is Kind.LISTENING:
+                self.listen(frame.integer())
+            return
+        if frame.channel in (STDOUT, STDERR):
+            if frame.kind is Kind.DATA:
+                out = sys.stdout if frame.channel == STDOUT else sys.stderr
+                _write_all(out.fileno(), frame.payload, flush=out)
+            return
+        stream = self.streams.get(frame.channel)
+        if stream is not None:
+            stream.deliver(frame)
+
+    # -- forwarded sockets ------------------------------------------------------------------------
+    def listen(self, index: int) -> None:
+        """The command listens on forward `index` inside: own the same path on the host now."""
+        if not 0 <= index < len(self.forward_paths) or index in self.listeners:
+            return
+        path = self.forward_paths[index]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale socket, or the one the command made through a shared folder
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen(16)
+        server.setblocking(False)
+        self.listeners[index] = server
+        self.reactor.add(Readable(server.fileno(), lambda: self.accept(index)))
+        self.log(f"forwarding {path}")
+
+    def accept(self, index: int) -> None:
+        try:
+            client, _ = self.listeners[index].accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        channel = self.next_channel
+        self.next_channel += 1
+        self.link.send(int_frame(channel, Kind.OPEN, index))
+        self._add_stream(channel, client.fileno(), readable=True, writable=True, sock=client)
+
+    def _add_stream(
+        self, channel: int, fd: int, *, readable: bool, writable: bool, sock: socket.socket | None = None
+    ) -> None:
+        stream = Stream(
+            self.link, channel, fd, readable=readable, writable=writable, sock=sock, on_closed=self._forget
+        )
+        self.streams[channel] = stream
+        self.reactor.add(stream)
+
+    def _forget(self, stream: Stream) -> None:
+        self.streams.pop(stream.channel, None)
+        self.reactor.remove(stream)
+
+    # -- stdin ------------------------------------------------------------------------------------
+    def _start_stdin(self) -> None:
+        """Our stdin may be a terminal, a pipe or a file (not pollable): a thread copies it into a pipe."""
+        read_end, write_end = os.pipe()
+        self._stdin_pipe = read_end
+
+        def copy() -> None:
+            try:
+                while chunk := os.read(0, 65536):
+                    _write_all(write_end, chunk)
+            except OSError:
+                pass
+            finally:
+                os.close(write_end)
+
+        threading.Thread(target=copy, name="lab-stdin", daemon=True).start()
+        self._add_stream(STDIN, read_end, readable=True, writable=False)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, stop: _StopRequest) -> int:
+        started = time.monotonic()
+        self.link.send(Frame(CONTROL, Kind.START, self.request.encode()))
+        if self.forward_stdin:
+            self._start_stdin()
+        qemu_exit = os.pidfd_open(self.qemu.pid)
+        self.reactor.add(Readable(qemu_exit, lambda: None))
+        self.reactor.add(Readable(stop.wake_fd, stop.drain))
+        try:
+            while self.status is None:
+                if self.error is not None:
+                    raise MemvisorError(f"the lab could not start the command: {self.error}")
+                if self.link.closed or self.qemu.poll() is not None:
+                    raise _Stopped()
+                if self.ready_at is None and time.monotonic() - started > BOOT_TIMEOUT:
+                    raise MemvisorError(
+                        f"the lab did not start within {BOOT_TIMEOUT:.0f} s: {console_tail(self.console_log)}"
+                    )
+                if stop.signal is not None:
+                    if stop.sent is None:
+                        self.log(f"passing signal {stop.signal} to the command in the lab as SIGTERM")
+                        self.link.send(int_frame(CONTROL, Kind.SIGNAL, signal.SIGTERM))
+                        stop.sent = time.monotonic()
+                    elif stop.count > 1 or time.monotonic() - stop.sent > GRACE:
+                        return 128 + stop.signal
+                self.reactor.poll(0.5)
+            return self.status
+        finally:
+            os.close(qemu_exit)
+            for server in self.listeners.values():
+                server.close()
+            for index in self.listeners:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.forward_paths[index])
+            for stream in list(self.streams.values()):
+                stream.close(notify=False)
+            self.reactor.close()
+
+
+def _write_all(fd: int, data: bytes, flush: object | None = None) -> None:
+    if flush is not None:
+        with contextlib.suppress(AttributeError, OSError):
+            flush.flush()  # type: ignore[attr-defined]
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        view = view[written:]
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM received while the lab runs: recorded here, acted on by the loop."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.count = 0
+        self.sent: float | None = None
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self.wake_fd = self._read
+
+    def handle(self, signum: int, _frame: object) -> None:
+        self.signal = signum
+        self.count += 1
+        with contextlib.suppress(OSError):
+            os.write(self._write, b"!")
+
+    def drain(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._read, 64)
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+@contextlib.contextmanager
+def _signals(stop: _StopRequest) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _connect(
+    path: Path, qemu: subprocess.Popen[bytes], qemu_log: Path, timeout: float = 30.0
+) -> socket.socket:
+    """Connect to QEMU's chardev socket as soon as it exists (QEMU waits for us before it runs the guest)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if qemu.poll() is not None:
+            raise MemvisorError(f"QEMU for the lab exited at once: {_qemu_error(qemu_log)}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+        if time.monotonic() > deadline:
+            raise MemvisorError(f"QEMU for the lab did not open its port socket within {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+def _qemu_error(log: Path) -> str:
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    return " | ".join(lines[-5:]) or "no message"
+
+
+def _stop_qemu(qemu: subprocess.Popen[bytes]) -> None:
+    if qemu.poll() is not None:
+        return
+    qemu.kill()  # the agent has synced the shares before EXIT: nothing inside is worth waiting for
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        qemu.wait(timeout=10)
+
+
+def run_in_lab(
+    argv: list[str],
+    *,
+    memory: int,
+    cpus: int = 2,
+    cwd: str,
+    env: dict[str, str],
+    shares: list[Path] | None = None,
+    forwards: list[Path] | None = None,
+    stdin: bool = False,
+    console_log: Path | None = None,
+    image: LabImage | None = None,
+    log: Callable[[str], None] | None = None,
+) -> int:
+    """Run `argv` in a fresh lab and return its exit status (shell style: 128 + N when killed by signal N).
+
+    `memory` is the lab's own memory (see plan.lab_memory_for); `shares` are host folders the command may
+    write (mounted read-write at the same paths); `forwards` are UNIX socket paths the command creates inside,
+    made reachable at the same paths on the host; `console_log` keeps the L1 console (else a temp file).
+    Raises MemvisorError when the lab cannot start or dies before the command ends.
+    """
+    if not argv:
+        raise MemvisorError("nothing to run in the lab: give a command")
+    say = log or (lambda message: None)
+    resolved_shares = sorted({plan.resolve_share(folder) for folder in shares or []})
+    forward_paths = [plan.resolve_forward(path, resolved_shares) for path in forwards or []]
+    plan.check_cwd(cwd, resolved_shares)
+    plan.check_lab_memory(memory, plan.mem_available())
+    python = sys.executable
+    root = package_root()
+    for what, path in (("Python", python), ("the memvisor package", root)):
+        if plan._under(os.path.realpath(path), plan.LAB_TMPFS):
+            raise MemvisorError(
+                f"{what} is at {path}, which the lab covers with an empty tmpfs: install it elsewhere (e.g. under ~)"
+            )
+    lab_image = image or default_image(progress=say)
+    workdir = Path(tempfile.mkdtemp(prefix="memvisor-lab-"))
+    try:
+        console = console_log or workdir / "console.log"
+        console.write_bytes(b"")
+        machine = plan.LabMachine(
+            kernel=Path(lab_image.kernel),
+            initrd=Path(lab_image.initrd),
+            memory=memory,
+            cpus=cpus,
+            python=python,
+            root=root,
+            port_socket=workdir / plan.PORT_SOCKET,
+            console_log=console,
+            shares=tuple(resolved_shares),
+        )
+        command = plan.qemu_command(machine)
+        request = StartRequest(
+            argv=list(argv),
+            cwd=cwd,
+            env={**env, "MEMVISOR_IN_LAB": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+            shares=[(plan.share_tag(index), folder) for index, folder in enumerate(resolved_shares)],
+            forwards=forward_paths,
+            stdin=stdin,
+        )
+        say(
+            f"starting lab: {format_size(memory)}, {cpus} vCPUs, {len(resolved_shares)} shares, console {console}"
+        )
+        qemu_log = workdir / "qemu.log"
+        with qemu_log.open("wb") as qemu_out:
+            try:
+                qemu = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=qemu_out,
+                    stderr=qemu_out,
+                    start_new_session=True,
+                )
+            except FileNotFoundError:
+                raise MemvisorError(
+                    "qemu-system-x86_64 is not installed: install Debian's qemu-system-x86 (apt-get install qemu-system-x86)"
+                ) from None
+        stop = _StopRequest()
+        try:
+            with _signals(stop):
+                link_socket = _connect(machine.port_socket, qemu, qemu_log)
+                session = LabSession(
+                    request, forward_paths, link_socket, qemu, console, forward_stdin=stdin, log=say
+                )
+                try:
+                    return session.run(stop)
+                except _Stopped:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        qemu.wait(timeout=5)
+                    raise MemvisorError(
+                        f"the lab stopped before the command finished (QEMU status {qemu.returncode}; "
+                        f"{_qemu_error(qemu_log)}): {console_tail(console)}"
+                    ) from None
+                except MuxError as error:
+                    raise MemvisorError(f"{error}: {console_tail(console)}") from None
+                finally:
+                    link_socket.close()
+        finally:
+            _stop_qemu(qemu)
+            stop.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""What the lab runner decides before QEMU starts: shares, forwarded sockets, memory, the command line."""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from memvisor.errors import MemvisorError, UsageError
+from memvisor.lab import plan
+
+
+def test_a_share_resolves_to_its_real_folder(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert plan.resolve_share(tmp_path / "link") == os.path.realpath(tmp_path / "real")
+
+
+@pytest.mark.parametrize("folder", ["/proc/self", "/sys/kernel", "/dev"])
+def test_pseudo_filesystems_cannot_be_shared(folder: str) -> None:
+    with pytest.raises(UsageError, match="/proc, /sys or /dev"):
+        plan.resolve_share(Path(folder))
+
+
+def test_missing_or_root_shares_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not an existing folder"):
+        plan.resolve_share(tmp_path / "absent")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="not an existing folder"):
+        plan.resolve_share(tmp_path / "file")
+    with pytest.raises(UsageError, match="cannot share /"):
+        plan.resolve_share(Path("/"))
+
+
+def test_share_folder_of_a_file(tmp_path: Path) -> None:
+    assert plan.share_folder_of(tmp_path / "console.log") == Path(os.path.realpath(tmp_path))
+
+
+def test_forward_in_a_shared_folder_or_a_lab_tmpfs_is_accepted(tmp_path: Path) -> None:
+    shared = os.path.realpath(tmp_path)
+    assert plan.resolve_forward(tmp_path / "q.sock", [shared]) == os.path.join(shared, "q.sock")
+    # /tmp is a tmpfs inside the lab: writable there even when not shared.
+    assert plan.resolve_forward(Path("/tmp/q.sock"), []) == "/tmp/q.sock"
+
+
+def test_forward_in_a_read_only_folder_names_the_fix() -> None:
+    with pytest.raises(UsageError, match=r"read-only inside the lab; share it \(--share /usr\)"):
+        plan.resolve_forward(Path("/usr/q.sock"), [])
+
+
+def test_forward_needs_an_existing_folder_and_a_short_path(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        plan.resolve_forward(tmp_path / "absent" / "q.sock", [str(tmp_path)])
+    with pytest.raises(UsageError, match="107 bytes"):
+        plan.resolve_forward(tmp_path / ("x" * 120), [os.path.realpath(tmp_path)])
+
+
+def test_forward_over_a_regular_file_is_refused_but_a_stale_socket_is_fine(tmp_path: Path) -> None:
+    shared = [os.path.realpath(tmp_path)]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="not a socket"):
+        plan.resolve_forward(tmp_path / "file", shared)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "stale.sock"))
+    stale.close()
+    assert plan.resolve_forward(tmp_path / "stale.sock", shared).endswith("stale.sock")
+
+
+def test_memory_sizing() -> None:
+    assert plan.lab_memory_for(1 << 30) == (1 << 30) + plan.LAB_OVERHEAD
+    plan.check_lab_memory(4 << 30, 8 << 30)
+    with pytest.raises(MemvisorError, match="the lab needs 7G but the host has 8G available"):
+        plan.check_lab_memory(7 << 30, 8 << 30)
+    with pytest.raises(UsageError, match="too small"):
+        plan.check_lab_memory(64 << 20, 8 << 30)
+
+
+def test_mem_available_reads_meminfo(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  100 kB\nMemAvailable:    2048 kB\n")
+    assert plan.mem_available(meminfo) == 2 << 20
+    meminfo.write_text("MemTotal:  100 kB\n")
+    with pytest.raises(MemvisorError, match="MemAvailable"):
+        plan.mem_available(meminfo)
+
+
+def _machine(**changes: object) -> plan.LabMachine:
+    fields: dict[str, object] = {
+        "kernel": Path("/k/vmlinuz"),
+        "initrd": Path("/k/initrd"),
+        "memory": 3 << 30,
+        "cpus": 2,
+        "python": "/venv/bin/python",
+        "root": "/work/main",
+        "port_socket": Path("/tmp/lab,1/lab.sock"),
+        "console_log": Path("/tmp/lab/console.log"),
+        "shares": ("/data/a,b", "/tmp/x"),
+    }
+    fields.update(changes)
+    return plan.LabMachine(**fields)  # type: ignore[arg-type]
+
+
+def _option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == flag]
+
+
+def test_qemu_command_line() -> None:
+    argv = plan.qemu_command(_machine())
+    assert argv[0] == "qemu-system-x86_64"
+    assert _option(argv, "-accel") == ["tcg,thread=multi"]
+    assert _option(argv, "-cpu") == ["max"]  # SVM for nested KVM
+    assert _option(argv, "-smp") == ["2"]
+    assert _option(argv, "-m") == ["3072M"]
+    assert "-no-reboot" in argv
+    assert _option(argv, "-serial") == ["file:/tmp/lab/console.log"]
+    append = _option(argv, "-append")[0].split()
+    assert {"console=ttyS0", "panic=-1", "mvlab.python=/venv/bin/python", "mvlab.root=/work/main"} <= set(
+        append
+    )
+    virtfs = _option(argv, "-virtfs")
+    assert virtfs[0] == "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
+    # Commas in paths are doubled, as QEMU's option parser expects; shares are read-write.
+    assert virtfs[1] == "local,path=/data/a,,b,mount_tag=rw0,security_model=none,multidevs=remap"
+    assert virtfs[2].startswith("local,path=/tmp/x,mount_tag=rw1,")
+    chardev = _option(argv, "-chardev")[0]
+    assert chardev == "socket,id=mvlab,path=/tmp/lab,,1/lab.sock,server=on,wait=on"
+    assert "virtserialport,chardev=mvlab,name=memvisor.lab" in _option(argv, "-device")
+
+
+def test_paths_with_spaces_cannot_go_on_the_kernel_command_line() -> None:
+    with pytest.raises(UsageError, match="without spaces"):
+        plan.qemu_command(_machine(python="/my venv/bin/python"))
+    with pytest.raises(UsageError, match="at least one vCPU"):
+        plan.qemu_command(_machine(cpus=0))
+
+
+def test_working_folder_hidden_by_a_lab_tmpfs_must_be_shared() -> None:
+    plan.check_cwd("/usr", [])
+    plan.check_cwd("/tmp/work", ["/tmp/work"])
+    with pytest.raises(UsageError, match=r"under /tmp, which is an empty tmpfs inside the lab: share it"):
+        plan.check_cwd("/tmp/work", [])
