@@ -248,3 +248,12 @@ def test_register_adds_every_verb_with_a_handler(sock: str, capsys: pytest.Captu
     for verb in ("qmp", "exec", "balloon", "mem", "info", "stats"):
         with pytest.raises(SystemExit):
             parser.parse_args([verb, "--help"])
+
+
+def test_memvisor_main_runs_the_verbs(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from memvisor.cli.main import main
+
+    assert main(["info", sock, "status"]) == 0
+    assert capsys.readouterr().out == "VM status: running\n"
+    assert main(["balloon", sock + ".missing", "1G"]) == 125
+    assert "no QMP socket" in capsys.readouterr().err

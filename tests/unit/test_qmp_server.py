@@ -681,3 +681,23 @@ def test_stop_from_a_worker_thread_during_quit(sock_dir: str) -> None:
         time.sleep(0.02)
     assert not os.path.exists(srv.path)
     client.close()
+
+
+def test_client_that_never_reads_events_is_dropped(sock_dir: str) -> None:
+    machine = like_qemu()
+    with QmpServer(os.path.join(sock_dir, "backlog.sock"), machine, max_backlog=256 * 1024) as srv:
+        deaf = RawClient(srv.path)
+        deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listening = RawClient(srv.path)
+        received = 0
+        for i in range(3000):  # about 1.5 MB of events; the deaf client reads none of them
+            machine.emit("BALLOON_CHANGE", {"actual": i, "pad": "x" * 500})
+            if i % 100 == 0:
+                while received <= i:
+                    assert listening.read()["event"] == "BALLOON_CHANGE"
+                    received += 1
+        listening.send(b'{"execute": "query-status", "id": "alive"}')
+        assert listening.read_reply()["id"] == "alive"
+        assert len(srv._clients) == 1  # the deaf client was dropped, the listening one kept
+        deaf.close()
+        listening.close()
