@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memvisor.guest.image import GuestImage, ensure_guest_image
+from memvisor.guest.image import GUEST_CMDLINE, GuestImage, ensure_guest_image
 
 APPEND = "console=ttyS0 8250.nr_uarts=2 quiet panic=-1"
 
@@ -81,6 +81,10 @@ def main() -> int:
         "--compress", action="store_true", help="boot a gzip-compressed copy of the initramfs"
     )
     parser.add_argument("--memory", default="512M")
+    parser.add_argument("--show-console", action="store_true", help="print the guest console log at the end")
+    parser.add_argument(
+        "--vmm-cmdline", action="store_true", help="boot with memvisor's own command line (GUEST_CMDLINE)"
+    )
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -97,7 +101,8 @@ def main() -> int:
     sock_path, console = workdir / "agent.sock", workdir / "console.log"
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", args.memory, "-nographic", "-no-reboot",
-        "-kernel", str(image.kernel), "-initrd", str(initrd), "-append", APPEND,
+        "-kernel", str(image.kernel), "-initrd", str(initrd),
+        "-append", GUEST_CMDLINE if args.vmm_cmdline else APPEND,
         "-serial", f"file:{console}", "-serial", f"unix:{sock_path},server=on,wait=off",
     ]  # fmt: skip
     failures: list[str] = []
@@ -205,6 +210,8 @@ def main() -> int:
         if qemu.poll() is None:
             qemu.kill()
             qemu.wait()
+        if args.show_console and not failures:
+            print(console.read_text(errors="replace"))
         if failures:
             print(f"console log kept: {console}")
             print(console.read_text(errors="replace")[-3000:])
