@@ -82,9 +82,10 @@ class GuestAgent:
         parts = line.split(b" ", 2)
         if len(parts) < 2 or not parts[0].isdigit():
             return
-        pending = self._pending.get(int(parts[0]))
-        if pending is None:
+        found = self._pending.get(int(parts[0]))
+        if found is None:
             return
+        pending = found
         kind, rest = parts[1], parts[2] if len(parts) > 2 else b""
         try:
             if kind == b"O":

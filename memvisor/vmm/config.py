@@ -25,6 +25,7 @@ class MachineConfig:
     reboot: Literal["restart", "exit"] = "restart"
     console_path: Path | None = None  # None: the console goes to standard output
     extra_devices: list[str] = field(default_factory=list)
+    numa_nodes: int = 1
 
     def validate(self) -> None:
         if self.memory < MIN_MEMORY:
@@ -33,6 +34,8 @@ class MachineConfig:
             raise UsageError(f"--memory {self.memory} is not a multiple of 2M: round it, e.g. 512M or 1G")
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise UsageError(f"--vcpus {self.vcpus} is out of range: give 1 to {MAX_VCPUS}")
+        if not 1 <= self.numa_nodes <= 8:
+            raise UsageError(f"--numa-nodes {self.numa_nodes} is out of range: give 1 to 8")
         if not self.kernel.is_file():
             raise UsageError(f"kernel {self.kernel} does not exist: give --kernel a bzImage or omit it")
         if self.initrd is not None and not self.initrd.is_file():

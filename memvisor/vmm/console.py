@@ -1,5 +1,6 @@
 """The guest console: bytes from COM1 to a file or standard output, watched for a kernel panic."""
 
+import contextlib
 import os
 import re
 import threading
@@ -19,10 +20,8 @@ class Console:
         self.panicked = False
 
     def write(self, data: bytes) -> None:
-        try:
+        with contextlib.suppress(OSError):  # a closed console must not stop the guest
             os.write(self._fd, data)
-        except OSError:
-            pass  # a closed console must not stop the guest
         with self._lock:
             self._line += data
             while (end := self._line.find(b"\n")) >= 0:

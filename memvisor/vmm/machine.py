@@ -15,9 +15,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from memvisor.boot import cpu, layout
-from memvisor.boot.acpi.tables import VirtioMmioSlot, build_acpi_tables
+from memvisor.boot.acpi.tables import NumaMemory, VirtioMmioSlot, build_acpi_tables
 from memvisor.boot.bzimage import parse_bzimage
 from memvisor.devices.acpi_pm import AcpiPowerManagement
 from memvisor.devices.i8042 import I8042
@@ -85,14 +86,12 @@ class PortBus:
             handler(port, value & 0xFF)
 
 
-class MmioDevice:
+class MmioDevice(Protocol):
     """What an MMIO window needs: byte-level reads and writes at an offset."""
 
-    def read(self, offset: int, length: int) -> bytes:
-        raise NotImplementedError
+    def read(self, offset: int, length: int) -> bytes: ...
 
-    def write(self, offset: int, data: bytes) -> None:
-        raise NotImplementedError
+    def write(self, offset: int, data: bytes) -> None: ...
 
 
 def _ignore_signal(signum: int, frame: object) -> None:
@@ -146,6 +145,7 @@ class Machine:
             pm.write,
         )
         self.vcpus: list[Vcpu] = []
+        self.devices: list[Any] = []  # memvisor.vmm.devices.AttachedDevice, set by attach_devices
 
     # Devices.
     def add_mmio(self, base: int, size: int, device: MmioDevice) -> None:
@@ -181,6 +181,8 @@ class Machine:
             self.config.vcpus,
             [(layout.COM1_PORT, layout.COM1_GSI), (layout.COM2_PORT, layout.COM2_GSI)],
             self.virtio_slots,
+            numa_nodes=self.config.numa_nodes,
+            numa_memory=self._numa_memory(),
         )
         loaded = load_kernel(
             self.memory, image, self.config.initrd, self.config.cmdline, self.config.memory, acpi
@@ -190,6 +192,15 @@ class Machine:
             vcpu = self.vm.create_vcpu(index)
             cpu.setup_vcpu(vcpu, supported, self.config.vcpus, loaded.entry_point)
             self.vcpus.append(vcpu)
+
+    def _numa_memory(self) -> list[NumaMemory]:
+        """Boot RAM on node 0; each virtio-mem region on its device's node (hotpluggable)."""
+        ranges = [NumaMemory(gpa, size, 0) for gpa, size in layout.ram_ranges(self.config.memory)]
+        for attached in self.devices:
+            if attached.spec.type == "virtio-mem" and attached.region is not None:
+                node = int(attached.spec.properties["node"])
+                ranges.append(NumaMemory(attached.region.gpa, attached.region.size, node, hotpluggable=True))
+        return ranges
 
     def start(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -243,6 +254,10 @@ class Machine:
         return outcome
 
     def close(self) -> None:
+        for attached in self.devices:
+            closer = getattr(attached.device, "close", None) or attached.device.reset
+            with contextlib.suppress(Exception):
+                closer()
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()

@@ -162,6 +162,35 @@ def build_rsdp(xsdt_addr: int) -> bytes:
     return bytes(raw)
 
 
+# SRAT (5.2.16) entries.
+SRAT_CPU_AFFINITY = struct.Struct("<BBBBIB3sI")  # type 0, length 16, domain[7:0], APIC id, flags, SAPIC EID, domain[31:8], clock domain
+SRAT_MEMORY_AFFINITY = struct.Struct("<BBIHQQIIQ")  # type 1, length 40, domain, reserved, base, length, reserved, flags, reserved
+SRAT_ENABLED = 1
+SRAT_HOTPLUGGABLE = 2
+
+
+@dataclass(frozen=True)
+class NumaMemory:
+    """A memory range on a NUMA node (proximity domain) for the SRAT."""
+
+    base: int
+    size: int
+    node: int
+    hotpluggable: bool = False
+
+
+def build_srat(vcpus: int, nodes: int, memory: list[NumaMemory]) -> bytes:
+    """The SRAT: vCPU i on node i % nodes, and each memory range on its node."""
+    body = struct.pack("<IQ", 1, 0)
+    for index in range(vcpus):
+        node = index % nodes
+        body += SRAT_CPU_AFFINITY.pack(0, 16, node & 0xFF, index, SRAT_ENABLED, 0, (node >> 8).to_bytes(3, "little"), 0)
+    for item in memory:
+        flags = SRAT_ENABLED | (SRAT_HOTPLUGGABLE if item.hotpluggable else 0)
+        body += SRAT_MEMORY_AFFINITY.pack(1, 40, item.node, 0, item.base, item.size, 0, flags, 0)
+    return table(b"SRAT", 3, body)
+
+
 @dataclass(frozen=True)
 class AcpiTables:
     """The tables placed in guest memory: {gpa: bytes}, and where the RSDP is."""
@@ -175,8 +204,11 @@ def build_acpi_tables(
     uarts: list[tuple[int, int]],
     virtio_slots: list[VirtioMmioSlot],
     base: int = layout.ACPI_TABLES_ADDR,
+    *,
+    numa_nodes: int = 1,
+    numa_memory: list[NumaMemory] | None = None,
 ) -> AcpiTables:
-    """Lay out RSDP, XSDT, FADT, MADT and DSDT from `base`, each 16-byte aligned."""
+    """Lay out RSDP, XSDT, FADT, MADT, DSDT (and an SRAT with NUMA nodes) from `base`, 16-byte aligned."""
     blobs: dict[int, bytes] = {}
     cursor = base
 
@@ -191,7 +223,10 @@ def build_acpi_tables(
     dsdt_addr = place(build_dsdt(uarts, virtio_slots))
     fadt_addr = place(build_fadt(dsdt_addr))
     madt_addr = place(build_madt(vcpus))
-    xsdt_addr = place(build_xsdt([fadt_addr, madt_addr]))
+    pointers = [fadt_addr, madt_addr]
+    if numa_nodes > 1:
+        pointers.append(place(build_srat(vcpus, numa_nodes, numa_memory or [])))
+    xsdt_addr = place(build_xsdt(pointers))
     blobs[rsdp_addr] = build_rsdp(xsdt_addr)
     if cursor > layout.ACPI_TABLES_END:
         raise ValueError("ACPI tables do not fit below 1 MiB")
