@@ -8,7 +8,8 @@
 #   <- PING <id>          -> <id> PONG
 #   <- POWEROFF           -> the guest powers off (ACPI S5)
 #   <- anything else      -> <id or -> ERR unknown
-# Ids are host-chosen words of [A-Za-z0-9._:-]; others are refused with ERR unknown.
+# Ids are host-chosen words of [A-Za-z0-9._:-]; others are refused with ERR unknown. Requests are served one
+# at a time, in order (a PING sent during a long RUN is answered after its X). Empty lines are ignored.
 PORT=${MVAGENT_PORT:-/dev/ttyS1}
 set -f
 # clocal: open without waiting for a carrier; -hupcl: keep the line up when closed.
