@@ -309,3 +309,61 @@ def test_init_template_has_both_module_placeholders() -> None:
     text = image.INIT_TEMPLATE.read_text()
     assert "@MODULES@" in text and "@OPTIONAL_MODULES@" in text
     assert "oom_score_adj" in text and "poweroff -f" in text
+
+
+# --- moving the pins and the CLI ----------------------------------------------------------------------------
+
+FAKE_APT_CACHE = r"""#!/bin/sh
+if [ "$1" = search ]; then
+    echo "linux-image-6.1.0-9-amd64 - Linux 6.1 for 64-bit PCs (signed)"
+    echo "linux-image-6.1.0-12-amd64 - Linux 6.1 for 64-bit PCs (signed)"
+    echo "linux-image-6.1.0-12-amd64-dbg - Debug symbols"
+    echo "linux-image-6.1.0-12-cloud-amd64 - Linux 6.1 for x86-64 cloud (signed)"
+    echo "linux-image-6.1.0-12-rt-amd64 - Linux 6.1 PREEMPT_RT"
+    exit 0
+fi
+name=$3
+printf 'Package: %s\nVersion: 9.%s-1\nSHA256: %s\n\n' "$name" "${#name}" \
+    "$(printf %s "$name" | sha256sum | cut -d' ' -f1)"
+"""
+
+
+def test_move_pins_takes_the_newest_kernel_and_reports_old_and_new(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "apt-cache").write_text(FAKE_APT_CACHE)
+    (tools / "apt-cache").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    path = tmp_path / "pins.json"
+    shutil.copyfile(packages.PINS_PATH, path)
+    before = packages.load_pins(path)
+    changes = packages.move_pins(["cloud"], path=path)
+    after = packages.load_pins(path)
+    assert changes == [
+        ("kernel cloud", f"{before.kernels['cloud'].package} {before.kernels['cloud'].version}",
+         "linux-image-6.1.0-12-cloud-amd64 9.32-1"),
+    ]  # fmt: skip
+    assert after.kernels["default"] == before.kernels["default"]
+    assert after.packages == before.packages
+    packages.move_pins(None, path=path)
+    moved = packages.load_pins(path)
+    assert moved.kernel("default").package == "linux-image-6.1.0-12-amd64"
+    expected_sha = hashlib.sha256(b"libc6").hexdigest()
+    assert moved.package("libc6") == Pin("libc6", "9.5-1", expected_sha)
+
+
+def test_cli_image_path_in_the_lab_without_image_exits_125(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from memvisor.guest import cli
+
+    monkeypatch.setenv("MEMVISOR_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEMVISOR_IN_LAB", "1")
+    assert cli.main(["image", "path", "--flavour", "cloud"]) == 125
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "memvisor image build --flavour cloud" in err
+    folder = _fake_image(tmp_path, "cloud")
+    assert cli.main(["image", "path", "--flavour", "cloud"]) == 0
+    assert capsys.readouterr().out.split() == [str(folder / "vmlinuz"), str(folder / "initrd.img")]
