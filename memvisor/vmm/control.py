@@ -1,14 +1,306 @@
-"""The QMP control socket of a running machine."""
+"""The QMP control socket of a running machine: `MachineControl` over the VMM's `Machine`.
 
+    server = start_control_server(machine, Path("/run/vm.qmp"))   # serving once this returns
+    ...                                                            # the guest reboots: a new Machine
+    server.detach(); server.attach(new_machine)                   # same socket, same clients
+    server.stop()
+
+`VmmControl` is the glue between the QMP layer (memvisor/control/, which only knows the MachineControl
+protocol) and one Machine at a time:
+- run state and pause: `stop`/`cont` park and release the vCPU threads (Machine.pause/resume) and emit STOP and
+  RESUME; when the machine ends, an outcome listener emits SHUTDOWN (or RESET, when the session restarts the
+  guest) with QEMU's `guest`/`reason` data;
+- devices: the balloon through control.adapters.BalloonAdapter, virtio-mem/virtio-pmem through
+  virtio_mem_info/virtio_pmem_info; the devices' own hooks give BALLOON_CHANGE and MEMORY_DEVICE_SIZE_CHANGE;
+- the guest agent on COM2 runs `x-guest-exec` and powers the guest off for `system_powerdown`.
+
+Every call that touches the machine holds a use count, and `detach()` waits for the calls in flight before
+the session closes the machine (unmaps guest memory), so a late QMP command can never touch freed memory: it
+gets a MachineError instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
-from memvisor.vmm.machine import Machine
+from memvisor.control import events as ev
+from memvisor.control.adapters import (
+    BalloonAdapter,
+    DeviceEvents,
+    set_mem_requested_size,
+    virtio_mem_info,
+    virtio_pmem_info,
+)
+from memvisor.control.machine_api import (
+    BalloonControl,
+    EventData,
+    EventSink,
+    ExecResult,
+    MachineError,
+    MemoryDeviceInfo,
+    RunState,
+    VcpuInfo,
+)
+from memvisor.control.server import QmpServer
+from memvisor.devices.balloon import BalloonDevice
+from memvisor.devices.mem import VirtioMemDevice
+from memvisor.devices.pmem import VirtioPmemDevice
+from memvisor.errors import MemvisorError
+from memvisor.vmm.agent import AgentTimeout
+from memvisor.vmm.machine import Machine, Outcome, StopReason
+
+PAUSE_TIMEOUT = 5.0  # seconds `stop` waits for every vCPU to park
+DETACH_TIMEOUT = 10.0  # seconds `detach` waits for control calls in flight
+
+# QAPI ShutdownCause values for the ways a machine ends (guest, reason)
+_GUEST_SHUTDOWN = (True, "guest-shutdown")
+_GUEST_RESET = (True, "guest-reset")
+_GUEST_PANIC = (True, "guest-panic")
+_HOST_QUIT = (False, "host-qmp-quit")
+_HOST_RESET = (False, "host-qmp-system-reset")
+_HOST_SIGNAL = (False, "host-signal")
+_HOST_ERROR = (False, "host-error")
 
 
-class ControlServer(Protocol):
-    def stop(self) -> None: ...
+class VmmControl:
+    """`MachineControl` for the VMM's Machine; `attach` a machine before use, `detach` it before closing it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._machine: Machine | None = None
+        self._active = 0  # calls in flight on the attached machine
+        self._state_lock = threading.Lock()  # serialises stop/cont so each state change emits one event
+        self._events = DeviceEvents()
+        self._balloon: BalloonAdapter | None = None
+        self._host_cause: tuple[bool, str] | None = None  # why the host is ending the machine (quit, reset)
+
+    # --- attaching machines (the session's thread) --------------------------------------------------------------
+
+    def attach(self, machine: Machine) -> None:
+        """Serve `machine` (built, not necessarily started): hook its devices' events and its end."""
+        self._balloon = None
+        for attached in machine.devices:
+            device = attached.device
+            if isinstance(device, BalloonDevice) and self._balloon is None:
+                device.add_change_listener(self._events.balloon_changed)
+                self._balloon = BalloonAdapter(device, attached.id)
+            elif isinstance(device, VirtioMemDevice):
+                device.on_size_change = self._events.mem_size_changed(attached.id)
+        machine.add_outcome_listener(lambda outcome: self._on_outcome(machine, outcome))
+        with self._lock:
+            self._machine = machine
+            self._host_cause = None
+
+    def detach(self, timeout: float = DETACH_TIMEOUT) -> None:
+        """Stop serving the machine; wait up to `timeout` s for the calls in flight to return."""
+        with self._lock:
+            self._machine = None
+            self._lock.wait_for(lambda: self._active == 0, timeout)
+        self._balloon = None
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[Machine]:
+        with self._lock:
+            machine = self._machine
+            if machine is None:
+                raise MachineError("the guest is not running (it shut down or is restarting): try again")
+            self._active += 1
+        try:
+            yield machine
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._lock.notify_all()
+
+    # --- events -------------------------------------------------------------------------------------------------
+
+    def set_event_sink(self, sink: EventSink | None) -> None:
+        self._events.sink = sink
+
+    def _emit(self, name: str, data: EventData) -> None:
+        sink = self._events.sink
+        if sink is not None:
+            sink(name, data)
+
+    def _on_outcome(self, machine: Machine, outcome: Outcome) -> None:
+        """`machine` ended (called once, on the thread that ended it): SHUTDOWN, or RESET if it restarts."""
+        if machine is not self._machine:
+            return  # detached already: its end is no news to the clients
+        cause = self._host_cause
+        if outcome.reason is StopReason.POWEROFF:
+            cause = _GUEST_SHUTDOWN
+        elif outcome.reason is StopReason.PANIC:
+            cause = _GUEST_PANIC
+        elif outcome.reason is StopReason.ERROR:
+            cause = _HOST_ERROR
+        elif outcome.reason is StopReason.RESET:
+            cause = cause or _GUEST_RESET
+            if machine.config.reboot == "restart":
+                self._emit(*ev.reset(*cause))
+                return
+        else:
+            cause = cause or _HOST_SIGNAL
+        self._emit(*ev.shutdown(*cause))
+
+    # --- run state ----------------------------------------------------------------------------------------------
+
+    def run_state(self) -> RunState:
+        machine = self._machine
+        if machine is None:
+            return RunState.SHUTDOWN
+        outcome = machine.outcome
+        if outcome is not None:
+            if outcome.reason is StopReason.PANIC:
+                return RunState.GUEST_PANICKED
+            if outcome.reason is StopReason.ERROR:
+                return RunState.INTERNAL_ERROR
+            return RunState.SHUTDOWN
+        if machine.paused:
+            return RunState.PAUSED
+        return RunState.RUNNING if machine.vcpu_threads() else RunState.PRELAUNCH
+
+    def stop(self) -> None:
+        """Park every vCPU (QEMU `stop`); emits STOP when the machine was running."""
+        with self._use() as machine, self._state_lock:
+            if machine.outcome is not None or machine.paused:
+                return
+            machine.pause(PAUSE_TIMEOUT)  # a vCPU busy in a device parks at its next exit
+            self._emit(*ev.stop())
+
+    def cont(self) -> None:
+        """Release the vCPUs (QEMU `cont`); emits RESUME when the machine was paused."""
+        with self._use() as machine, self._state_lock:
+            if machine.outcome is not None:
+                raise MachineError("Resetting the Virtual Machine is required")
+            if not machine.paused:
+                return
+            machine.resume()
+            self._emit(*ev.resume())
+
+    def powerdown(self) -> None:
+        """Ask the guest to power itself off, as QEMU's ACPI power button would.
+
+        memvisor's machine is hardware-reduced ACPI without a Generic Event Device, so there is no power button
+        to press: the guest agent on COM2 is asked to run `poweroff` instead. Like the button, this only asks;
+        the guest powers off (and SHUTDOWN follows) when it gets there.
+        """
+        with self._use() as machine:
+            if not machine.agent.ready:
+                raise MachineError(
+                    "the guest is not ready for a clean powerdown yet (its agent has not started): "
+                    "retry once it has booted, or use quit"
+                )
+            self._emit(*ev.powerdown())
+            machine.agent.poweroff()
+
+    def reset(self) -> None:
+        """Reset the machine; the session boots the guest again (or ends, with --reboot exit)."""
+        with self._use() as machine:
+            self._host_cause = _HOST_RESET
+            machine.request_reset()
+
+    def quit(self) -> None:
+        """End the machine now; memvisor exits with status 0 (the QMP reply went out first)."""
+        with self._use() as machine:
+            self._host_cause = _HOST_QUIT
+            machine.stop("quit by a QMP client")
+
+    # --- cpus and memory ----------------------------------------------------------------------------------------
+
+    def vcpus(self) -> list[VcpuInfo]:
+        """One entry per vCPU; thread-id is the host thread id of its vCPU thread (0 before it started)."""
+        with self._use() as machine:
+            threads = machine.vcpu_threads()
+            nodes = machine.config.numa_nodes
+            infos = []
+            for index in range(machine.config.vcpus):
+                native = threads[index].native_id if index < len(threads) else None
+                props = {"socket-id": index, "core-id": 0, "thread-id": 0}
+                if nodes > 1:
+                    props["node-id"] = index % nodes  # the SRAT puts vCPU i on node i % nodes
+                infos.append(VcpuInfo(index, native or 0, props=props))
+            return infos
+
+    def boot_memory_bytes(self) -> int:
+        with self._use() as machine:
+            return machine.config.memory
+
+    def balloon(self) -> BalloonControl | None:
+        with self._use():
+            return self._balloon
+
+    def memory_devices(self) -> list[MemoryDeviceInfo]:
+        with self._use() as machine:
+            infos: list[MemoryDeviceInfo] = []
+            for attached in machine.devices:
+                if isinstance(attached.device, VirtioMemDevice):
+                    infos.append(virtio_mem_info(attached.device, attached.id))
+                elif isinstance(attached.device, VirtioPmemDevice):
+                    infos.append(virtio_pmem_info(attached.device, attached.id))
+            return infos
+
+    def set_requested_size(self, device_id: str, size: int) -> None:
+        with self._use() as machine:
+            for attached in machine.devices:
+                if isinstance(attached.device, VirtioMemDevice) and attached.id == device_id:
+                    set_mem_requested_size(attached.device, size)
+                    return
+        raise MachineError(f"Device '{device_id}' not found", "DeviceNotFound")
+
+    def host_memory(self) -> dict[str, int]:
+        """Bytes the host holds per RAM region (ram0, ram1 above 4 GiB) and per device region (by device id)."""
+        with self._use() as machine:
+            memory = machine.memory
+            held = {r.name: memory.allocated_bytes(r) for r in memory.regions if r.name.startswith("ram")}
+            for attached in machine.devices:
+                if attached.region is not None:
+                    held[attached.id] = memory.allocated_bytes(attached.region)
+            return held
+
+    # --- guest agent --------------------------------------------------------------------------------------------
+
+    def guest_exec(self, command: str, timeout: float) -> ExecResult:
+        """Run `command` with /bin/sh -c in the guest (waiting for the agent to start, within `timeout`)."""
+        with self._use() as machine:
+            try:
+                result = machine.agent.exec(command, timeout)
+            except AgentTimeout as err:
+                what = "finish" if machine.agent.ready else "start the guest agent"
+                raise MachineError(
+                    f"the guest did not {what} within {timeout:g} s: raise the timeout argument"
+                ) from err
+            except MemvisorError as err:
+                raise MachineError(str(err)) from err
+        return ExecResult(result.status, result.stdout, result.stderr)
 
 
-def start_control_server(machine: Machine, path: Path) -> ControlServer:
-    raise NotImplementedError
+class VmmControlServer:
+    """The QMP server of a memvisor run and the VmmControl it serves; outlives guest reboots."""
+
+    def __init__(self, path: Path) -> None:
+        self.control = VmmControl()
+        self.server = QmpServer(path, self.control)
+
+    def attach(self, machine: Machine) -> None:
+        """Serve `machine` from now on (the previous one must have been detached)."""
+        self.control.attach(machine)
+
+    def detach(self) -> None:
+        """Stop touching the current machine (before it is closed); clients stay connected."""
+        self.control.detach()
+
+    def stop(self) -> None:
+        """Detach and close the socket and every connection."""
+        self.control.detach()
+        self.server.stop()
+
+
+def start_control_server(machine: Machine, path: Path) -> VmmControlServer:
+    """Serve `machine` over QMP on UNIX socket `path`; accepting connections once this returns."""
+    server = VmmControlServer(path)
+    server.attach(machine)
+    server.server.start()
+    return server

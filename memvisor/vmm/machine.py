@@ -3,6 +3,7 @@
 Lifecycle: `Machine(config)` builds everything (nothing runs yet); `start()` starts one thread per vCPU;
 `wait()` blocks until the guest powers off, resets (with --reboot exit), panics or `stop()` is called, and
 returns why. Device emulation runs on the vCPU thread that exited; devices get callbacks, never KVM handles.
+`pause()` parks every vCPU thread (the guest is frozen, devices still answer the host) until `resume()`.
 """
 
 import collections
@@ -112,6 +113,9 @@ class Machine:
         self._done = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._pause_requested = False  # read by the vCPU threads only after KVM_EXIT_INTR
+        self._parked = 0  # vCPU threads waiting in _park
+        self._outcome_listeners: list[Callable[[Outcome], None]] = []
         self.boot_started = 0.0
         self.ports = PortBus()
         self.mmio: list[tuple[int, int, MmioDevice]] = []
@@ -219,6 +223,9 @@ class Machine:
             if self._outcome is None:
                 self._outcome = outcome
                 self._stopping = True
+                for listener in self._outcome_listeners:
+                    with contextlib.suppress(Exception):
+                        listener(outcome)
                 self._done.notify_all()
         self.agent.abort(_describe_outcome(outcome))
         self._kick_all()
@@ -243,6 +250,46 @@ class Machine:
             if thread.ident is not None and thread.is_alive() and thread is not threading.current_thread():
                 with contextlib.suppress(ProcessLookupError, OSError):
                     signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """Why the machine ended, None while it runs (or has not started)."""
+        return self._outcome
+
+    def add_outcome_listener(self, listener: Callable[[Outcome], None]) -> None:
+        """Call `listener(outcome)` once, when the machine ends (under its lock, on the ending thread: be quick)."""
+        self._outcome_listeners.append(listener)
+
+    def vcpu_threads(self) -> list[threading.Thread]:
+        """The vCPU threads in vCPU order (empty before `start()`)."""
+        return list(self._threads)
+
+    # Pausing: the vCPU loop looks at _pause_requested only after KVM_EXIT_INTR, which a kick forces.
+    @property
+    def paused(self) -> bool:
+        """True while a pause is in force (requested by `pause()`, not yet lifted by `resume()`)."""
+        return self._pause_requested
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Stop every vCPU and wait until all are parked; False if some did not park within `timeout`."""
+        with self._done:
+            self._pause_requested = True
+        self._kick_all()
+        with self._done:
+            return self._done.wait_for(lambda: self._parked >= len(self._threads) or self._stopping, timeout)
+
+    def resume(self) -> None:
+        """Let the parked vCPUs run again."""
+        with self._done:
+            self._pause_requested = False
+            self._done.notify_all()
+
+    def _park(self) -> None:
+        with self._done:
+            self._parked += 1
+            self._done.notify_all()
+            self._done.wait_for(lambda: not self._pause_requested or self._stopping)
+            self._parked -= 1
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
         with self._done:
@@ -272,6 +319,8 @@ class Machine:
         counts = self.exit_counts
         ports = self.ports
         try:
+            if self._pause_requested:
+                self._park()  # paused before it ever ran
             while not self._stopping:
                 reason = vcpu.run()
                 if reason == structs.KVM_EXIT_IO:
@@ -290,6 +339,8 @@ class Machine:
                     self._handle_mmio(exit_union.mmio)
                 elif reason == structs.KVM_EXIT_INTR:
                     run.immediate_exit = 0 if not self._stopping else 1
+                    if self._pause_requested:  # after clearing immediate_exit, so no kick is lost
+                        self._park()
                 elif reason == structs.KVM_EXIT_SHUTDOWN:
                     self.request_reset()
                 elif reason == structs.KVM_EXIT_SYSTEM_EVENT:

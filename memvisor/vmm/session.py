@@ -11,10 +11,14 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memvisor.errors import MemvisorError
 from memvisor.vmm.config import MachineConfig
 from memvisor.vmm.machine import Machine, Outcome, StopReason, open_console
+
+if TYPE_CHECKING:
+    from memvisor.vmm.control import VmmControlServer
 
 BOOT_TIMEOUT = 300.0
 POWEROFF_TIMEOUT = 30.0
@@ -64,16 +68,18 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
             machine.stop(f"stopped by signal {signum}")
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server: VmmControlServer | None = None
     try:
         while True:
             machine = build_machine(config, console_fd)
             current[:] = [machine]
-            server = None
             try:
-                if args.qmp is not None:
+                if args.qmp is not None and server is None:
                     from memvisor.vmm.control import start_control_server
 
                     server = start_control_server(machine, args.qmp)
+                elif server is not None:
+                    server.attach(machine)  # a rebooted guest keeps its QMP socket and clients
                 machine.start()
                 if args.command is not None:
                     return _exec_and_poweroff(machine, args.command, args.timeout, console_path)
@@ -85,12 +91,14 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
                     continue
                 return _status_of(outcome, console_path)
             finally:
-                if server is not None:
-                    server.stop()
                 machine.stop("memvisor is ending")
                 machine.wait(timeout=5)
+                if server is not None:
+                    server.detach()  # after the machine's last event, before its memory goes
                 machine.close()
     finally:
+        if server is not None:
+            server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if console_fd > 2:
