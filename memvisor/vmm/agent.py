@@ -80,8 +80,8 @@ class GuestAgent:
             self._lock.notify_all()
             return
         parts = line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].isdigit():
-            return
+        if len(parts) < 2 or not parts[0].isdigit() or len(parts[0]) > 18:
+            return  # not an id of ours (int() would refuse thousands of digits with ValueError)
         found = self._pending.get(int(parts[0]))
         if found is None:
             return
