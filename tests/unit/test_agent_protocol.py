@@ -49,6 +49,7 @@ class FakeGuest:
     def __init__(
         self, behaviour: Callable[[str], tuple[bytes, bytes, int]] | None = None, seed: int = 0
     ) -> None:
+        self.received: queue.Queue[bytes | None] = queue.Queue()
         self.agent = GuestAgent(self.received.put)
         self.behaviour = behaviour or (lambda command: (b"", b"", 0))
         self.commands: list[str] = []
@@ -56,13 +57,6 @@ class FakeGuest:
         self.hold = threading.Event()  # set: swallow RUN lines without answering
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
-
-    received: "queue.Queue[bytes | None]"
-
-    def __new__(cls, *args: object, **kwargs: object) -> "FakeGuest":
-        self = super().__new__(cls)
-        self.received = queue.Queue()
-        return self
 
     def boot(self) -> None:
         self.feed(b"MVAGENT READY\r\n")

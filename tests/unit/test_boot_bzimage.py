@@ -169,8 +169,8 @@ def test_truncated_after_the_setup_sectors(tmp_path: Path) -> None:
     path.write_bytes(data)
     with pytest.raises(MemvisorError, match="truncated"):
         bzimage.parse_bzimage(path)
-    data = bytearray(make_bzimage(setup_sects=4, payload=b"x" * 8192))
-    data[0x1F1] = 60  # now the setup part would end beyond the file
-    path.write_bytes(bytes(data))
+    patched = bytearray(make_bzimage(setup_sects=4, payload=b"x" * 8192))
+    patched[0x1F1] = 60  # now the setup part would end beyond the file
+    path.write_bytes(bytes(patched))
     with pytest.raises(MemvisorError, match="truncated"):
         bzimage.parse_bzimage(path)

@@ -20,7 +20,7 @@ from tests.unit.test_boot_bzimage import make_bzimage, real_kernel
 MIB, GIB = 1 << 20, 1 << 30
 
 
-def _image(tmp_path: Path, **fields: int) -> BzImage:
+def _image(tmp_path: Path, **fields: int | bytes) -> BzImage:
     path = tmp_path / "vmlinuz"
     path.write_bytes(make_bzimage(**fields))  # type: ignore[arg-type]
     return parse_bzimage(path)
@@ -54,7 +54,8 @@ def test_initrd_above_a_large_payload(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("memory", "initrd_size"), [(128 * MIB, 100 * MIB), (256 * MIB, 300 * MIB), (40 * MIB, 1), (48 * MIB + 4096, 4097)]
+    ("memory", "initrd_size"),
+    [(128 * MIB, 100 * MIB), (256 * MIB, 300 * MIB), (40 * MIB, 1), (48 * MIB + 4096, 4097)],
 )
 def test_initrd_too_big_for_memory(tmp_path: Path, memory: int, initrd_size: int) -> None:
     image = _image(tmp_path, init_size=0x2000000)

@@ -135,7 +135,7 @@ def test_e820_table_in_the_page(tmp_path: Path) -> None:
 
 def test_setup_header_copied_unchanged_apart_from_loader_fields(tmp_path: Path) -> None:
     page, header, _ = _zero_page(tmp_path)
-    written = set()
+    written: set[int] = set()
     for offset, size in ((0x1FA, 2), (0x210, 1), (0x211, 1), (0x218, 4), (0x21C, 4), (0x224, 2), (0x228, 4)):
         written.update(range(offset, offset + size))
     for index, byte in enumerate(header):
