@@ -12,7 +12,8 @@ protocol) and one Machine at a time:
   guest) with QEMU's `guest`/`reason` data;
 - devices: the balloon through control.adapters.BalloonAdapter, virtio-mem/virtio-pmem through
   virtio_mem_info/virtio_pmem_info; the devices' own hooks give BALLOON_CHANGE and MEMORY_DEVICE_SIZE_CHANGE;
-- the guest agent on COM2 runs `x-guest-exec` and powers the guest off for `system_powerdown`.
+- the guest agent on COM2 runs `x-guest-exec` and powers the guest off for `system_powerdown`;
+- events the guest can trigger at will are rate-limited as QEMU does (`EventThrottle`).
 
 Every call that touches the machine holds a use count, and `detach()` waits for the calls in flight before
 the session closes the machine (unmaps guest memory), so a late QMP command can never touch freed memory: it
@@ -52,6 +53,9 @@ from memvisor.errors import MemvisorError
 from memvisor.vmm.agent import AgentTimeout
 from memvisor.vmm.machine import Machine, Outcome, StopReason
 
+THROTTLE_PERIOD = 1.0  # seconds; QEMU monitor/monitor.c monitor_qapi_event_conf: 1000 ms for these events
+# throttled event -> the data member that tells its sources apart (None: one source)
+THROTTLED_EVENTS: dict[str, str | None] = {"BALLOON_CHANGE": None, "MEMORY_DEVICE_SIZE_CHANGE": "qom-path"}
 PAUSE_TIMEOUT = 5.0  # seconds `stop` waits for every vCPU to park
 DETACH_TIMEOUT = 10.0  # seconds `detach` waits for control calls in flight
 
@@ -65,10 +69,75 @@ _HOST_SIGNAL = (False, "host-signal")
 _HOST_ERROR = (False, "host-error")
 
 
+class _Window:
+    """One throttled (event, source): its timer, and the latest data held back while the timer runs."""
+
+    def __init__(self, timer: threading.Timer) -> None:
+        self.timer = timer
+        self.pending: EventData = None
+        self.has_pending = False
+
+
+class EventThrottle:
+    """An EventSink that rate-limits guest-triggerable events the way QEMU's monitor does.
+
+    The balloon driver moves `actual` in 1 MiB steps, so an unthrottled BALLOON_CHANGE floods clients (128
+    events for 512M -> 384M). QEMU sends the first event of a (name, source) at once, then at most one per
+    `period`: the latest data held back during a period goes out when it ends. Other events pass at once.
+    """
+
+    def __init__(self, sink: EventSink, period: float = THROTTLE_PERIOD) -> None:
+        self._sink = sink
+        self._period = period
+        self._lock = threading.Lock()
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._closed = False
+
+    def __call__(self, name: str, data: EventData) -> None:
+        if name not in THROTTLED_EVENTS:
+            self._sink(name, data)
+            return
+        member = THROTTLED_EVENTS[name]
+        key = (name, str((data or {}).get(member, "")) if member else "")
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None:
+                window.pending, window.has_pending = data, True
+                return
+            if not self._closed:
+                self._windows[key] = self._open(key)
+        self._sink(name, data)
+
+    def _open(self, key: tuple[str, str]) -> _Window:
+        timer = threading.Timer(self._period, self._expire, args=(key,))
+        timer.daemon = True
+        timer.start()
+        return _Window(timer)
+
+    def _expire(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            window = self._windows.pop(key, None)
+            if window is None or not window.has_pending or self._closed:
+                return
+            data = window.pending
+            self._windows[key] = self._open(key)  # what goes out now starts a new period
+        self._sink(key[0], data)
+
+    def close(self) -> None:
+        """Drop what is held back and stop the timers."""
+        with self._lock:
+            self._closed = True
+            for window in self._windows.values():
+                window.timer.cancel()
+            self._windows.clear()
+
+
 class VmmControl:
     """`MachineControl` for the VMM's Machine; `attach` a machine before use, `detach` it before closing it."""
 
-    def __init__(self) -> None:
+    def __init__(self, event_period: float = THROTTLE_PERIOD) -> None:
+        self._event_period = event_period
+        self._throttle: EventThrottle | None = None
         self._lock = threading.Condition()
         self._machine: Machine | None = None
         self._active = 0  # calls in flight on the attached machine
@@ -118,7 +187,10 @@ class VmmControl:
     # --- events -------------------------------------------------------------------------------------------------
 
     def set_event_sink(self, sink: EventSink | None) -> None:
-        self._events.sink = sink
+        if self._throttle is not None:
+            self._throttle.close()
+        self._throttle = EventThrottle(sink, self._event_period) if sink is not None else None
+        self._events.sink = self._throttle
 
     def _emit(self, name: str, data: EventData) -> None:
         sink = self._events.sink

@@ -36,7 +36,7 @@ from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
 from memvisor.virtio.testing import VirtioDriver, attach
 from memvisor.vmm import machine as machine_module
 from memvisor.vmm.agent import AgentTimeout, ExecResult
-from memvisor.vmm.control import VmmControl, start_control_server
+from memvisor.vmm.control import EventThrottle, VmmControl, start_control_server
 from memvisor.vmm.machine import Machine, Outcome, StopReason
 
 MiB = 1 << 20
@@ -387,6 +387,77 @@ def test_host_memory_counts_allocated_blocks_per_region(rig: Rig) -> None:
     after = rig.control.host_memory()
     assert after["vm0"] - before["vm0"] == 4 * MiB
     assert after["ram"] == before["ram"]
+
+
+# --- event throttling -----------------------------------------------------------------------------------------
+
+
+def _wait_for(condition: Any, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _size_change(device_id: str, size: int) -> tuple[str, dict[str, Any]]:
+    return "MEMORY_DEVICE_SIZE_CHANGE", {"id": device_id, "size": size, "qom-path": f"/machine/peripheral/{device_id}"}
+
+
+def test_throttle_sends_the_first_at_once_and_the_latest_after_the_period() -> None:
+    seen: list[Event] = []
+    throttle = EventThrottle(lambda name, data: seen.append((name, data)), period=0.2)
+    for actual in range(1, 11):
+        throttle("BALLOON_CHANGE", {"actual": actual})
+    assert seen == [("BALLOON_CHANGE", {"actual": 1})]
+    assert _wait_for(lambda: len(seen) == 2)
+    assert seen[1] == ("BALLOON_CHANGE", {"actual": 10})
+    time.sleep(0.5)  # the period after the held-back event passes with nothing new
+    assert len(seen) == 2
+    throttle("BALLOON_CHANGE", {"actual": 11})
+    assert seen[-1] == ("BALLOON_CHANGE", {"actual": 11})  # a quiet period: at once again
+    throttle.close()
+
+
+def test_throttle_keeps_sources_apart_and_lets_other_events_through() -> None:
+    seen: list[Event] = []
+    throttle = EventThrottle(lambda name, data: seen.append((name, data)), period=0.2)
+    throttle(*_size_change("vm0", 2 * MiB))
+    throttle(*_size_change("vm0", 4 * MiB))
+    throttle(*_size_change("vm1", 2 * MiB))  # another device: its own period
+    throttle("STOP", None)
+    throttle("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+    assert seen == [
+        _size_change("vm0", 2 * MiB),
+        _size_change("vm1", 2 * MiB),
+        ("STOP", None),
+        ("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}),
+    ]
+    assert _wait_for(lambda: len(seen) == 5)
+    assert seen[4] == _size_change("vm0", 4 * MiB)
+    throttle.close()
+
+
+def test_throttle_close_drops_what_is_held_back() -> None:
+    seen: list[Event] = []
+    throttle = EventThrottle(lambda name, data: seen.append((name, data)), period=0.1)
+    throttle("BALLOON_CHANGE", {"actual": 1})
+    throttle("BALLOON_CHANGE", {"actual": 2})
+    throttle.close()
+    time.sleep(0.3)
+    assert seen == [("BALLOON_CHANGE", {"actual": 1})]
+
+
+def test_control_throttles_balloon_changes_from_the_device(rig: Rig) -> None:
+    balloon = rig.control.balloon()
+    assert balloon is not None
+    balloon.set_target_bytes(500 * MiB)
+    for mib in range(1, 13):  # the Linux driver reports its progress in 1 MiB steps
+        rig.balloon_driver.set_actual(mib * MiB // 4096)
+    assert rig.events == [("BALLOON_CHANGE", {"actual": 511 * MiB})]
+    assert _wait_for(lambda: len(rig.events) == 2, timeout=3)
+    assert rig.events[1] == ("BALLOON_CHANGE", {"actual": 500 * MiB})
 
 
 # --- detaching ------------------------------------------------------------------------------------------------
