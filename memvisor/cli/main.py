@@ -2,8 +2,9 @@
 
 import argparse
 import sys
+from typing import NoReturn
 
-from memvisor.errors import EXIT_MEMVISOR_FAILURE, MemvisorError
+from memvisor.errors import EXIT_MEMVISOR_FAILURE, MemvisorError, UsageError
 
 DESCRIPTION = """\
 memvisor: a virtual machine monitor on KVM, built around managing guest memory
@@ -21,7 +22,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="memvisor", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
@@ -47,7 +48,10 @@ class _ArgumentError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    pass
+    """Argument errors as one UsageError line (subcommand parsers inherit the class), not usage + exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see {self.prog} --help")
 
 
 def main(argv: list[str] | None = None) -> int:
