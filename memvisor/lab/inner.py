@@ -280,9 +280,16 @@ class Agent:
         return 0 if self.status is not None else 1
 
 
+def _uptime() -> str:
+    with open("/proc/uptime") as file:
+        return file.read().split()[0]
+
+
 def main() -> int:
+    print(f"mvlab: agent running at uptime {_uptime()} s", file=sys.stderr, flush=True)
     port = find_port()
     fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    print(f"mvlab: port {port} open at uptime {_uptime()} s", file=sys.stderr, flush=True)
     agent = Agent(fd)
     try:
         return agent.run()

@@ -204,10 +204,13 @@ def qemu_command(machine: LabMachine) -> list[str]:
         "-virtfs",
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
     ]
+    # Shares use mapped-xattr: with security_model=none QEMU 7.2 cannot create a UNIX socket (its mknod
+    # follow-up opens the new node and gets ENXIO), and forwarded sockets may live in a shared folder. The
+    # cost: files the lab creates there are 0600 (folders 0700) on the host, their lab-side modes in xattrs.
     for index, folder in enumerate(machine.shares):
         argv += [
             "-virtfs",
-            f"local,path={_qemu_path(folder)},mount_tag={share_tag(index)},security_model=none,multidevs=remap",
+            f"local,path={_qemu_path(folder)},mount_tag={share_tag(index)},security_model=mapped-xattr,multidevs=remap",
         ]
     argv += [
         "-device",

@@ -120,7 +120,7 @@ def test_qemu_command_line() -> None:
     virtfs = _option(argv, "-virtfs")
     assert virtfs[0] == "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
     # Commas in paths are doubled, as QEMU's option parser expects; shares are read-write.
-    assert virtfs[1] == "local,path=/data/a,,b,mount_tag=rw0,security_model=none,multidevs=remap"
+    assert virtfs[1] == "local,path=/data/a,,b,mount_tag=rw0,security_model=mapped-xattr,multidevs=remap"
     assert virtfs[2].startswith("local,path=/tmp/x,mount_tag=rw1,")
     chardev = _option(argv, "-chardev")[0]
     assert chardev == "socket,id=mvlab,path=/tmp/lab,,1/lab.sock,server=on,wait=on"
