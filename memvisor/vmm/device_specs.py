@@ -22,7 +22,7 @@ def _bool(text: str, what: str) -> bool:
 
 
 def _uint(text: str, what: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²".isdigit() is true, int("²") fails
         raise UsageError(f"{what}={text!r} is not a whole number")
     return int(text)
 
