@@ -161,3 +161,21 @@ def test_too_many_e820_entries(tmp_path: Path) -> None:
         image, cmdline_addr=0, initrd_addr=0, initrd_size=0, e820=entries[:128], rsdp_addr=0
     )
     assert page[0x1E8] == 128
+
+
+def test_real_kernel_setup_header_is_kept() -> None:
+    from tests.unit.test_boot_bzimage import real_kernel
+
+    path = real_kernel()
+    if path is None:
+        pytest.skip("no Debian kernel in the image cache")
+    image = parse_bzimage(path)
+    page = zeropage.build_zero_page(
+        image, cmdline_addr=0x20000, initrd_addr=0, initrd_size=0, e820=build_e820(1 << 30), rsdp_addr=0xE0000
+    )
+    data = path.read_bytes()
+    header_end = 0x202 + data[0x201]
+    for name, (offset, fmt) in bzimage._FIELDS.items():
+        if offset + struct.calcsize(fmt) <= header_end and name != "loadflags":
+            assert struct.unpack_from(fmt, page, offset) == struct.unpack_from(fmt, data, offset), name
+    assert page[0x211] == data[0x211] | 0x81
