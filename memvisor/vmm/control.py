@@ -58,6 +58,7 @@ THROTTLE_PERIOD = 1.0  # seconds; QEMU monitor/monitor.c monitor_qapi_event_conf
 THROTTLED_EVENTS: dict[str, str | None] = {"BALLOON_CHANGE": None, "MEMORY_DEVICE_SIZE_CHANGE": "qom-path"}
 PAUSE_TIMEOUT = 5.0  # seconds `stop` waits for every vCPU to park
 DETACH_TIMEOUT = 10.0  # seconds `detach` waits for control calls in flight
+RESTART_WAIT = 60.0  # seconds a command waits for a rebooting guest's new machine
 
 # QAPI ShutdownCause values for the ways a machine ends (guest, reason)
 _GUEST_SHUTDOWN = (True, "guest-shutdown")
@@ -145,6 +146,7 @@ class VmmControl:
         self._events = DeviceEvents()
         self._balloon: BalloonAdapter | None = None
         self._host_cause: tuple[bool, str] | None = None  # why the host is ending the machine (quit, reset)
+        self._restarting = False  # the machine reset and the session is building the next one
 
     # --- attaching machines (the session's thread) --------------------------------------------------------------
 
@@ -162,6 +164,8 @@ class VmmControl:
         with self._lock:
             self._machine = machine
             self._host_cause = None
+            self._restarting = False
+            self._lock.notify_all()
 
     def detach(self, timeout: float = DETACH_TIMEOUT) -> None:
         """Stop serving the machine; wait up to `timeout` s for the calls in flight to return."""
@@ -170,12 +174,23 @@ class VmmControl:
             self._lock.wait_for(lambda: self._active == 0, timeout)
         self._balloon = None
 
-    @contextlib.contextmanager
-    def _use(self) -> Iterator[Machine]:
+    def close(self) -> None:
+        """No machine will come any more: commands waiting for a restart give up."""
+        self.detach()
         with self._lock:
+            self._restarting = False
+            self._lock.notify_all()
+
+    @contextlib.contextmanager
+    def _use(self, restart_wait: float = RESTART_WAIT) -> Iterator[Machine]:
+        """The attached machine, kept from being closed until the block ends; waits through a reboot."""
+        with self._lock:
+            self._lock.wait_for(lambda: not self._restarting, restart_wait)
             machine = self._machine
+            if self._restarting:
+                raise MachineError("the guest is still restarting: try again")
             if machine is None:
-                raise MachineError("the guest is not running (it shut down or is restarting): try again")
+                raise MachineError("the guest is not running (it shut down): nothing to control")
             self._active += 1
         try:
             yield machine
@@ -211,6 +226,8 @@ class VmmControl:
         elif outcome.reason is StopReason.RESET:
             cause = cause or _GUEST_RESET
             if machine.config.reboot == "restart":
+                with self._lock:
+                    self._restarting = True  # commands now wait for the next machine
                 self._emit(*ev.reset(*cause))
                 return
         else:
@@ -221,6 +238,8 @@ class VmmControl:
 
     def run_state(self) -> RunState:
         machine = self._machine
+        if self._restarting:
+            return RunState.PRELAUNCH  # the next machine is being built
         if machine is None:
             return RunState.SHUTDOWN
         outcome = machine.outcome
@@ -365,8 +384,8 @@ class VmmControlServer:
         self.control.detach()
 
     def stop(self) -> None:
-        """Detach and close the socket and every connection."""
-        self.control.detach()
+        """Detach for good and close the socket and every connection."""
+        self.control.close()
         self.server.stop()
 
 

@@ -245,7 +245,7 @@ def test_system_reset_restarts_with_a_reset_event(rig: Rig) -> None:
     [
         ("request_poweroff", "restart", ("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"}), "shutdown"),
         ("request_reset", "exit", ("SHUTDOWN", {"guest": True, "reason": "guest-reset"}), "shutdown"),
-        ("request_reset", "restart", ("RESET", {"guest": True, "reason": "guest-reset"}), "shutdown"),
+        ("request_reset", "restart", ("RESET", {"guest": True, "reason": "guest-reset"}), "prelaunch"),
         ("panic", "restart", ("SHUTDOWN", {"guest": True, "reason": "guest-panic"}), "guest-panicked"),
         ("error", "restart", ("SHUTDOWN", {"guest": False, "reason": "host-error"}), "internal-error"),
         ("signal", "restart", ("SHUTDOWN", {"guest": False, "reason": "host-signal"}), "shutdown"),
@@ -479,6 +479,46 @@ def test_detach_waits_for_a_call_in_flight(rig: Rig) -> None:
     rig.control.detach()
     assert time.monotonic() - started > 0.1  # it waited for the exec to come back
     worker.join()
+
+
+def test_commands_during_a_reboot_wait_for_the_next_machine(rig: Rig, tmp_path: Path) -> None:
+    rig.control.reset()
+    assert rig.control.run_state() is RunState.PRELAUNCH
+    answers: list[Any] = []
+    worker = threading.Thread(target=lambda: answers.append(rig.control.memory_devices()))
+    worker.start()
+    time.sleep(0.2)
+    assert answers == []  # waiting, not touching the old machine
+    rig.control.detach()
+    (tmp_path / "next").mkdir()
+    machine, balloon, _ = _make_machine(tmp_path / "next")
+    rig.control.attach(cast(Machine, machine))
+    worker.join(timeout=5)
+    assert [dev.id for dev in answers[0]] == ["vm0", "pm0"]
+    assert rig.control.run_state() is RunState.RUNNING
+    rig.control.detach()
+    machine.close()
+    balloon.close()
+    machine.memory.close()
+
+
+def test_closing_releases_commands_waiting_for_a_reboot(rig: Rig) -> None:
+    rig.control.reset()
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            rig.control.vcpus()
+        except MachineError as err:
+            errors.append(err)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    time.sleep(0.1)
+    rig.control.close()
+    worker.join(timeout=5)
+    assert len(errors) == 1 and "shut down" in str(errors[0])
+    assert rig.control.run_state() is RunState.SHUTDOWN
 
 
 # --- through the QMP socket -----------------------------------------------------------------------------------
