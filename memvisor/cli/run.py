@@ -64,6 +64,7 @@ def _machine_config(args: argparse.Namespace) -> MachineConfig:
     if (args.kernel is None) != (args.initrd is None) and args.kernel is None:
         raise UsageError("--initrd needs --kernel too (or neither, to use the built image)")
     kernel, initrd = args.kernel, args.initrd
+    _check_before_image(memory, args)
     if kernel is None:
         from memvisor.guest.image import ensure_guest_image
 
@@ -83,6 +84,12 @@ def _machine_config(args: argparse.Namespace) -> MachineConfig:
     )
     config.validate()
     return config
+
+
+def _check_before_image(memory: int, args: argparse.Namespace) -> None:
+    """Check the sizes the image does not change before a first run downloads and builds it."""
+    probe = MachineConfig(memory=memory, vcpus=args.vcpus, kernel=Path("/"), initrd=None, numa_nodes=args.numa_nodes)
+    probe.validate_resources()
 
 
 def _use_lab(choice: str) -> bool:

@@ -28,6 +28,14 @@ class MachineConfig:
     numa_nodes: int = 1
 
     def validate(self) -> None:
+        self.validate_resources()
+        if not self.kernel.is_file():
+            raise UsageError(f"kernel {self.kernel} does not exist: give --kernel a bzImage or omit it")
+        if self.initrd is not None and not self.initrd.is_file():
+            raise UsageError(f"initramfs {self.initrd} does not exist: give --initrd a file or omit it")
+
+    def validate_resources(self) -> None:
+        """Memory, vCPUs and NUMA nodes: what can be checked before any file exists."""
         if self.memory < MIN_MEMORY:
             raise UsageError(f"--memory {format_size(self.memory)} is too small: give at least 128M")
         if self.memory % (2 << 20):
@@ -36,10 +44,6 @@ class MachineConfig:
             raise UsageError(f"--vcpus {self.vcpus} is out of range: give 1 to {MAX_VCPUS}")
         if not 1 <= self.numa_nodes <= 8:
             raise UsageError(f"--numa-nodes {self.numa_nodes} is out of range: give 1 to 8")
-        if not self.kernel.is_file():
-            raise UsageError(f"kernel {self.kernel} does not exist: give --kernel a bzImage or omit it")
-        if self.initrd is not None and not self.initrd.is_file():
-            raise UsageError(f"initramfs {self.initrd} does not exist: give --initrd a file or omit it")
         available = host_memory_available()
         if available is not None and self.memory > available:
             raise UsageError(

@@ -66,9 +66,17 @@ class PortBus:
     def add(
         self, base: int, length: int, read: Callable[[int], int], write: Callable[[int, int], None]
     ) -> None:
-        for offset in range(length):
-            self._read[base + offset] = lambda port, _o=offset: read(_o)
-            self._write[base + offset] = lambda port, value, _o=offset: write(_o, value)
+        """Ports base..base+length-1; the handlers get the offset from `base`."""
+
+        def read_at(port: int) -> int:
+            return read(port - base)
+
+        def write_at(port: int, value: int) -> None:
+            write(port - base, value)
+
+        for port in range(base, base + length):
+            self._read[port] = read_at
+            self._write[port] = write_at
 
     def add_ports(self, ports: list[int], read: PortRead, write: PortWrite) -> None:
         for port in ports:

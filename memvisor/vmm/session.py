@@ -118,6 +118,12 @@ def _exec_and_poweroff(machine: Machine, command: str, timeout: float | None, co
         machine.agent.wait_ready(BOOT_TIMEOUT)
         result = machine.agent.exec(command, timeout)
     except MemvisorError as error:
+        outcome = machine.wait(timeout=0)
+        if outcome is not None and outcome.reason in (StopReason.POWEROFF, StopReason.RESET):
+            # The command itself powered the guest off or rebooted it: not a failure, but no status either.
+            verb = "powered off" if outcome.reason is StopReason.POWEROFF else "rebooted"
+            print(f"memvisor: the guest {verb} before the command finished", file=sys.stderr)
+            return 0
         raise MemvisorError(f"{error}{_tail(console_path)}") from None
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.buffer.flush()
