@@ -1,0 +1,65 @@
+"""Issue 2: memvisor boots stock Debian kernels and runs commands in them."""
+
+import re
+
+import pytest
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_vcpus_are_visible(run_guest, vcpus: int) -> None:  # type: ignore[no-untyped-def]
+    result = run_guest("nproc", vcpus=vcpus)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(vcpus)
+
+
+@pytest.mark.parametrize(("memory", "mib"), [("256M", 256), ("2G", 2048)])
+def test_memory_size_is_what_was_asked(run_guest, memory: str, mib: int) -> None:  # type: ignore[no-untyped-def]
+    result = run_guest("grep MemTotal /proc/meminfo", memory=memory)
+    assert result.returncode == 0, result.stderr
+    total_kib = int(re.search(r"MemTotal:\s+(\d+) kB", result.stdout).group(1))  # type: ignore[union-attr]
+    # MemTotal is RAM minus what the kernel keeps for itself: its image and early allocations (a few tens
+    # of MiB) and its page structures (about 1.6 % of RAM).
+    reserved_kib = 64 * 1024 + mib * 1024 * 0.02
+    assert mib * 1024 - reserved_kib < total_kib <= mib * 1024
+
+
+@pytest.mark.parametrize(("flavour", "suffix"), [("default", "-amd64"), ("cloud", "-cloud-amd64")])
+def test_both_kernel_flavours_boot(run_guest, flavour: str, suffix: str) -> None:  # type: ignore[no-untyped-def]
+    result = run_guest("uname -r", "--flavour", flavour)
+    assert result.returncode == 0, result.stderr
+    release = result.stdout.strip()
+    assert release.startswith("6.1.") and release.endswith(suffix)
+
+
+def test_exec_passes_status_and_streams_through(run_guest) -> None:  # type: ignore[no-untyped-def]
+    result = run_guest("echo to-out; echo to-err >&2; exit 7")
+    assert result.returncode == 7
+    assert result.stdout == "to-out\n"
+    assert "to-err\n" in result.stderr
+
+
+def test_guest_poweroff_ends_memvisor_cleanly(run_guest) -> None:  # type: ignore[no-untyped-def]
+    result = run_guest("poweroff -f")
+    assert result.returncode == 0, result.stderr
+    assert "powered off" in result.stderr
+
+
+def test_guest_reboot_with_reboot_exit_ends_memvisor(run_guest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = run_guest("reboot -f", "--reboot", "exit")
+    assert result.returncode == 0, result.stderr
+    assert "rebooted" in result.stderr
+
+
+def test_guest_panic_is_reported_with_status_125(run_guest) -> None:  # type: ignore[no-untyped-def]
+    result = run_guest("echo c > /proc/sysrq-trigger")
+    assert result.returncode == 125
+    assert "guest kernel panic" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_agent_is_protected_from_the_oom_killer(run_guest) -> None:  # type: ignore[no-untyped-def]
+    result = run_guest("cat /proc/self/oom_score_adj; for p in /proc/[0-9]*; do grep -l agent $p/cmdline 2>/dev/null; done | head -1 | xargs dirname | xargs -I{} cat {}/oom_score_adj")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split()
+    assert lines[0] == "0"
+    assert lines[-1] == "-1000"
