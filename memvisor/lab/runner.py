@@ -46,6 +46,7 @@ from memvisor.lab.mux import (
     int_frame,
 )
 from memvisor.lab.pump import Link, Reactor, Readable, Stream
+from memvisor.lab.vmlinux import pvh_kernel
 from memvisor.units import format_size
 
 # How long the lab may take from QEMU's start to the agent's READY.
@@ -381,8 +382,9 @@ def run_in_lab(
     try:
         console = console_log or workdir / "console.log"
         console.write_bytes(b"")
+        kernel = pvh_kernel(Path(lab_image.kernel)) or Path(lab_image.kernel)
         machine = plan.LabMachine(
-            kernel=Path(lab_image.kernel),
+            kernel=kernel,
             initrd=Path(lab_image.initrd),
             memory=memory,
             cpus=cpus,
