@@ -200,11 +200,17 @@ class Agent:
             self.link.send_data(STDERR, message.encode())
             self.finish(126 if isinstance(error, PermissionError) else 127)
             return
-        assert self.process.stdout is not None and self.process.stderr is not None
-        self.add_stream(STDOUT, self.process.stdout.fileno(), readable=True)
-        self.add_stream(STDERR, self.process.stderr.fileno(), readable=True)
-        if self.process.stdin is not None:
-            self.add_stream(STDIN, self.process.stdin.fileno(), writable=True)
+        # The streams own their fds from now on: take copies and close Popen's file objects, which would
+        # otherwise close the same numbers again when collected (by then perhaps someone else's fds).
+        for channel, pipe, readable in (
+            (STDOUT, self.process.stdout, True),
+            (STDERR, self.process.stderr, True),
+            (STDIN, self.process.stdin, False),
+        ):
+            if pipe is not None:
+                fd = os.dup(pipe.fileno())
+                pipe.close()
+                self.add_stream(channel, fd, readable=readable, writable=not readable)
         self.pidfd = os.pidfd_open(self.process.pid)
         self.reactor.add(Readable(self.pidfd, lambda: None))  # wakes the loop when the command exits
 
@@ -277,6 +283,12 @@ class Agent:
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+        for stream in list(self.streams.values()):
+            stream.close(notify=False)
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        self.reactor.close()
+        os.close(self.link.fd)  # the agent owns the port from here on
         return 0 if self.status is not None else 1
 
 
