@@ -255,10 +255,10 @@ class Agent:
             return False
         if self.process.poll() is None:
             return False
-        for channel in (STDOUT, STDERR):
-            stream = self.streams.get(channel)
-            if stream is not None:
-                stream.drain()
+        # Whatever the command wrote before it ended (its output, a last reply on a forwarded socket) goes
+        # out before EXIT.
+        for stream in list(self.streams.values()):
+            stream.drain()
         self.finish(shell_status(self.process.returncode))
         return True
 

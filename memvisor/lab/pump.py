@@ -227,6 +227,11 @@ class Stream:
     def fileno(self) -> int:
         return self.fd
 
+    @property
+    def pending(self) -> int:
+        """Bytes received for this channel and not yet written to the fd."""
+        return len(self._out)
+
     # -- link -> fd --------------------------------------------------------------------------------
     def deliver(self, frame: Frame) -> None:
         """Handle a frame the link received for this channel."""

@@ -17,6 +17,7 @@ What happens:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 from memvisor.errors import MemvisorError
 from memvisor.lab import plan
@@ -132,6 +133,7 @@ class LabSession:
         self.ready_at: float | None = None
         self.error: str | None = None
         self.forward_stdin = forward_stdin
+        self.broken_outputs: set[int] = set()
         self._stdin_pipe: int | None = None
 
     # -- frames from the lab ----------------------------------------------------------------------
@@ -148,9 +150,11 @@ class LabSession:
                 self.listen(frame.integer())
             return
         if frame.channel in (STDOUT, STDERR):
-            if frame.kind is Kind.DATA:
-                out = sys.stdout if frame.channel == STDOUT else sys.stderr
-                _write_all(out.fileno(), frame.payload, flush=out)
+            if frame.kind is Kind.DATA and frame.channel not in self.broken_outputs:
+                try:
+                    _write_output(sys.stdout if frame.channel == STDOUT else sys.stderr, frame.payload)
+                except OSError:  # our reader went away (a closed pipe): drop the rest, like `cmd | head`
+                    self.broken_outputs.add(frame.channel)
             return
         stream = self.streams.get(frame.channel)
         if stream is not None:
@@ -213,6 +217,12 @@ class LabSession:
         threading.Thread(target=copy, name="lab-stdin", daemon=True).start()
         self._add_stream(STDIN, read_end, readable=True, writable=False)
 
+    def _deliver_last_bytes(self, timeout: float = 2.0) -> None:
+        """After EXIT: let forwarded clients receive what the command sent them last (a QMP reply to quit)."""
+        deadline = time.monotonic() + timeout
+        while any(stream.pending for stream in self.streams.values()) and time.monotonic() < deadline:
+            self.reactor.poll(0.05)
+
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, stop: _StopRequest) -> int:
         started = time.monotonic()
@@ -240,6 +250,7 @@ class LabSession:
                     elif stop.count > 1 or time.monotonic() - stop.sent > GRACE:
                         return 128 + stop.signal
                 self.reactor.poll(0.5)
+            self._deliver_last_bytes()
             return self.status
         finally:
             os.close(qemu_exit)
@@ -253,10 +264,18 @@ class LabSession:
             self.reactor.close()
 
 
-def _write_all(fd: int, data: bytes, flush: object | None = None) -> None:
-    if flush is not None:
-        with contextlib.suppress(AttributeError, OSError):
-            flush.flush()  # type: ignore[attr-defined]
+def _write_output(out: TextIO, data: bytes) -> None:
+    """Bytes from the command to our stdout/stderr: straight to the fd, or as text when there is none."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, io.UnsupportedOperation):  # replaced by a capture object
+        out.write(data.decode(errors="replace"))
+        return
+    out.flush()  # anything Python printed before goes first
+    _write_all(fd, data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:

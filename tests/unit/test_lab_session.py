@@ -190,3 +190,47 @@ def test_shell_status() -> None:
     assert shell_status(0) == 0
     assert shell_status(3) == 3
     assert shell_status(-signal.SIGKILL) == 128 + 9
+
+
+LAST_WORD_SERVER = r"""
+import socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen(1)
+conn, _ = server.accept()
+conn.recv(100)
+conn.sendall(b"bye\n")  # and exit at once, as a VMM does after replying to quit
+"""
+
+
+def test_a_reply_sent_just_before_exit_reaches_the_client(
+    tmp_path: Path, fake_qemu: subprocess.Popen[bytes]
+) -> None:
+    path = str(tmp_path / "q.sock")
+    request = StartRequest(
+        argv=[sys.executable, "-c", LAST_WORD_SERVER, path], cwd="/", env={}, forwards=[path]
+    )
+    listening = threading.Event()
+    replies: list[bytes] = []
+
+    def client() -> None:
+        if listening.wait(10):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(path)
+            sock.sendall(b"quit\n")
+            replies.append(_read_line(sock))
+            sock.close()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert run_session(request, fake_qemu, tmp_path, on_log=listening) == 0
+    thread.join(10)
+    assert replies == [b"bye\n"]
+
+
+def test_output_to_a_replaced_stdout_is_text(
+    tmp_path: Path, fake_qemu: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    request = StartRequest(argv=["sh", "-c", "echo captured"], cwd="/", env={"PATH": os.environ["PATH"]})
+    assert run_session(request, fake_qemu, tmp_path) == 0
+    assert capsys.readouterr().out == "captured\n"
