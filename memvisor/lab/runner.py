@@ -55,6 +55,8 @@ BOOT_TIMEOUT = 180.0
 # After Ctrl-C/SIGTERM: how long the command gets to end before QEMU is killed.
 GRACE = 10.0
 CONSOLE_TAIL_LINES = 12
+# The command's PATH when the caller's environment has none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class LabImage(Protocol):
@@ -417,7 +419,7 @@ def run_in_lab(
         request = StartRequest(
             argv=list(argv),
             cwd=cwd,
-            env={**env, "MEMVISOR_IN_LAB": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+            env={"PATH": DEFAULT_PATH, **env, "MEMVISOR_IN_LAB": "1", "PYTHONDONTWRITEBYTECODE": "1"},
             shares=[(plan.share_tag(index), folder) for index, folder in enumerate(resolved_shares)],
             forwards=forward_paths,
             stdin=stdin,
