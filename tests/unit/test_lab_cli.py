@@ -89,3 +89,10 @@ def test_console_tail_is_one_line(tmp_path: Path) -> None:
 
 def test_the_agent_imports_from_this_checkout() -> None:
     assert (Path(runner.package_root()) / "memvisor" / "lab" / "inner.py").is_file()
+
+
+def test_labs_do_not_nest(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_qemu(monkeypatch)
+    monkeypatch.setenv("MEMVISOR_IN_LAB", "1")
+    with pytest.raises(MemvisorError, match="already inside memvisor's lab"):
+        runner.run_in_lab(["true"], memory=1 << 30, cwd="/", env={})
