@@ -102,9 +102,25 @@ def check_cwd(cwd: str, shares: list[str]) -> None:
         )
 
 
-def lab_memory_for(guest_memory: int) -> int:
-    """Memory to give a lab that will run guests of `guest_memory` bytes in total."""
-    return guest_memory + LAB_OVERHEAD
+def lab_memory_for(guest_memory: int, available: int | None = None) -> int:
+    """Memory for a lab that will run guests of `guest_memory` bytes in total.
+
+    Guest memory plus LAB_OVERHEAD, capped at what the host can give (`available`, default MemAvailable,
+    minus HOST_RESERVE) as long as the cap still leaves the lab LAB_MINIMUM of its own.
+    """
+    wanted = guest_memory + LAB_OVERHEAD
+    if available is None:
+        available = mem_available()
+    cap = available - HOST_RESERVE
+    if wanted <= cap:
+        return wanted
+    if guest_memory + LAB_MINIMUM <= cap:
+        return cap
+    raise MemvisorError(
+        f"a guest of {format_size(guest_memory)} needs a lab of at least {format_size(guest_memory + LAB_MINIMUM)} "
+        f"but the host has {format_size(available)} available (keeping {format_size(HOST_RESERVE)} for itself): "
+        "give the guest less memory or free some"
+    )
 
 
 def check_lab_memory(memory: int, available: int) -> None:

@@ -387,7 +387,9 @@ def run_in_lab(
     if not argv:
         raise MemvisorError("nothing to run in the lab: give a command")
     if os.environ.get("MEMVISOR_IN_LAB") == "1":
-        raise MemvisorError("this is already inside memvisor's lab, which does not nest: run the command directly")
+        raise MemvisorError(
+            "this is already inside memvisor's lab, which does not nest: run the command directly"
+        )
     say = log or (lambda message: None)
     resolved_shares = sorted({plan.resolve_share(folder) for folder in shares or []})
     forward_paths = [plan.resolve_forward(path, resolved_shares) for path in forwards or []]

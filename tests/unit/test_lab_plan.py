@@ -66,8 +66,19 @@ def test_forward_over_a_regular_file_is_refused_but_a_stale_socket_is_fine(tmp_p
     assert plan.resolve_forward(tmp_path / "stale.sock", shared).endswith("stale.sock")
 
 
+def test_lab_memory_for_a_guest() -> None:
+    gib = 1 << 30
+    assert plan.lab_memory_for(gib, available=16 * gib) == gib + plan.LAB_OVERHEAD
+    # Capped at what the host can give while the lab keeps its minimum...
+    assert plan.lab_memory_for(gib, available=4 * gib) == 2 * gib
+    # ...and refused below that.
+    with pytest.raises(
+        MemvisorError, match="a guest of 2G needs a lab of at least 2560M but the host has 4G"
+    ):
+        plan.lab_memory_for(2 * gib, available=4 * gib)
+
+
 def test_memory_sizing() -> None:
-    assert plan.lab_memory_for(1 << 30) == (1 << 30) + plan.LAB_OVERHEAD
     plan.check_lab_memory(4 << 30, 8 << 30)
     with pytest.raises(MemvisorError, match="the lab needs 7G but the host has 8G available"):
         plan.check_lab_memory(7 << 30, 8 << 30)
