@@ -28,6 +28,8 @@ LAB_OVERHEAD = 1536 << 20
 HOST_RESERVE = 2 << 30
 # Under this the lab's own Python does not fit comfortably.
 LAB_MINIMUM = 512 << 20
+# How far under the host's limit a capped lab stays.
+CAP_MARGIN = 64 << 20
 PORT_SOCKET = "lab.sock"
 
 
@@ -114,8 +116,10 @@ def lab_memory_for(guest_memory: int, available: int | None = None) -> int:
     cap = available - HOST_RESERVE
     if wanted <= cap:
         return wanted
-    if guest_memory + LAB_MINIMUM <= cap:
-        return cap
+    # MemAvailable moves: leave a margin so that run_in_lab's own check, moments later, still passes.
+    capped = (cap - CAP_MARGIN) & ~((1 << 20) - 1)
+    if guest_memory + LAB_MINIMUM <= capped:
+        return capped
     raise MemvisorError(
         f"a guest of {format_size(guest_memory)} needs a lab of at least {format_size(guest_memory + LAB_MINIMUM)} "
         f"but the host has {format_size(available)} available (keeping {format_size(HOST_RESERVE)} for itself): "
