@@ -7,6 +7,7 @@ transmitq0 (queue 1) carries guest bytes out of device-readable buffers.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -37,7 +38,7 @@ PAGE = 4096
 class Rig:
     """A console device, its transport and an initialised driver; `received` is what reached the host."""
 
-    def __init__(self, **init_options: object) -> None:
+    def __init__(self, **init_options: Any) -> None:
         self.received = bytearray()
         self.device = VirtioConsoleDevice(self.received.extend)
         self.driver: VirtioDriver = attach(self.device, **init_options)
