@@ -7,6 +7,8 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 export HOME=/root
 
 mount -t proc proc /proc
+read -r uptime _ < /proc/uptime
+echo "memvisor-init: started at uptime $uptime"   # the boot benchmark's marker: userspace has begun
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm

@@ -1,0 +1,159 @@
+"""A running memvisor guest for guest tests: `memvisor run --lab off --qmp SOCK`, driven with qemu.qmp.
+
+    with GuestVM(tmp_path, memory="1G", devices=["virtio-balloon,id=balloon0"]) as vm:
+        vm.exec("free -m").stdout
+        vm.cmd("balloon", value=512 << 20)
+        vm.wait_until(lambda: vm.cmd("query-balloon")["actual"] <= 520 << 20, timeout=120)
+"""
+
+import base64
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+class QmpCommandFailed(AssertionError):
+    """A QMP command answered with an error."""
+
+
+@dataclass
+class GuestResult:
+    status: int
+    stdout: str
+    stderr: str
+
+
+class GuestVM:
+    """One guest VM under memvisor, with its QMP connection; a context manager that always cleans up."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        memory: str = "1G",
+        vcpus: int = 1,
+        devices: list[str] | None = None,
+        extra: list[str] | None = None,
+        boot_timeout: float = 240,
+    ) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "qmp.sock"
+        self.console = workdir / "console.log"
+        argv = [sys.executable, "-m", "memvisor", "run", "--lab", "off", "--memory", memory, "--vcpus", str(vcpus),
+                "--qmp", str(self.socket), "--console", str(self.console)]  # fmt: skip
+        for device in devices or []:
+            argv += ["--device", device]
+        argv += extra or []
+        self.stderr_path = workdir / "memvisor.stderr"
+        self._stderr = self.stderr_path.open("wb")
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        self.process = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=self._stderr)  # fmt: skip
+        try:
+            self.qmp = self._connect(boot_timeout)
+            self.exec("true", timeout=boot_timeout)  # the guest has booted and its agent answers
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, timeout: float) -> QEMUMonitorProtocol:
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.process.poll() is not None:
+                raise AssertionError(f"memvisor exited with {self.process.returncode}: {self.stderr_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no QMP socket after {timeout} s: {self.stderr_text()}")
+            time.sleep(0.1)
+        qmp = QEMUMonitorProtocol(str(self.socket))
+        qmp.connect(negotiate=True)
+        return qmp
+
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace")[-2000:] if self.stderr_path.exists() else ""
+
+    def console_text(self) -> str:
+        return self.console.read_text(errors="replace") if self.console.exists() else ""
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        """Run a QMP command (arguments with '-' written as '_') and return its "return" value."""
+        args = {key.replace("_", "-"): value for key, value in arguments.items()}
+        reply = self.qmp.cmd_obj({"execute": name, "arguments": args} if args else {"execute": name})
+        if "error" in reply:
+            raise QmpCommandFailed(f"{name} {args}: {reply['error']}")
+        return reply["return"]
+
+    def exec(self, command: str, timeout: float = 120) -> GuestResult:
+        reply = self.cmd("x-guest-exec", command=command, timeout=timeout)
+        return GuestResult(
+            reply["exitcode"],
+            base64.b64decode(reply["out-data"]).decode(errors="replace"),
+            base64.b64decode(reply["err-data"]).decode(errors="replace"),
+        )
+
+    def check(self, command: str, timeout: float = 120) -> str:
+        """Run `command` in the guest, assert it succeeded, return its stdout."""
+        result = self.exec(command, timeout)
+        assert result.status == 0, f"{command!r} exited {result.status}: {result.stderr}"
+        return result.stdout
+
+    def meminfo(self) -> dict[str, int]:
+        """The guest's /proc/meminfo in bytes."""
+        values = {}
+        for line in self.check("cat /proc/meminfo").splitlines():
+            match = re.match(r"(\w+(?:\(\w+\))?):\s+(\d+)(?: kB)?", line)
+            if match:
+                values[match.group(1)] = int(match.group(2)) * 1024
+        return values
+
+    def host_memory(self, region: str | None = None) -> int:
+        """What the host really holds for this VM (x-query-host-memory), in bytes: all, or one region."""
+        reply = self.cmd("x-query-host-memory")
+        if region is None:
+            return int(reply["total"])
+        return sum(int(r["allocated"]) for r in reply["regions"] if r["name"] == region)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [event for event in self.qmp.get_events(wait=False) if event["event"] == name]
+
+    def close(self) -> None:
+        qmp = getattr(self, "qmp", None)
+        if qmp is not None and self.process.poll() is None:
+            with contextlib.suppress(Exception):  # the VM may be gone already
+                qmp.cmd_obj({"execute": "quit"})
+            qmp.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._stderr.close()
+
+    def __enter__(self) -> "GuestVM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 1.0, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
