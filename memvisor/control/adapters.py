@@ -1,6 +1,7 @@
 """Glue from memvisor's device models to the control plane's view (machine_api), so the VMM writes little.
 
-- `BalloonAdapter(device, "balloon0")` is a `BalloonControl` over a devices.balloon `BalloonDevice`.
+- `BalloonAdapter(device, "balloon0", dirty_log=machine)` is a `BalloonControl` over a devices.balloon
+  `BalloonDevice`; with a `DirtyPageLog` (the VMM's Machine) its free page hints track the guest's writes.
 - `virtio_mem_info(device, "vm0")` / `virtio_pmem_info(device, "pm0")` describe the memory devices.
 - `DeviceEvents` turns the devices' callbacks into QMP events for whatever sink the server installs:
 
@@ -17,7 +18,7 @@ methods (tests use the real devices).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from memvisor.control import events as ev
 from memvisor.control.machine_api import (
@@ -32,6 +33,8 @@ from memvisor.control.machine_api import (
 from memvisor.errors import MemvisorError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from memvisor.devices.balloon.device import BalloonDevice
     from memvisor.devices.mem.device import VirtioMemDevice
     from memvisor.devices.pmem.device import VirtioPmemDevice
@@ -67,12 +70,32 @@ class DeviceEvents:
         return lambda size: self._emit(ev.memory_device_size_change(device_id, size))
 
 
-class BalloonAdapter:
-    """`BalloonControl` over a BalloonDevice."""
+class DirtyPageLog(Protocol):
+    """KVM's record of guest writes to RAM, as memvisor.vmm.machine.Machine offers it."""
 
-    def __init__(self, device: BalloonDevice, device_id: str) -> None:
+    @property
+    def dirty_logging(self) -> bool: ...
+
+    def start_dirty_log(self) -> None: ...
+
+    def stop_dirty_log(self) -> None: ...
+
+    def dirty_pages(self) -> np.ndarray:
+        """Pages written since the previous call: a bool array indexed by guest PFN."""
+
+
+class BalloonAdapter:
+    """`BalloonControl` over a BalloonDevice.
+
+    With `dirty_log`, a hinting cycle is exact about writes: dirty logging is on before the command id reaches
+    the guest, the device drops a page's hint when the guest writes the page after hinting it, and every read
+    of the hinted set (and the end of a cycle) first applies the writes logged so far.
+    """
+
+    def __init__(self, device: BalloonDevice, device_id: str, dirty_log: DirtyPageLog | None = None) -> None:
         self.device = device
         self.id = device_id
+        self._dirty_log = dirty_log
         self._cycles: list[HintStatus] = []  # finished cycles, newest last (at most 16 kept)
 
     def set_target_bytes(self, target: int) -> None:
@@ -104,23 +127,57 @@ class BalloonAdapter:
         state = _HINT_STATES.get(self.device.hint_state.value, HintState.IDLE)
         return HintStatus(hinting.current_id or 0, state, pages, pages * PAGE_SIZE)
 
+    def _apply_dirty_log(self) -> None:
+        """Drop the hints of pages the guest wrote since the last look (under the device lock, so a hint that
+        arrives meanwhile is not judged by writes that came before it)."""
+        log = self._dirty_log
+        if log is None or not log.dirty_logging:
+            return
+        with self.device.lock:
+            try:
+                dirty = log.dirty_pages()
+            except Exception as err:  # the log is lost: no hint can be trusted any more
+                self.device.clear_hinted([(0, 1 << 52)])  # all of guest physical memory
+                raise MachineError(f"reading KVM's dirty log failed ({err}): the hints were dropped") from err
+            self.device.clear_hinted(dirty)
+
     def hint_start(self) -> HintStatus:
+        """Turn dirty logging on (once), then offer the guest a new command id."""
+        self._apply_dirty_log()
         if self._current().state is not HintState.IDLE:
             self._cycles = [*self._cycles[-15:], self._current()]
+        log = self._dirty_log
+        started_log = log is not None and not log.dirty_logging
         try:
+            if log is not None:
+                self.device.hinting.dirty_source = log.dirty_pages
+                log.start_dirty_log()
             self.device.start_hinting()
         except MemvisorError as err:
+            if log is not None and started_log:
+                log.stop_dirty_log()  # no cycle started: no need to slow the guest's writes
             raise MachineError(str(err)) from err
         return self._current()
 
     def hint_stop(self) -> HintStatus:
+        """End the cycle: apply the dirty log, then write STOP and at once DONE (state "done").
+
+        STOP ends the guest's reporting; DONE lets it reuse the blocks it holds. The Linux driver acts on the
+        latest command id it reads, so it need not see STOP first, and the device ignores hints once a cycle
+        has left "running", so there is nothing to wait for: the host never makes the guest hold its free
+        memory past this command (QEMU writes DONE when migration ends). The hinted set stays readable with
+        x-query-balloon-hints and keeps losing the pages the guest writes from now on.
+        """
+        self._apply_dirty_log()
         try:
             self.device.stop_hinting()
+            self.device.done_hinting()
         except MemvisorError as err:
             raise MachineError(str(err)) from err
         return self._current()
 
     def hint_status(self) -> list[HintStatus]:
+        self._apply_dirty_log()
         current = self._current()
         return [*self._cycles, current] if current.state is not HintState.IDLE else list(self._cycles)
 

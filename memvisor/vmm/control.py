@@ -157,7 +157,7 @@ class VmmControl:
             device = attached.device
             if isinstance(device, BalloonDevice) and self._balloon is None:
                 device.add_change_listener(self._events.balloon_changed)
-                self._balloon = BalloonAdapter(device, attached.id)
+                self._balloon = BalloonAdapter(device, attached.id, dirty_log=machine)  # hints track writes
             elif isinstance(device, VirtioMemDevice):
                 device.on_size_change = self._events.mem_size_changed(attached.id)
         machine.add_outcome_listener(lambda outcome: self._on_outcome(machine, outcome))

@@ -33,6 +33,7 @@ from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
 from memvisor.vmm.agent import GuestAgent
 from memvisor.vmm.config import MachineConfig
 from memvisor.vmm.console import Console
+from memvisor.vmm.dirty_log import DirtyLog, PageMask
 from memvisor.vmm.loader import load_kernel
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -319,6 +320,34 @@ class Machine:
         self.vm.close()
         self.kvm.close()
         self.memory.close()
+
+    # Dirty page logging over boot RAM (free page hinting now, migration later); see memvisor/vmm/dirty_log.py.
+    _dirty_log: DirtyLog | None = None
+
+    def _ram_dirty_log(self) -> DirtyLog:
+        """The DirtyLog over the memslots of the boot RAM regions (ram0, ram1), made on first use."""
+        if self._dirty_log is None:
+            ram = [(r.gpa, r.host_addr) for r in self.memory.regions if r.name.startswith("ram")]
+            slots = [s.slot for s in self.vm.slots.values() if (s.guest_phys_addr, s.userspace_addr) in ram]
+            self._dirty_log = DirtyLog(self.vm, slots)
+        return self._dirty_log
+
+    @property
+    def dirty_logging(self) -> bool:
+        """True while KVM logs the guest's writes to RAM."""
+        return self._dirty_log is not None and self._dirty_log.active
+
+    def start_dirty_log(self) -> None:
+        """Make KVM log the guest's writes to RAM (KVM_MEM_LOG_DIRTY_PAGES); a no-op if it does already."""
+        self._ram_dirty_log().start()
+
+    def dirty_pages(self) -> PageMask:
+        """RAM pages the guest wrote since the previous call (or `start_dirty_log()`): bool array by guest PFN."""
+        return self._ram_dirty_log().fetch()
+
+    def stop_dirty_log(self) -> None:
+        """Stop logging (the RAM memslots are registered again without KVM_MEM_LOG_DIRTY_PAGES)."""
+        self._ram_dirty_log().stop()
 
     # The vCPU loop: the hot path; every exit here costs a trip through Python.
     def _vcpu_loop(self, vcpu: Vcpu) -> None:

@@ -21,7 +21,7 @@ the poison pattern; the device reports `poison_active` so migration can decide.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -54,6 +54,11 @@ class FreePageHinting:
         self._current_id: int | None = None
         self._ram: BalloonRam | None = None
         self.bitmap = PageBitmap(0)
+        # The pages the guest wrote since the previous call (the VMM's KVM dirty log), asked for before each
+        # hint is recorded, so that a write counts against a hint only if it came after the hint (the
+        # driver's own zeroing of a block, init_on_alloc, comes before). None: no dirty log; an error: every
+        # hint is dropped (nothing can be trusted).
+        self.dirty_source: Callable[[], np.ndarray] | None = None
 
     def attach(self, ram: BalloonRam) -> None:
         """Use the guest RAM layout of the activated device (hints outside it are ignored)."""
@@ -115,6 +120,11 @@ class FreePageHinting:
         if clipped is None:
             return None
         first, count = clipped
+        if self.dirty_source is not None:
+            try:
+                self.bitmap.clear_mask(self.dirty_source())
+            except Exception:  # the log is lost: keep no hint that a later write could have voided
+                self.bitmap.clear()
         return self.bitmap.set_run(first, count)
 
     # --- for migration -----------------------------------------------------------------------------------
