@@ -52,6 +52,18 @@ for dir in /host/tmp /host/var/tmp /host/dev/shm; do
     mount -t tmpfs -o mode=1777 tmpfs "$dir" || die "cannot mount a tmpfs on $dir"
 done
 
+# Shares the agent itself lives in (a checkout under /tmp, hidden by the tmpfs above): mvlab.early=TAG:PATH.
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        mvlab.early=*)
+            share=${word#mvlab.early=}
+            mkdir -p "/host${share#*:}"
+            mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap "${share%%:*}" "/host${share#*:}" ||
+                die "cannot mount the share ${share%%:*} at ${share#*:}"
+            ;;
+    esac
+done
+
 # Python from the host, with the lab's own package importable and nothing written to the read-only root.
 # -S: the agent needs only the standard library and the package under $ROOT; skipping site (and a
 # virtualenv's .pth hooks) saves many file reads over 9p.

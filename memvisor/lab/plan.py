@@ -175,7 +175,15 @@ class LabMachine:
     port_socket: Path
     console_log: Path
     shares: tuple[str, ...] = ()
+    early_shares: tuple[str, ...] = ()  # among `shares`: mounted by init.sh before the agent starts
     qemu: str = "qemu-system-x86_64"
+
+
+def early_shares(folders: list[str]) -> list[str]:
+    """Of `folders` (the package root, the virtualenv), the shareable ones the lab's tmpfs would hide;
+    a folder inside another one listed is covered by it."""
+    hidden = sorted({resolve_share(Path(f)) for f in folders if _under(os.path.realpath(f), LAB_TMPFS)})
+    return [f for f in hidden if not any(f != other and f.startswith(other + "/") for other in hidden)]
 
 
 def share_tag(index: int) -> str:
@@ -195,6 +203,10 @@ def qemu_command(machine: LabMachine) -> list[str]:
             "mitigations=off",
             _kernel_word("python", machine.python),
             _kernel_word("root", machine.root),
+            *[
+                _kernel_word("early", f"{share_tag(machine.shares.index(folder))}:{folder}")
+                for folder in machine.early_shares
+            ],
         ]
     )
     argv = [

@@ -392,16 +392,15 @@ def run_in_lab(
         )
     say = log or (lambda message: None)
     resolved_shares = sorted({plan.resolve_share(folder) for folder in shares or []})
-    forward_paths = [plan.resolve_forward(path, resolved_shares) for path in forwards or []]
-    plan.check_cwd(cwd, resolved_shares)
     plan.check_lab_memory(memory, plan.mem_available())
     python = sys.executable
     root = package_root()
-    for what, path in (("Python", python), ("the memvisor package", root)):
-        if plan._under(os.path.realpath(path), plan.LAB_TMPFS):
-            raise MemvisorError(
-                f"{what} is at {path}, which the lab covers with an empty tmpfs: install it elsewhere (e.g. under ~)"
-            )
+    # A checkout or virtualenv under /tmp (a CI clone, say) would be hidden by the lab's own tmpfs: share
+    # those folders too, mounted by the lab's init before the agent starts (it is imported from there).
+    early = plan.early_shares([root, sys.prefix])
+    resolved_shares = sorted({*resolved_shares, *early})
+    forward_paths = [plan.resolve_forward(path, resolved_shares) for path in forwards or []]
+    plan.check_cwd(cwd, resolved_shares)
     lab_image = image or default_image(progress=say)
     workdir = Path(tempfile.mkdtemp(prefix="memvisor-lab-"))
     try:
@@ -418,13 +417,18 @@ def run_in_lab(
             port_socket=workdir / plan.PORT_SOCKET,
             console_log=console,
             shares=tuple(resolved_shares),
+            early_shares=tuple(early),
         )
         command = plan.qemu_command(machine)
         request = StartRequest(
             argv=list(argv),
             cwd=cwd,
             env={"PATH": DEFAULT_PATH, **env, "MEMVISOR_IN_LAB": "1", "PYTHONDONTWRITEBYTECODE": "1"},
-            shares=[(plan.share_tag(index), folder) for index, folder in enumerate(resolved_shares)],
+            shares=[
+                (plan.share_tag(index), folder)
+                for index, folder in enumerate(resolved_shares)
+                if folder not in early
+            ],
             forwards=forward_paths,
             stdin=stdin,
         )

@@ -255,7 +255,8 @@ def test_closed_memory_refuses_access() -> None:
        length=st.one_of(st.integers(-16, 2**65), st.integers(0, 64)))
 def test_random_ranges_are_checked_exactly(gpa: int, length: int) -> None:
     mem = _SHARED_MEMORY
-    inside = length >= 0 and any(r.gpa <= gpa and gpa + length <= r.end for r in mem.regions)
+    # The start address must lie in a region (so a zero-length range at a region's end is outside).
+    inside = length >= 0 and any(r.gpa <= gpa < r.end and gpa + length <= r.end for r in mem.regions)
     assert mem.contains(gpa, length) == inside
     if inside and length <= 64:
         assert len(mem.read(gpa, length)) == length
