@@ -63,3 +63,22 @@ def test_agent_is_protected_from_the_oom_killer(run_guest) -> None:  # type: ign
     lines = result.stdout.split()
     assert lines[0] == "0"
     assert lines[-1] == "-1000"
+
+
+def test_guest_reboot_restarts_the_guest_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.guest.vm import GuestVM, wait_until
+
+    with GuestVM(tmp_path, memory="512M") as vm:
+        vm.check("echo before-reboot > /dev/kmsg")
+        vm.cmd("system_reset")
+
+        def uptime_after_restart() -> float | None:
+            try:
+                uptime = float(vm.check("cut -d' ' -f1 /proc/uptime", timeout=30))
+            except AssertionError:
+                return None  # the agent is not back yet
+            return uptime if "before-reboot" not in vm.check("dmesg") else None
+
+        assert wait_until(uptime_after_restart, timeout=240, interval=2, what="the guest to boot again")
+        assert vm.console_text().count("memvisor-init: started") == 2
+        assert vm.process.poll() is None  # memvisor kept running across the reboot
