@@ -44,8 +44,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from memvisor.devices.balloon.constants import (
     BALLOON_PAGE_SHIFT,
@@ -79,6 +78,9 @@ from memvisor.virtio.device import (
     has_feature,
 )
 from memvisor.virtio.queue import DescriptorChain, SplitVirtqueue, VirtqueueError
+
+if TYPE_CHECKING:
+    import numpy as np  # hinted_pages and dirty masks only; numpy is never imported at start-up
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +444,7 @@ class BalloonDevice(VirtioDevice):
         except VirtqueueError as err:
             raise BalloonError(f"balloon queue {queue.index}: {err}") from err
 
-    def _pfns(self, chain: DescriptorChain) -> np.ndarray:
+    def _pfns(self, chain: DescriptorChain) -> list[int]:
         """The PFNs of an inflate or deflate buffer; malformed buffers count one error and keep what is valid."""
         assert self._memory is not None
         length = chain.readable_length
@@ -450,9 +452,9 @@ class BalloonDevice(VirtioDevice):
             self.count("errors")
         data = chain.read_all(self._memory, MAX_PFNS_PER_BUFFER * PFN.size)
         data = data[:len(data) - len(data) % PFN.size]
-        return np.frombuffer(data, dtype="<u4")
+        return [pfn for (pfn,) in PFN.iter_unpack(data)]
 
-    def _page_runs(self, pfns: np.ndarray) -> list[tuple[int, int]]:
+    def _page_runs(self, pfns: list[int]) -> list[tuple[int, int]]:
         assert self._ram is not None
         page_runs, outside = self._ram.page_runs(pfns)
         if outside:

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from memvisor.devices.balloon.constants import (
     BALLOON_PAGE_SHIFT,
@@ -32,6 +31,9 @@ from memvisor.devices.balloon.constants import (
     CMD_ID_STOP,
 )
 from memvisor.devices.balloon.pages import BalloonRam, PageBitmap
+
+if TYPE_CHECKING:
+    import numpy as np  # only the migration side (dirty masks, hinted_pages) uses numpy, imported there
 
 CMD_ID_LIMIT = 1 << 32
 
@@ -131,7 +133,7 @@ class FreePageHinting:
 
     def hinted_pages(self) -> np.ndarray:
         """A copy of the hint bitmap: element i is True when the 4 KiB page at guest address i << 12 was hinted."""
-        return self.bitmap.bits.copy()
+        return self.bitmap.to_array()
 
     def hinted_ranges(self) -> list[tuple[int, int]]:
         """The hinted memory as (guest physical address, length in bytes) ranges."""
@@ -142,6 +144,8 @@ class FreePageHinting:
 
         Any page a range touches, even partly, loses its hint. Return how many hints were dropped.
         """
+        import numpy as np
+
         if isinstance(dirty, np.ndarray):
             return self.bitmap.clear_mask(dirty)
         dropped = 0

@@ -4,19 +4,24 @@ The balloon names memory in 4 KiB page frame numbers (PFNs) or in guest physical
 guest, so both are hostile. `BalloonRam` keeps the regions the balloon may act on (writable guest RAM; a
 read-only pmem file or a region the VMM excludes is never discarded), turns a batch of PFNs into sorted
 runs of contiguous pages inside one region (one hole punch per run instead of one per page), and clips a
-range inward to whole pages inside one region. `PageBitmap` is a numpy bitmap of PFNs over that RAM.
+range inward to whole pages inside one region. `PageBitmap` is one byte per PFN over that RAM.
+
+Nothing here imports numpy at start-up (it costs seconds of Python start-up in the lab): a buffer holds at
+most 256 PFNs, and bytearray's own `count` and `find` do the bitmap work at C speed. Only the migration
+path, whose dirty masks are numpy arrays already, imports numpy, inside `PageBitmap.clear_mask`/`to_array`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from memvisor.devices.balloon.constants import BALLOON_PAGE_SHIFT, BALLOON_PAGE_SIZE
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
 
 RegionFilter = Callable[["MemoryRegion"], bool]
@@ -27,14 +32,15 @@ def writable_region(region: MemoryRegion) -> bool:
     return not region.readonly
 
 
-def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
+def runs(pfns: Sequence[int]) -> list[tuple[int, int]]:
     """Coalesce sorted, unique PFNs into (first PFN, page count) runs of contiguous pages."""
-    if pfns.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [pfns.size]))
-    return [(int(pfns[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+    result: list[tuple[int, int]] = []
+    for pfn in pfns:
+        if result and result[-1][0] + result[-1][1] == pfn:
+            result[-1] = (result[-1][0], result[-1][1] + 1)
+        else:
+            result.append((pfn, 1))
+    return result
 
 
 class BalloonRam:
@@ -52,21 +58,19 @@ class BalloonRam:
         self.spans.sort()
         self.pfn_limit = max((end for _, end in self.spans), default=0)
 
-    def page_runs(self, pfns: Iterable[int] | np.ndarray) -> tuple[list[tuple[int, int]], int]:
+    def page_runs(self, pfns: Iterable[int]) -> tuple[list[tuple[int, int]], int]:
         """Split guest PFNs into runs inside the balloon's RAM and a count of PFNs outside it.
 
         Duplicates collapse into one page; the runs never cross a region boundary.
         """
-        array = np.unique(np.asarray(pfns, dtype=np.int64))
-        inside = np.zeros(array.size, dtype=bool)
-        for first, end in self.spans:
-            inside |= (array >= first) & (array < end)
-        valid = array[inside]
+        unique = sorted({int(pfn) for pfn in pfns})
         result: list[tuple[int, int]] = []
+        inside = 0
         for first, end in self.spans:
-            part = valid[(valid >= first) & (valid < end)]
-            result += runs(part)
-        return result, int(array.size - valid.size)
+            low, high = bisect_left(unique, first), bisect_left(unique, end)
+            result += runs(unique[low:high])
+            inside += high - low
+        return result, len(unique) - inside
 
     def clip(self, gpa: int, length: int) -> tuple[int, int] | None:
         """The whole 4 KiB pages of [gpa, gpa+length) as (first PFN, count), if inside one span; else None."""
@@ -83,43 +87,62 @@ class BalloonRam:
 
 
 class PageBitmap:
-    """One bit (a numpy bool) per 4 KiB guest page, PFN 0 up to `size`."""
+    """One byte (0 or 1) per 4 KiB guest page, PFN 0 up to `size`; runs outside it are clipped."""
 
     def __init__(self, size: int):
-        self.bits = np.zeros(size, dtype=bool)
+        self.bits = bytearray(size)
 
     @property
     def size(self) -> int:
-        return int(self.bits.size)
+        return len(self.bits)
 
     def count(self) -> int:
-        return int(np.count_nonzero(self.bits))
+        return self.bits.count(1)
+
+    def _window(self, first: int, count: int) -> tuple[int, int]:
+        """[first, first+count) clipped to the bitmap, as (start, end) with start <= end."""
+        start = min(max(first, 0), self.size)
+        return start, max(min(first + count, self.size), start)
 
     def set_run(self, first: int, count: int) -> int:
         """Set [first, first+count); return how many bits were newly set."""
-        window = self.bits[first:first + count]
-        added = int(window.size - np.count_nonzero(window))
-        window[:] = True
+        first, end = self._window(first, count)
+        added = end - first - self.bits.count(1, first, end)
+        self.bits[first:end] = b"\x01" * (end - first)
         return added
 
     def clear_run(self, first: int, count: int) -> int:
         """Clear [first, first+count); return how many bits were set before."""
-        window = self.bits[first:first + count]
-        removed = int(np.count_nonzero(window))
-        window[:] = False
+        first, end = self._window(first, count)
+        removed = self.bits.count(1, first, end)
+        self.bits[first:end] = bytes(end - first)
         return removed
 
     def clear_mask(self, mask: np.ndarray) -> int:
         """Clear every bit set in the boolean array `mask` (indexed by PFN); return how many were set."""
+        import numpy as np
+
         mask = np.asarray(mask, dtype=bool)[: self.size]
-        window = self.bits[: mask.size]
+        window = np.frombuffer(self.bits, dtype=bool)[: mask.size]  # a view: writes go to self.bits
         removed = int(np.count_nonzero(window & mask))
         window &= ~mask
         return removed
 
+    def to_array(self) -> np.ndarray:
+        """A copy as a numpy bool array indexed by PFN (for migration, whose dirty masks are numpy too)."""
+        import numpy as np
+
+        return np.frombuffer(self.bits, dtype=bool).copy()
+
     def ranges(self) -> Iterator[tuple[int, int]]:
         """The set bits as (first PFN, count) runs, in order."""
-        yield from runs(np.flatnonzero(self.bits))
+        bits = self.bits
+        start = bits.find(1)
+        while start >= 0:
+            end = bits.find(0, start)
+            end = len(bits) if end < 0 else end
+            yield start, end - start
+            start = bits.find(1, end)
 
     def clear(self) -> None:
-        self.bits[:] = False
+        self.bits[:] = bytes(self.size)
