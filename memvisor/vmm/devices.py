@@ -4,6 +4,9 @@ Device memory lives above guest RAM (from 4 GiB, or from the end of RAM above 4 
 aligned to 128 MiB (virtio-mem hot-adds whole 128 MiB Linux memory blocks; pmem needs 2 MiB, and a section
 boundary keeps its ZONE_DEVICE pages simple). virtio-mem maps its whole region into one KVM memslot:
 unplugged blocks hold no host memory (they were discarded) and read as zeros.
+
+Each device model is imported where it is built: a guest without `--device` starts without them (in the lab,
+Python imports run at emulation speed and are most of the start-up).
 """
 
 import functools
@@ -12,9 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memvisor.boot import layout
-from memvisor.devices.balloon import BalloonDevice
-from memvisor.devices.mem import VirtioMemDevice
-from memvisor.devices.pmem import VirtioPmemDevice
 from memvisor.errors import UsageError
 from memvisor.memory.guest_memory import MemoryRegion
 from memvisor.units import format_size
@@ -79,6 +79,8 @@ def _pmem_region(spec: DeviceSpec, gpa: int) -> MemoryRegion:
 def _make_device(machine: Machine, spec: DeviceSpec, next_gpa: int) -> tuple[VirtioDevice, MemoryRegion | None]:
     props = spec.properties
     if spec.type == "virtio-balloon":
+        from memvisor.devices.balloon import BalloonDevice
+
         interval = int(props["guest-stats-polling-interval"])
         return BalloonDevice(
             machine.config.memory,
@@ -99,6 +101,8 @@ def _make_device(machine: Machine, spec: DeviceSpec, next_gpa: int) -> tuple[Vir
             raise UsageError(
                 f"virtio-mem {spec.id}: node={props['node']} does not exist: give --numa-nodes {int(props['node']) + 1} or more"
             )
+        from memvisor.devices.mem import VirtioMemDevice
+
         region = MemoryRegion.memfd(next_gpa, max_size, f"mem-{spec.id}")
         device = VirtioMemDevice(
             region,
@@ -110,6 +114,8 @@ def _make_device(machine: Machine, spec: DeviceSpec, next_gpa: int) -> tuple[Vir
         )
         return device, region
     if spec.type == "virtio-pmem":
+        from memvisor.devices.pmem import VirtioPmemDevice
+
         region = _pmem_region(spec, next_gpa)
         return VirtioPmemDevice(region, readonly=bool(props["readonly"])), region
     raise UsageError(f"unknown device type {spec.type}")
