@@ -1,5 +1,6 @@
 #!/bin/sh
-# memvisor guest agent (busybox sh), on the second UART /dev/ttyS1. One request per line, answers as lines:
+# memvisor guest agent (busybox sh), on the virtio-console /dev/hvc0 (whole buffers per VM exit), or on the
+# second UART /dev/ttyS1 when the guest has no virtio-console. One request per line, answers as lines:
 #   -> MVAGENT READY                   once, at start
 #   <- RUN <id> <base64 of command>    run it with /bin/sh -c in /, stdin /dev/null, oom_score_adj 0
 #   -> <id> O <base64 line>...         its stdout (the file, base64-encoded as busybox wraps it)
@@ -10,7 +11,18 @@
 #   <- anything else      -> <id or -> ERR unknown
 # Ids are host-chosen words of [A-Za-z0-9._:-]; others are refused with ERR unknown. Requests are served one
 # at a time, in order (a PING sent during a long RUN is answered after its X). Empty lines are ignored.
-PORT=${MVAGENT_PORT:-/dev/ttyS1}
+PORT=${MVAGENT_PORT:-}
+if [ -z "$PORT" ]; then
+    # init.sh loaded virtio_console, whose probe makes /dev/hvc0 at once; wait up to 2 s for it all the same.
+    modprobe -q virtio_console 2>/dev/null
+    tries=0
+    while [ ! -c /dev/hvc0 ] && [ "$tries" -lt 20 ]; do
+        sleep 0.1
+        tries=$((tries + 1))
+    done
+    PORT=/dev/ttyS1
+    [ -c /dev/hvc0 ] && PORT=/dev/hvc0
+fi
 set -f
 # clocal: open without waiting for a carrier; -hupcl: keep the line up when closed.
 stty -F "$PORT" raw -echo -echoe -echok -echoctl -echoke -icrnl -onlcr -opost clocal -hupcl

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import ctypes
 import enum
+import functools
 import os
 import signal
 import threading
@@ -22,6 +23,7 @@ from memvisor.boot import cpu, layout
 from memvisor.boot.acpi.tables import NumaMemory, VirtioMmioSlot, build_acpi_tables
 from memvisor.boot.bzimage import parse_bzimage
 from memvisor.devices.acpi_pm import AcpiPowerManagement
+from memvisor.devices.console import VirtioConsoleDevice
 from memvisor.devices.i8042 import I8042
 from memvisor.devices.rtc import CmosRtc
 from memvisor.devices.serial import Serial16550
@@ -30,6 +32,7 @@ from memvisor.kvm import structs
 from memvisor.kvm.ioctls import KvmIoctlError
 from memvisor.kvm.system import Kvm, Vcpu, Vm
 from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
+from memvisor.virtio.mmio import MMIO_WINDOW_SIZE, VirtioMmioTransport
 from memvisor.vmm.agent import GuestAgent
 from memvisor.vmm.config import MachineConfig
 from memvisor.vmm.console import Console
@@ -142,8 +145,18 @@ class Machine:
 
         self.console = Console(console_fd if console_fd is not None else 1, self._on_panic)
         self.com1 = Serial16550(self.console.write, lambda level: self.vm.irq_line(layout.COM1_GSI, level))
-        self.agent = GuestAgent(lambda data: self.com2.feed(data))
-        self.com2 = Serial16550(self.agent.on_output, lambda level: self.vm.irq_line(layout.COM2_GSI, level))
+        # The guest agent talks over a virtio-console (/dev/hvc0: whole buffers per exit) on the first virtio
+        # slot, allocated before the user's devices so it keeps its place; COM2 (/dev/ttyS1, one exit per
+        # byte) is the fallback for a guest without the driver. Answers go where the agent last spoke.
+        self.agent = GuestAgent(self._agent_send)
+        self._agent_on_com2 = False
+        self.agent_console = VirtioConsoleDevice(functools.partial(self._agent_output, False))
+        base, gsi = self.allocate_virtio_slot()
+        transport = VirtioMmioTransport(self.agent_console, self.memory, functools.partial(self.pulse_irq, gsi))
+        self.add_mmio(base, MMIO_WINDOW_SIZE, transport)
+        self.com2 = Serial16550(
+            functools.partial(self._agent_output, True), lambda level: self.vm.irq_line(layout.COM2_GSI, level)
+        )
         self.ports.add(layout.COM1_PORT, 8, self.com1.read, self.com1.write)
         self.ports.add(layout.COM2_PORT, 8, self.com2.read, self.com2.write)
         rtc = CmosRtc()
@@ -161,6 +174,16 @@ class Machine:
         self.devices: list[Any] = []  # memvisor.vmm.devices.AttachedDevice, set by attach_devices
 
     # Devices.
+    def _agent_output(self, on_com2: bool, data: bytes) -> None:
+        self._agent_on_com2 = on_com2
+        self.agent.on_output(data)
+
+    def _agent_send(self, data: bytes) -> None:
+        if self._agent_on_com2:
+            self.com2.feed(data)
+        else:
+            self.agent_console.send(data)
+
     def add_mmio(self, base: int, size: int, device: MmioDevice) -> None:
         self.mmio.append((base, size, device))
 
