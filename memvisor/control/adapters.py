@@ -196,7 +196,9 @@ def virtio_mem_info(device: VirtioMemDevice, device_id: str) -> VirtioMemInfo:
 
 
 def virtio_pmem_info(device: VirtioPmemDevice, device_id: str) -> VirtioPmemInfo:
-    return VirtioPmemInfo(id=device_id, memaddr=device.start, size=device.size)
+    with device.lock:
+        counters = dict(device.counters)
+    return VirtioPmemInfo(id=device_id, memaddr=device.start, size=device.size, counters=counters)
 
 
 def set_mem_requested_size(device: VirtioMemDevice, size: int) -> None:

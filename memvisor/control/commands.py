@@ -269,3 +269,21 @@ def x_query_host_memory(ctx: Context, args: dict[str, Any]) -> Any:
         "total": sum(held.values()),
         "regions": [{"name": name, "allocated": size} for name, size in held.items()],
     }
+
+
+@command("x-query-pmem")
+def x_query_pmem(ctx: Context, args: dict[str, Any]) -> Any:
+    """Each virtio-pmem device with its counters (flush requests, fsyncs done and failed, time spent syncing).
+
+    QEMU keeps no such counters; memvisor shows them so a client can see that the guest's flushes reach the host.
+    """
+    return [
+        {
+            "id": dev.id,
+            "memaddr": dev.memaddr,
+            "size": dev.size,
+            "counters": {name.replace("_", "-"): value for name, value in dev.counters.items()},
+        }
+        for dev in ctx.machine.memory_devices()
+        if isinstance(dev, VirtioPmemInfo)
+    ]

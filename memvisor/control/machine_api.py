@@ -74,6 +74,7 @@ class VirtioPmemInfo:
     id: str
     memaddr: int
     size: int
+    counters: Mapping[str, int] = field(default_factory=dict, compare=False)  # live: flush_requests, ...
 
 
 MemoryDeviceInfo = VirtioMemInfo | VirtioPmemInfo
