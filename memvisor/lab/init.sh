@@ -58,7 +58,7 @@ for word in $(cat /proc/cmdline); do
         mvlab.early=*)
             share=${word#mvlab.early=}
             mkdir -p "/host${share#*:}"
-            mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap "${share%%:*}" "/host${share#*:}" ||
+            mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose "${share%%:*}" "/host${share#*:}" ||
                 die "cannot mount the share ${share%%:*} at ${share#*:}"
             ;;
     esac

@@ -239,10 +239,13 @@ def qemu_command(machine: LabMachine) -> list[str]:
     # Shares use mapped-xattr: with security_model=none QEMU 7.2 cannot create a UNIX socket (its mknod
     # follow-up opens the new node and gets ENXIO), and forwarded sockets may live in a shared folder. The
     # cost: files the lab creates there are 0600 (folders 0700) on the host, their lab-side modes in xattrs.
+    # Early shares (a checkout under /tmp) are only read, and hold the host's own symlinks (a virtualenv's
+    # bin/python), which mapped-xattr would present as files: they pass through, read-only, like the root.
     for index, folder in enumerate(machine.shares):
+        model = "none,readonly=on" if folder in machine.early_shares else "mapped-xattr"
         argv += [
             "-virtfs",
-            f"local,path={_qemu_path(folder)},mount_tag={share_tag(index)},security_model=mapped-xattr,multidevs=remap",
+            f"local,path={_qemu_path(folder)},mount_tag={share_tag(index)},security_model={model},multidevs=remap",
         ]
     argv += [
         "-device",
