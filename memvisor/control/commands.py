@@ -271,6 +271,13 @@ def x_query_host_memory(ctx: Context, args: dict[str, Any]) -> Any:
     }
 
 
+@command("x-query-exits")
+def x_query_exits(ctx: Context, args: dict[str, Any]) -> Any:
+    """VM exits that reached Python since the machine started, by kind, and their total (for benchmarks)."""
+    counts = ctx.machine.exit_counts()
+    return {"total": sum(counts.values()), "kinds": [{"kind": k, "count": n} for k, n in sorted(counts.items())]}
+
+
 @command("x-query-pmem")
 def x_query_pmem(ctx: Context, args: dict[str, Any]) -> Any:
     """Each virtio-pmem device with its counters (flush requests, fsyncs done and failed, time spent syncing).

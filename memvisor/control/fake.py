@@ -218,6 +218,9 @@ class FakeMachine:
             raise MachineError(f"guest command did not finish within {timeout:g} s") from err
         return ExecResult(done.returncode, done.stdout, done.stderr)
 
+    def exit_counts(self) -> dict[str, int]:
+        return {}  # the fake machine runs no vCPU
+
     def host_memory(self) -> dict[str, int]:
         # The fake host holds what the balloon leaves the guest, what is plugged, and half of each pmem file.
         held = {"ram": self._balloon.actual_bytes() if self._balloon else self._ram}

@@ -210,5 +210,8 @@ class MachineControl(Protocol):
     def host_memory(self) -> dict[str, int]:
         """Bytes the host really holds for each region ("ram", then each device id), from allocated blocks."""
 
+    def exit_counts(self) -> dict[str, int]:
+        """VM exits that reached the VMM since start, by kind ("mmio", "io 0x3f8", ...): what a device costs."""
+
     def set_event_sink(self, sink: EventSink | None) -> None:
         """Install the function the machine calls for each event (None: drop events)."""

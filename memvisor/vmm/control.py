@@ -351,6 +351,10 @@ class VmmControl:
                     held[attached.id] = memory.allocated_bytes(attached.region)
             return held
 
+    def exit_counts(self) -> dict[str, int]:
+        with self._use() as machine:
+            return dict(machine.exit_counts)
+
     # --- guest agent --------------------------------------------------------------------------------------------
 
     def guest_exec(self, command: str, timeout: float) -> ExecResult:
