@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memvisor.errors import EXIT_MEMVISOR_FAILURE, MemvisorError
-from memvisor.guest.image import GuestImage, build_lab_image, ensure_guest_image
 from memvisor.guest.packages import KERNEL_FLAVOURS, move_pins
+
+if TYPE_CHECKING:
+    from memvisor.guest.image import GuestImage
 
 
 def _progress(line: str) -> None:
@@ -54,6 +56,9 @@ def _print_image(image: GuestImage) -> None:
 
 def image_main(args: argparse.Namespace) -> int:
     """Run one `memvisor image` command; returns the exit status (MemvisorError for failures)."""
+    # The builder is imported here, not at the top: every `memvisor` command builds this parser.
+    from memvisor.guest.image import build_lab_image, ensure_guest_image
+
     if args.image_command == "build":
         flavours = sorted(KERNEL_FLAVOURS) if args.flavour == "all" else [args.flavour]
         for flavour in flavours:
