@@ -1,29 +1,52 @@
 """Boot time, exits to Python and VMM memory: memvisor against QEMU on the same kernel, initramfs and memory.
 
-Run inside the lab (or on a host with hardware KVM):
-    memvisor lab --memory 4G -- .venv/bin/python benchmarks/boot_vs_qemu.py --runs 5
+Run inside the lab (or on a host with hardware KVM), after compiling memvisor's bytecode on the host (the lab
+sees the checkout read-only, so a module without a fresh .pyc is compiled from source at every start):
+    python -m compileall -q memvisor
+    memvisor lab --memory 4G -- env PYTHONUNBUFFERED=1 .venv/bin/python benchmarks/boot_vs_qemu.py --runs 5
 
 Boot time is wall time from spawning the VMM process to the guest's /init printing its first line on the
-console ("memvisor-init: started"), for both VMMs, same kernel, initramfs, command line and memory.
-QEMU 7.2 boots through its firmware (SeaBIOS); memvisor boots the bzImage directly in 64-bit mode.
+console ("memvisor-init: started at uptime X"), for both VMMs, same kernel, initramfs, command line and
+memory; X, the guest's own uptime at that moment, is reported too: the difference is the VMM's start-up,
+firmware and kernel decompression. QEMU 7.2 `-machine pc` boots through its firmware (SeaBIOS); `--microvm`
+adds QEMU's `-machine microvm` (qboot) as a third row; memvisor boots the bzImage directly in 64-bit mode.
+The runs are interleaved (memvisor, QEMU, [microvm], memvisor, ...) so that load from other work on the
+machine falls on all of them alike; the table shows medians.
 """
 
 import argparse
+import collections
+import contextlib
+import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-MARKER = b"memvisor-init: started"
+MARKER_LINE = re.compile(rb"memvisor-init: started at uptime ([0-9.]+)\s*\n")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from memvisor.guest.image import find_guest_image  # noqa: E402
 from memvisor.vmm.config import BASE_CMDLINE  # noqa: E402
+
+Argv = Callable[[Path, Path, int, Path], list[str]]
+
+
+def stale_bytecode(package: Path) -> list[Path]:
+    """The modules under `package` whose cached bytecode is missing or older than their source."""
+    stale = []
+    for source in package.rglob("*.py"):
+        cached = Path(importlib.util.cache_from_source(str(source)))
+        if not cached.exists() or cached.stat().st_mtime < source.stat().st_mtime:
+            stale.append(source)
+    return stale
 
 
 def _rss_parts(pid: int) -> dict[str, int]:
@@ -36,29 +59,31 @@ def _rss_parts(pid: int) -> dict[str, int]:
     return parts
 
 
-def _wait_for_marker(console: Path, process: subprocess.Popen[bytes], timeout: float) -> float:
+def _wait_for_marker(console: Path, process: subprocess.Popen[bytes], timeout: float) -> tuple[float, float]:
+    """The monotonic time /init's whole marker line was on the console, and the guest uptime it printed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if console.exists() and MARKER in console.read_bytes():
-            return time.monotonic()
+        found = MARKER_LINE.search(console.read_bytes()) if console.exists() else None
+        if found:
+            return time.monotonic(), float(found.group(1))
         if process.poll() is not None:
             raise RuntimeError(f"the VMM exited with {process.returncode} before /init ran")
         time.sleep(0.01)
     raise RuntimeError("timed out waiting for /init")
 
 
-def boot_once(argv: list[str], console: Path, settle: float = 3.0) -> tuple[float, dict[str, int]]:
-    """Seconds from spawn to /init, and the VMM's RSS parts a few seconds after."""
+def boot_once(argv: list[str], console: Path, settle: float = 3.0) -> tuple[float, float, dict[str, int]]:
+    """Seconds from spawn to /init, the guest's uptime then, and the VMM's RSS parts a few seconds after."""
     started = time.monotonic()
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
-        reached = _wait_for_marker(console, process, 180)
+        reached, uptime = _wait_for_marker(console, process, 180)
         time.sleep(settle)
         rss = _rss_parts(process.pid)
     finally:
         process.kill()
         process.wait()
-    return reached - started, rss
+    return reached - started, uptime, rss
 
 
 def memvisor_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path) -> list[str]:
@@ -66,72 +91,105 @@ def memvisor_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path) ->
             "--kernel", str(kernel), "--initrd", str(initrd), "--console", str(console)]  # fmt: skip
 
 
-def qemu_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path) -> list[str]:
+def qemu_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path, machine: str = "pc") -> list[str]:
     return [
         "qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-smp", "1", "-nodefaults", "-no-user-config",
         "-display", "none", "-m", f"{memory_mib}M",
-        "-object", f"memory-backend-memfd,id=ram,size={memory_mib}M", "-machine", "pc,memory-backend=ram",
+        "-object", f"memory-backend-memfd,id=ram,size={memory_mib}M", "-machine", f"{machine},memory-backend=ram",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", BASE_CMDLINE,
         "-serial", f"file:{console}", "-serial", "null",
     ]  # fmt: skip
 
 
-def count_exits_to_init(kernel: Path, initrd: Path, memory_mib: int) -> int:
-    """Exits that reached Python before /init's first line (in-process, with the machine's counters)."""
+def microvm_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path) -> list[str]:
+    return qemu_argv(kernel, initrd, memory_mib, console, machine="microvm")
+
+
+def count_exits_to_init(kernel: Path, initrd: Path, memory_mib: int) -> collections.Counter[str]:
+    """Exits that reached Python before /init's marker line, by kind (in-process, the machine's counters)."""
     from memvisor.vmm.config import MachineConfig
-    from memvisor.vmm.machine import Machine
+    from memvisor.vmm.session import build_machine
 
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
-    machine = Machine(MachineConfig(memory=memory_mib << 20, vcpus=1, kernel=kernel, initrd=initrd), write_fd)
-    machine.load()
+    machine = build_machine(MachineConfig(memory=memory_mib << 20, vcpus=1, kernel=kernel, initrd=initrd), write_fd)
     machine.start()
     seen = b""
     deadline = time.monotonic() + 180
     try:
-        while MARKER not in seen and time.monotonic() < deadline:
+        while not MARKER_LINE.search(seen) and time.monotonic() < deadline:
             try:
                 seen = (seen + os.read(read_fd, 65536))[-4096:]
             except BlockingIOError:
                 time.sleep(0.005)
-        return sum(machine.exit_counts.values())
+        return collections.Counter(machine.exit_counts)
     finally:
         machine.stop()
         machine.wait(5)
         machine.close()
+        for fd in (read_fd, write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--memory", type=int, default=1024, help="guest memory in MiB")
-    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument("--microvm", action="store_true", help="also boot QEMU -machine microvm (qboot)")
+    parser.add_argument("--json", help="also write the raw numbers to this file ('-': print them)")
     args = parser.parse_args()
     image = find_guest_image("default")
     if image is None:
         sys.exit("no guest image: run `memvisor image build` on the host first")
-    results: dict[str, dict[str, list[float]]] = {"memvisor": {"boot": [], "vmm_rss": []}, "qemu": {"boot": [], "vmm_rss": []}}
+    stale = stale_bytecode(REPO / "memvisor")
+    if stale:
+        print(f"warning: {len(stale)} memvisor modules have no fresh bytecode (e.g. {stale[0].relative_to(REPO)}): "
+              "run `python -m compileall -q memvisor` on the host first", file=sys.stderr)  # fmt: skip
+    vmms: dict[str, Argv] = {"memvisor": memvisor_argv, "QEMU pc": qemu_argv}
+    if args.microvm:
+        vmms["QEMU microvm"] = microvm_argv
+    results: dict[str, dict[str, list[float]]] = {name: {"boot": [], "uptime": [], "vmm_rss": []} for name in vmms}
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
-            for name, make in (("memvisor", memvisor_argv), ("qemu", qemu_argv)):
-                console = Path(tmp) / f"{name}-{run}.log"
-                seconds, rss = boot_once(make(image.kernel, image.initrd, args.memory, console), console)
-                own = rss.get("RssAnon", 0) + rss.get("RssFile", 0)  # guest RAM is RssShmem (memfd) for both
+            for name, make in vmms.items():
+                console = Path(tmp) / f"{name.replace(' ', '-')}-{run}.log"
+                try:
+                    seconds, uptime, rss = boot_once(make(image.kernel, image.initrd, args.memory, console), console)
+                except RuntimeError as err:
+                    print(f"run {run + 1}: {name:12s} failed: {err}", flush=True)
+                    continue
+                own = rss.get("RssAnon", 0) + rss.get("RssFile", 0)  # guest RAM is RssShmem (memfd) for all
                 results[name]["boot"].append(seconds)
+                results[name]["uptime"].append(uptime)
                 results[name]["vmm_rss"].append(own / (1 << 20))
-                print(f"run {run + 1}: {name:8s} /init after {seconds:6.2f} s, VMM RSS {own / (1 << 20):6.1f} MiB", flush=True)
+                print(f"run {run + 1}: {name:12s} /init after {seconds:6.2f} s (guest uptime {uptime:5.2f} s), "
+                      f"VMM RSS {own / (1 << 20):6.1f} MiB", flush=True)  # fmt: skip
     exits = count_exits_to_init(image.kernel, image.initrd, args.memory)
-    mv, qm = results["memvisor"], results["qemu"]
-    boot_ratio = statistics.median(mv["boot"]) / statistics.median(qm["boot"])
+    medians = {name: {key: _median(values) for key, values in numbers.items()} for name, numbers in results.items()}
     print()
-    print(f"| what (median of {args.runs}, {args.memory} MiB, 1 vCPU) | memvisor | QEMU 7.2 | ratio |")
-    print("|---|---|---|---|")
-    print(f"| spawn to /init (s) | {statistics.median(mv['boot']):.2f} | {statistics.median(qm['boot']):.2f} | {boot_ratio:.2f} |")
-    print(f"| VMM memory, RSS less guest RAM (MiB) | {statistics.median(mv['vmm_rss']):.1f} | "
-          f"{statistics.median(qm['vmm_rss']):.1f} | {statistics.median(mv['vmm_rss']) / statistics.median(qm['vmm_rss']):.2f} |")  # fmt: skip
-    print(f"| exits reaching Python before /init | {exits} | - | - |")
+    names = list(vmms)
+    print(f"| median of {args.runs} ({args.memory} MiB, 1 vCPU) | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for key, label, fmt in (("boot", "spawn to /init (s)", "{:.2f}"), ("uptime", "guest uptime at /init (s)", "{:.2f}"),
+                            ("vmm_rss", "VMM memory, RSS less guest RAM (MiB)", "{:.1f}")):  # fmt: skip
+        cells = [fmt.format(medians[name][key]) for name in names]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    ratios = [f"{medians['memvisor']['boot'] / medians[name]['boot']:.2f}" for name in names[1:]]
+    print("| memvisor / QEMU, spawn to /init | - | " + " | ".join(ratios) + " |")
+    print(f"| exits reaching Python before /init | {sum(exits.values())} |" + " - |" * (len(names) - 1))
+    print()
+    print("exits by kind: " + ", ".join(f"{kind} {count}" for kind, count in exits.most_common()))
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "exits_to_init": exits}, indent=2))
+        text = json.dumps({"results": results, "medians": medians, "exits_to_init": dict(exits)}, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
     return 0
 
 

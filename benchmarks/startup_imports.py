@@ -9,13 +9,14 @@ cumulative time, the total import time of the top-level imports, and the wall ti
 """
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-MARKER = b"memvisor-init: started"
+MARKER_LINE = re.compile(rb"memvisor-init: started[^\n]*\n")  # the whole line, with init's uptime
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -48,16 +49,19 @@ def main() -> int:
         with log.open("wb") as stderr:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
             try:
-                while not (console.exists() and MARKER in console.read_bytes()):
+                while not (console.exists() and MARKER_LINE.search(console.read_bytes())):
                     if process.poll() is not None or time.monotonic() - started > 180:
                         sys.exit(f"memvisor ended or timed out before /init:\n{log.read_text()[-2000:]}")
                     time.sleep(0.01)
                 reached = time.monotonic() - started
+                marker = MARKER_LINE.search(console.read_bytes())
+                assert marker is not None
             finally:
                 process.terminate()
                 process.wait()
         rows = parse_importtime(log.read_text())
     top_level = sum(cumulative for _, cumulative, name in rows if not name.startswith("  "))
+    print(f"guest: {marker.group().decode(errors='replace').strip()}")
     print(f"spawn to /init: {reached:.2f} s; imports: {len(rows)} modules, {top_level / 1e6:.2f} s in total")
     for self_us, cumulative_us, name in sorted(rows, key=lambda row: -row[1])[: args.top]:
         print(f"{cumulative_us / 1e6:7.2f} s cumulative {self_us / 1e6:6.2f} s self  {name}")
