@@ -248,16 +248,28 @@ def hint_json(status: HintStatus) -> dict[str, Any]:
 
 @command("x-balloon-hint-start")
 def x_balloon_hint_start(ctx: Context, args: dict[str, Any]) -> Any:
+    """Start a free page hinting cycle: KVM dirty logging goes on first, then the guest gets a new command id.
+
+    The guest hints free 4 MiB blocks and holds them; it answers STOP by itself when it has no more (state
+    "stopped"). A page's hint is dropped when the guest writes the page after hinting it.
+    """
     return hint_json(_balloon(ctx).hint_start())
 
 
 @command("x-balloon-hint-stop")
 def x_balloon_hint_stop(ctx: Context, args: dict[str, Any]) -> Any:
+    """End the cycle: the dirty log is applied, then STOP and at once DONE are written (state "done").
+
+    No separate DONE step: the Linux driver acts on the latest command id, and the device ignores hints once
+    the cycle left "running", so the guest gets its held blocks back with this command (QEMU writes DONE when
+    migration ends). The hinted set stays readable and keeps losing the pages the guest writes.
+    """
     return hint_json(_balloon(ctx).hint_stop())
 
 
 @command("x-query-balloon-hints")
 def x_query_balloon_hints(ctx: Context, args: dict[str, Any]) -> Any:
+    """Recent cycles, newest last; pages written since the last look leave the hinted set first."""
     return [hint_json(status) for status in _balloon(ctx).hint_status()]
 
 
