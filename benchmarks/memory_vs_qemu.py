@@ -1,0 +1,561 @@
+"""Memory mechanisms, memvisor against QEMU 7.2: same kernel, initramfs, command line and 1G guest, one lab run.
+
+Run inside the lab (or on a host with hardware KVM):
+    .venv/bin/memvisor lab --memory 6G --share /tmp/membench -- \\
+        .venv/bin/python benchmarks/memory_vs_qemu.py --runs 5 --json /tmp/membench/memory.json
+
+What it measures (each `--runs` times, memvisor and QEMU interleaved, medians reported):
+- balloon: the guest touches 600M and frees it, then `balloon` 1G -> 512M until `query-balloon` shows it
+  (within 4 MiB), and back to 1G; free page reporting off;
+- virtio-mem: `qom-set vm0 requested-size` 0 -> 1G until `qom-get vm0 size` reads 1G, and back to 0
+  (plugged memory left untouched);
+- free page reporting (a second pair of VMs, reporting on): the guest fills a 400M tmpfs file, then `rm`s it;
+  seconds from `rm` returning until the host holds >= 300M less guest RAM (memvisor: x-query-host-memory;
+  QEMU: st_blocks of its RAM memfd, read through /proc/PID/fd);
+- pmem flush latency: `dd bs=4k count=100 oflag=dsync` on ext4 (no DAX) on /dev/pmem0, per write;
+- exits reaching Python per GiB inflated and per GiB plugged (memvisor's x-query-exits);
+- the raw limit: punching holes (fallocate PUNCH_HOLE) in 512M of touched memfd memory from Python, per
+  4 KiB page (what a balloon buffer of scattered PFNs costs) and per 1 MiB run (256 contiguous PFNs).
+
+The guest image has no virtio_pci module (memvisor puts its devices on virtio-mmio), so both VMMs get the same
+initrd with virtio_pci appended as a second cpio archive; in QEMU's guest the agent (on ttyS1) insmods it.
+QEMU boots without `pci=off`, its devices being on PCI; otherwise the command line is memvisor's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import ctypes
+import io
+import json
+import mmap
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from memvisor.guest import cpio  # noqa: E402
+from memvisor.guest.image import GuestImage, find_guest_image  # noqa: E402
+from memvisor.vmm.config import BASE_CMDLINE  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+GUEST_RAM = 1 * GiB
+BALLOON_TARGET = 512 * MiB
+PLUG = 1 * GiB
+PMEM_SIZE = 256 * MiB
+PCI_MODULES = ("virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci")  # load order
+MODULE_DIR = "usr/lib/memvisor"  # exists in the guest image's first archive
+POLL = 0.05  # seconds between QMP polls while waiting for a change
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(POLL)
+
+
+# --- the shared initrd ------------------------------------------------------------------------------------------
+
+
+def initrd_with_virtio_pci(image: GuestImage, out: Path) -> Path:
+    """The guest image's initrd plus a second newc archive holding the virtio_pci modules (QEMU's transport)."""
+    release = image.kernel_release
+    packages = Path.home() / ".cache" / "memvisor" / "packages"
+    found = sorted(packages.glob(f"linux-image-{release}_*/lib/modules/{release}/kernel/drivers/virtio"))
+    if not found:
+        raise SystemExit(f"no unpacked linux-image-{release} under {packages}: run `memvisor image build` first")
+    extra = io.BytesIO()
+    cpio.write_newc(extra, [cpio.file_from_path(f"{MODULE_DIR}/{name}.ko", found[0] / f"{name}.ko")
+                            for name in PCI_MODULES])  # fmt: skip
+    out.write_bytes(image.initrd.read_bytes() + extra.getvalue())
+    return out
+
+
+# --- the two VMMs behind one interface ----------------------------------------------------------------------------
+
+
+class Vm:
+    """One running guest with its QMP connection; subclasses say how to spawn, exec and read host memory."""
+
+    name = "?"
+    process: subprocess.Popen[bytes]
+    qmp: QEMUMonitorProtocol
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        args = {key.replace("_", "-"): value for key, value in arguments.items()}
+        reply = self.qmp.cmd_obj({"execute": name, "arguments": args} if args else {"execute": name})
+        if "error" in reply:
+            raise RuntimeError(f"{self.name}: {name} {args}: {reply['error']}")
+        return reply["return"]
+
+    def exec(self, command: str, timeout: float = 300) -> tuple[int, str]:
+        raise NotImplementedError
+
+    def check(self, command: str, timeout: float = 300) -> str:
+        status, output = self.exec(command, timeout)
+        if status != 0:
+            raise RuntimeError(f"{self.name}: {command!r} exited {status}: {output[-500:]}")
+        return output
+
+    def host_ram(self) -> int:
+        raise NotImplementedError
+
+    def exits(self) -> dict[str, int] | None:
+        return None
+
+    def pmem_flushes(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.qmp.cmd_obj({"execute": "quit"})
+            self.qmp.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _connect_qmp(path: Path, process: subprocess.Popen[bytes], timeout: float) -> QEMUMonitorProtocol:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{path.name}: the VMM exited with {process.returncode}")
+        if path.exists():
+            qmp = QEMUMonitorProtocol(str(path))
+            try:
+                qmp.connect(negotiate=True)
+                return qmp
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no QMP at {path} after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+class MemvisorVm(Vm):
+    name = "memvisor"
+
+    def __init__(self, work: Path, kernel: Path, initrd: Path, *, reporting: bool, pmem: Path | None) -> None:
+        sock = work / "mv-qmp.sock"
+        balloon = "virtio-balloon,id=balloon0" + (",free-page-reporting=on" if reporting else "")
+        argv = [sys.executable, "-m", "memvisor", "run", "--lab", "off", "--memory", "1G", "--kernel", str(kernel),
+                "--initrd", str(initrd), "--qmp", str(sock), "--console", str(work / "mv-console.log"),
+                "--device", balloon]  # fmt: skip
+        if pmem is not None:
+            argv += ["--device", "virtio-mem,id=vm0,max-size=2G", "--device", f"virtio-pmem,id=pm0,file={pmem}"]
+        self.process = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=(work / "mv-stderr.log").open("wb"))  # fmt: skip
+        self.qmp = _connect_qmp(sock, self.process, 240)
+        self.check("true", 300)
+
+    def exec(self, command: str, timeout: float = 300) -> tuple[int, str]:
+        reply = self.cmd("x-guest-exec", command=command, timeout=timeout)
+        output = base64.b64decode(reply["out-data"]) + base64.b64decode(reply["err-data"])
+        return int(reply["exitcode"]), output.decode(errors="replace")
+
+    def host_ram(self) -> int:
+        regions = self.cmd("x-query-host-memory")["regions"]
+        return sum(int(r["allocated"]) for r in regions if r["name"].startswith("ram"))
+
+    def exits(self) -> dict[str, int] | None:
+        reply = self.cmd("x-query-exits")
+        return {item["kind"]: int(item["count"]) for item in reply["kinds"]}
+
+    def pmem_flushes(self) -> int | None:
+        counters = self.cmd("x-query-pmem")[0]["counters"]
+        return int(counters["flush-requests"])
+
+
+class AgentSocket:
+    """The guest agent's line protocol (memvisor/guest/agent.sh) over QEMU's second UART, a UNIX socket."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.buffer = b""
+        self.ids = 0
+        # READY may have gone out before we connected (QEMU drops bytes with no client): ping until it answers.
+        while True:
+            self.ids += 1
+            self.sock.sendall(f"PING p{self.ids}\n".encode())
+            try:
+                line = self._line(time.monotonic() + 3)
+                if line == b"MVAGENT READY" or line.endswith(b"PONG"):
+                    return
+            except TimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("QEMU's guest agent never answered")
+
+    def _line(self, deadline: float) -> bytes:
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)  # raises TimeoutError (socket.timeout) at the deadline
+            if not data:
+                raise RuntimeError("QEMU's agent socket closed")
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.rstrip(b"\r")
+
+    def exec(self, command: str, timeout: float) -> tuple[int, str]:
+        self.ids += 1
+        ident = f"c{self.ids}".encode()
+        self.sock.sendall(b"RUN " + ident + b" " + base64.b64encode(command.encode()) + b"\n")
+        deadline = time.monotonic() + timeout
+        output = []
+        while True:
+            parts = self._line(deadline).split(b" ", 2)
+            if len(parts) < 2 or parts[0] != ident:
+                continue  # a late PONG
+            if parts[1] in (b"O", b"E") and len(parts) == 3:
+                output.append(base64.b64decode(parts[2]))
+            elif parts[1] == b"X":
+                return int(parts[2]), b"".join(output).decode(errors="replace")
+
+
+class QemuVm(Vm):
+    name = "qemu"
+
+    def __init__(self, work: Path, kernel: Path, initrd: Path, *, reporting: bool, pmem: Path | None) -> None:
+        sock, agent = work / "qemu-qmp.sock", work / "qemu-agent.sock"
+        balloon = "virtio-balloon-pci,id=balloon0" + (",free-page-reporting=on" if reporting else "")
+        cmdline = BASE_CMDLINE.replace("pci=off", "").replace("  ", " ")
+        argv = [
+            "qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-smp", "1", "-nodefaults", "-no-user-config",
+            "-display", "none", "-m", "1G,maxmem=4G",
+            "-object", "memory-backend-memfd,id=ram,size=1G", "-machine", "pc,memory-backend=ram",
+            "-device", balloon,
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+            "-serial", f"file:{work / 'qemu-console.log'}",
+            "-chardev", f"socket,id=agent,path={agent},server=on,wait=off", "-serial", "chardev:agent",
+            "-qmp", f"unix:{sock},server=on,wait=off",
+        ]  # fmt: skip
+        if pmem is not None:
+            argv += [
+                "-object", "memory-backend-memfd,id=vmem0,size=2G",
+                "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,block-size=2M,requested-size=0",
+                "-object", f"memory-backend-file,id=pm,mem-path={pmem},size={PMEM_SIZE},share=on",
+                "-device", "virtio-pmem-pci,memdev=pm,id=pm0",
+            ]  # fmt: skip
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=(work / "qemu-stderr.log").open("wb"))  # fmt: skip
+        self.qmp = _connect_qmp(sock, self.process, 60)
+        self.agent = AgentSocket(agent, 300)
+        modules = " && ".join(f"insmod /{MODULE_DIR}/{name}.ko" for name in PCI_MODULES)
+        self.check(modules)
+        wanted = ["/sys/bus/virtio/drivers/virtio_balloon/virtio*"]
+        if pmem is not None:
+            wanted += ["/sys/bus/virtio/drivers/virtio_mem/virtio*", "/dev/pmem0"]
+        probe = " && ".join(f"ls {path} >/dev/null 2>&1" for path in wanted)
+        wait_for(lambda: self.exec(probe)[0] == 0, 60, "QEMU's guest to bind its virtio-pci devices")
+        self._ram_fd = self._find_ram_memfd()
+
+    def _find_ram_memfd(self) -> Path:
+        for fd in Path(f"/proc/{self.process.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith("/memfd:") and os.stat(fd).st_size == GUEST_RAM:
+                    return fd
+        raise RuntimeError("cannot find QEMU's RAM memfd in /proc/PID/fd")
+
+    def exec(self, command: str, timeout: float = 300) -> tuple[int, str]:
+        return self.agent.exec(command, timeout)
+
+    def host_ram(self) -> int:
+        return os.stat(self._ram_fd).st_blocks * 512
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.agent.sock.close()
+        super().close()
+
+
+# --- the measurements ---------------------------------------------------------------------------------------------
+
+
+def _exit_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    if before is None or after is None:
+        return None
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+
+
+def measure_balloon(vm: Vm) -> dict[str, Any]:
+    log(f"{vm.name}: balloon")
+    vm.check("dd if=/dev/zero of=/dev/null bs=600M count=1")  # touch 600M, then free it
+    exits = vm.exits()
+    started = time.monotonic()
+    vm.cmd("balloon", value=BALLOON_TARGET)
+    wait_for(lambda: vm.cmd("query-balloon")["actual"] <= BALLOON_TARGET + 4 * MiB, 600, "the inflate")
+    inflate = time.monotonic() - started
+    inflate_exits = _exit_delta(exits, vm.exits())
+    started = time.monotonic()
+    vm.cmd("balloon", value=GUEST_RAM)
+    wait_for(lambda: vm.cmd("query-balloon")["actual"] >= GUEST_RAM - 4 * MiB, 600, "the deflate")
+    deflate = time.monotonic() - started
+    return {"inflate": inflate, "deflate": deflate, "inflate_exits": inflate_exits}
+
+
+def measure_mem(vm: Vm) -> dict[str, Any]:
+    log(f"{vm.name}: virtio-mem")
+    exits = vm.exits()
+    started = time.monotonic()
+    vm.cmd("qom-set", path="vm0", property="requested-size", value=PLUG)
+    wait_for(lambda: vm.cmd("qom-get", path="vm0", property="size") == PLUG, 600, "the plug")
+    plug = time.monotonic() - started
+    plug_exits = _exit_delta(exits, vm.exits())
+    started = time.monotonic()
+    vm.cmd("qom-set", path="vm0", property="requested-size", value=0)
+    wait_for(lambda: vm.cmd("qom-get", path="vm0", property="size") == 0, 600, "the unplug")
+    unplug = time.monotonic() - started
+    return {"plug": plug, "unplug": unplug, "plug_exits": plug_exits}
+
+
+def setup_pmem(vm: Vm) -> None:
+    vm.check("mkfs.ext4 -q -F -b 4096 /dev/pmem0 && mkdir -p /mnt/pmem && mount -t ext4 /dev/pmem0 /mnt/pmem")
+
+
+PMEM_LOOP = (
+    "cd /mnt/pmem && rm -f f g && sync\n"
+    "t() {{ read -r up _ < /proc/uptime; echo $up; }}\n"
+    "a=$(t); i=0; while [ $i -lt {n} ]; do dd if=/dev/zero of=f bs=4k count=1 seek=$i conv=notrunc,fsync 2>/dev/null"
+    "; i=$((i + 1)); done\n"
+    "b=$(t); i=0; while [ $i -lt {n} ]; do dd if=/dev/zero of=g bs=4k count=1 seek=$i conv=notrunc 2>/dev/null"
+    "; i=$((i + 1)); done\n"
+    "c=$(t); echo $a $b $c"
+)
+
+
+def measure_pmem(vm: Vm, writes: int = 100) -> dict[str, Any]:
+    """Per-write cost of fsync after a 4 KiB write (busybox dd has no oflag=dsync): a loop of `dd conv=fsync`
+    less the same loop without fsync (both pay for starting dd), timed by the guest's /proc/uptime."""
+    flushes = vm.pmem_flushes()
+    output = vm.check(PMEM_LOOP.format(n=writes))
+    after = vm.pmem_flushes()
+    a, b, c = (float(word) for word in output.split()[-3:])
+    return {
+        "pmem_write": ((b - a) - (c - b)) / writes,
+        "pmem_write_with_dd": (b - a) / writes,
+        "flushes_per_write": None if flushes is None or after is None else (after - flushes) / writes,
+    }
+
+
+def measure_reporting(vm: Vm) -> dict[str, Any]:
+    vm.check("dd if=/dev/zero of=/tmp/fill bs=1M count=400 2>/dev/null")
+    time.sleep(3)  # let reporting of whatever was free before settle
+    baseline = vm.host_ram()
+    vm.check("rm /tmp/fill")
+    started = time.monotonic()
+    wait_for(lambda: vm.host_ram() <= baseline - 300 * MiB, 120, "free page reporting to return 300M")
+    return {"reporting": time.monotonic() - started}
+
+
+# --- the raw limit ------------------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_holes(size: int, step: int) -> float:
+    """Seconds to punch `size` bytes of touched memfd memory in holes of `step` bytes, one fallocate each."""
+    fd = os.memfd_create("membench", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as view:
+            for offset in range(0, size, 4096):
+                view[offset] = 1
+        fallocate, mode = _libc.fallocate, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        started = time.perf_counter()
+        for offset in range(0, size, step):
+            if fallocate(fd, mode, offset, step) != 0:
+                raise OSError(ctypes.get_errno(), "fallocate")
+        elapsed = time.perf_counter() - started
+        assert os.fstat(fd).st_blocks == 0
+        return elapsed
+    finally:
+        os.close(fd)
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+def boot_pair(work: Path, image: GuestImage, initrd: Path, *, reporting: bool) -> list[Vm]:
+    """Boot memvisor's and QEMU's guest side by side (in parallel: the lab is slow)."""
+    vms: list[Vm | None] = [None, None]
+    errors: list[BaseException] = []
+
+    def boot(index: int, cls: type[MemvisorVm] | type[QemuVm]) -> None:
+        folder = work / f"{cls.name}-{'fpr' if reporting else 'main'}"
+        folder.mkdir()
+        pmem = None
+        if not reporting:
+            pmem = folder / "pmem.img"
+            with pmem.open("wb") as file:
+                file.truncate(PMEM_SIZE)
+        try:
+            vms[index] = cls(folder, image.kernel, initrd, reporting=reporting, pmem=pmem)
+        except BaseException as err:  # reported below, after both threads are done
+            errors.append(err)
+
+    threads = [threading.Thread(target=boot, args=(i, cls)) for i, cls in enumerate((MemvisorVm, QemuVm))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        for vm in vms:
+            if vm is not None:
+                vm.close()
+        raise errors[0]
+    return [vm for vm in vms if vm is not None]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def table(results: dict[str, dict[str, list[Any]]], raw: dict[str, list[float]], runs: int) -> str:
+    mv, qm = results["memvisor"], results["qemu"]
+
+    def rate(seconds: float, size: int) -> float:
+        return size / MiB / seconds
+
+    def exits_per_gib(samples: list[dict[str, int] | None], size: int) -> str:
+        totals = [sum(s.values()) for s in samples if s is not None]
+        return f"{median(totals) * GiB / size:.0f}" if totals else "-"
+
+    rows = []
+
+    def row(what: str, a: float, b: float, fmt: str = "{:.2f}") -> None:
+        rows.append(f"| {what} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f} |")
+
+    row("balloon inflate 1G -> 512M (s)", median(mv["inflate"]), median(qm["inflate"]))
+    row("balloon inflate (MiB/s)", rate(median(mv["inflate"]), GUEST_RAM - BALLOON_TARGET),
+        rate(median(qm["inflate"]), GUEST_RAM - BALLOON_TARGET), "{:.0f}")  # fmt: skip
+    row("balloon deflate 512M -> 1G (s)", median(mv["deflate"]), median(qm["deflate"]))
+    row("virtio-mem plug 0 -> 1G (s)", median(mv["plug"]), median(qm["plug"]))
+    row("virtio-mem unplug 1G -> 0 (s)", median(mv["unplug"]), median(qm["unplug"]))
+    row("free page reporting: rm of 400M to host -300M (s)", median(mv["reporting"]), median(qm["reporting"]))
+    row("pmem: fsync of a 4 KiB write on ext4, less the write (ms)", median(mv["pmem_write"]) * 1000,
+        median(qm["pmem_write"]) * 1000)  # fmt: skip
+    row("pmem: whole `dd bs=4k count=1 conv=fsync` (ms)", median(mv["pmem_write_with_dd"]) * 1000,
+        median(qm["pmem_write_with_dd"]) * 1000)  # fmt: skip
+    rows.append(f"| exits to Python per GiB inflated | {exits_per_gib(mv['inflate_exits'], GUEST_RAM - BALLOON_TARGET)}"
+                " | - | - |")
+    rows.append(f"| exits to Python per GiB plugged | {exits_per_gib(mv['plug_exits'], PLUG)} | - | - |")
+    limit_4k = median(raw["4k"])
+    limit_1m = median(raw["1m"])
+    lines = [
+        f"| what (median of {runs}, 1G guest, 1 vCPU) | memvisor | QEMU 7.2 | memvisor/QEMU |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "| raw limit: fallocate(PUNCH_HOLE) over 512M of touched memfd, Python+ctypes | s | MiB/s |",
+        "|---|---|---|",
+        f"| one call per 4 KiB page | {limit_4k:.2f} | {512 / limit_4k:.0f} |",
+        f"| one call per 1 MiB run | {limit_1m:.3f} | {512 / limit_1m:.0f} |",
+        "",
+        f"memvisor inflate / raw 4 KiB limit: {median(mv['inflate']) / limit_4k:.1f}x",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = parser.parse_args()
+    image = find_guest_image("default")
+    if image is None:
+        sys.exit("no guest image: run `memvisor image build` on the host first")
+    keys = ("inflate", "deflate", "inflate_exits", "plug", "unplug", "plug_exits", "pmem_write",
+            "pmem_write_with_dd", "flushes_per_write", "reporting")  # fmt: skip
+    results: dict[str, dict[str, list[Any]]] = {name: {key: [] for key in keys} for name in ("memvisor", "qemu")}
+    raw: dict[str, list[float]] = {"4k": [], "1m": []}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"runs": args.runs, "results": results, "raw": raw}, indent=1))
+
+    with tempfile.TemporaryDirectory(prefix="membench-") as tmp:
+        work = Path(tmp)
+        initrd = initrd_with_virtio_pci(image, work / "initrd.img")
+        log("booting memvisor and QEMU (balloon, virtio-mem, virtio-pmem)")
+        booted = time.monotonic()
+        vms = boot_pair(work, image, initrd, reporting=False)
+        log(f"both up after {time.monotonic() - booted:.0f} s")
+        try:
+            for vm in vms:
+                setup_pmem(vm)
+            for run in range(args.runs):
+                for vm in vms if run % 2 == 0 else vms[::-1]:
+                    sample = {**measure_balloon(vm), **measure_mem(vm), **measure_pmem(vm)}
+                    for key, value in sample.items():
+                        results[vm.name][key].append(value)
+                    log(f"run {run + 1} {vm.name:8s} inflate {sample['inflate']:6.2f} s deflate {sample['deflate']:6.2f}"
+                        f" s plug {sample['plug']:6.2f} s unplug {sample['unplug']:6.2f} s pmem "
+                        f"{sample['pmem_write'] * 1000:6.2f} ms exits {sample['inflate_exits']} / {sample['plug_exits']}")
+                    save()
+        finally:
+            for vm in vms:
+                vm.close()
+        for _ in range(args.runs):
+            raw["4k"].append(punch_holes(512 * MiB, 4096))
+            raw["1m"].append(punch_holes(512 * MiB, MiB))
+        log(f"raw punch 4k {raw['4k']} 1m {raw['1m']}")
+        save()
+        log("booting memvisor and QEMU (balloon with free page reporting)")
+        vms = boot_pair(work, image, initrd, reporting=True)
+        try:
+            for run in range(args.runs):
+                for vm in vms if run % 2 == 0 else vms[::-1]:
+                    sample = measure_reporting(vm)
+                    results[vm.name]["reporting"].append(sample["reporting"])
+                    log(f"run {run + 1} {vm.name:8s} reporting {sample['reporting']:6.2f} s")
+                    save()
+        finally:
+            for vm in vms:
+                vm.close()
+    print(table(results, raw, args.runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
