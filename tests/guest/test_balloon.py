@@ -1,0 +1,240 @@
+"""Issue 5, scenarios 1-4: virtio-balloon with a real Linux guest and its own driver (Debian 6.1).
+
+Two small guests serve all the tests (boots are slow in the lab); each test first puts its guest back to an
+empty balloon, so the order does not matter:
+- `plain_vm`: a balloon without deflate-on-oom and without free page reporting (inflate/deflate, statistics,
+  and the control case of deflate-on-oom: the OOM killer acts);
+- `reporting_vm`: free-page-reporting=on and deflate-on-oom=on.
+
+Memory is touched through files on a tmpfs of the guest's whole size (/tmp is only half of it), which hold
+it until removed, and through busybox awk holding 1 MiB strings, which the OOM killer can free by killing awk.
+"Host memory" is what the host really holds for the guest (QMP x-query-host-memory). Every wait is a poll
+with a generous timeout; the measured times are printed (pytest -s) for the record, the benchmark owns them.
+"""
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.guest.vm import GuestVM, wait_until
+
+MiB = 1 << 20
+RAM = 1024 * MiB
+BALLOON = "/machine/peripheral/balloon0"
+TMPFS = "/mnt/balloon-test"
+# Holds `n` MiB of anonymous memory in one awk process, 1 MiB at a time (one big malloc of more than the
+# guest has is refused outright by the overcommit heuristic, and would never reach the OOM killer).
+HOLD_ANON = 'awk \'BEGIN {{ s = "x"; while (length(s) < 1048576) s = s s; for (i = 0; i < {n}; i++) a[i] = s i; print "held" }}\''
+
+pytestmark = pytest.mark.guest
+
+
+def _boot(workdir: Path, device: str) -> GuestVM:
+    start = time.monotonic()
+    vm = GuestVM(workdir, memory="1G", devices=[device])
+    print(f"\n[balloon] {device}: booted in {time.monotonic() - start:.1f} s")
+    vm.check(f"mkdir -p {TMPFS} && mount -t tmpfs -o size=100% tmpfs {TMPFS}")
+    return vm
+
+
+@pytest.fixture(scope="module")
+def plain_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
+    with _boot(tmp_path_factory.mktemp("plain"), "virtio-balloon,id=balloon0") as vm:
+        yield vm
+
+
+@pytest.fixture(scope="module")
+def reporting_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
+    device = "virtio-balloon,id=balloon0,deflate-on-oom=on,free-page-reporting=on"
+    with _boot(tmp_path_factory.mktemp("reporting"), device) as vm:
+        yield vm
+
+
+def _actual(vm: GuestVM) -> int:
+    return int(vm.cmd("query-balloon")["actual"])
+
+
+def _balloon(vm: GuestVM, target: int, what: str) -> float:
+    """Ask for `target` bytes of guest RAM and wait until the guest is there (within 1 %); return the seconds."""
+    start = time.monotonic()
+    vm.cmd("balloon", value=target)
+    wait_until(lambda: abs(_actual(vm) - target) <= target // 100, timeout=400, interval=0.5, what=what)
+    seconds = time.monotonic() - start
+    print(f"[balloon] {what}: {seconds:.1f} s (actual {_actual(vm) // MiB} MiB)")
+    return seconds
+
+
+def _empty_balloon(vm: GuestVM) -> None:
+    """Start from a full-size guest with nothing left on the test tmpfs."""
+    vm.check(f"rm -f {TMPFS}/*")
+    vm.cmd("balloon", value=RAM)
+    wait_until(lambda: _actual(vm) == RAM, timeout=400, interval=0.5, what="an empty balloon")
+
+
+def _touch_file(vm: GuestVM, mib: int) -> int:
+    """Write `mib` MiB to a tmpfs file in the guest (it holds them until removed); return what the host gained."""
+    before = vm.host_memory()
+    start = time.monotonic()
+    vm.check(f"dd if=/dev/zero of={TMPFS}/f bs=1M count={mib}", timeout=600)
+    gained = vm.host_memory() - before
+    print(f"[balloon] touched {mib} MiB in {time.monotonic() - start:.1f} s: host memory "
+          f"{before // MiB} -> {(before + gained) // MiB} MiB")  # fmt: skip
+    return gained
+
+
+def _leave_free(vm: GuestVM, free: int) -> int:
+    """Inflate the balloon until about `free` bytes of guest memory are free; return the target it was given."""
+    target = (RAM - (vm.meminfo()["MemFree"] - free)) // MiB * MiB
+    _balloon(vm, target, f"inflate to {target // MiB} MiB leaving {free // MiB} MiB free")
+    return target
+
+
+def _oom_kills(vm: GuestVM) -> list[str]:
+    return re.findall(r"Killed process \d+ \((\S+)\)", vm.check("dmesg"))
+
+
+# --- scenario 1: inflate and deflate --------------------------------------------------------------------------
+
+
+def test_inflate_gives_memory_to_the_host_and_deflate_gives_it_back(plain_vm: GuestVM) -> None:
+    vm = plain_vm
+    _empty_balloon(vm)
+    # Touch 600M and free it: the host keeps holding it (no free page reporting here).
+    touched = _touch_file(vm, 600)
+    assert touched >= 550 * MiB, (
+        f"writing 600 MiB in the guest made the host hold only {touched // MiB} MiB more"
+    )
+    vm.check(f"rm {TMPFS}/f")
+    total_before = vm.meminfo()["MemTotal"]
+    host_before = vm.host_memory()
+
+    seconds = _balloon(vm, 512 * MiB, "inflate 1G -> 512M")
+    ballooned = RAM - _actual(vm)
+    total_inflated = vm.meminfo()["MemTotal"]
+    host_inflated = vm.host_memory()
+    print(f"[balloon] inflate: {ballooned / MiB / seconds:.1f} MiB/s; MemTotal {total_before // MiB} -> "
+          f"{total_inflated // MiB} MiB; host memory {host_before // MiB} -> {host_inflated // MiB} MiB")  # fmt: skip
+    assert abs(ballooned - 512 * MiB) <= 512 * MiB // 100
+    # Without deflate-on-oom the driver takes the balloon's pages out of MemTotal, one for one.
+    assert abs((total_before - total_inflated) - ballooned) <= 4 * MiB
+    assert host_before - host_inflated >= 0.9 * ballooned, (
+        f"the guest gave up {ballooned // MiB} MiB but the host holds only "
+        f"{(host_before - host_inflated) // MiB} MiB less"
+    )
+    assert vm.check("echo alive") == "alive\n"
+
+    _balloon(vm, RAM, "deflate 512M -> 1G")
+    assert _actual(vm) == RAM
+    assert vm.meminfo()["MemTotal"] == total_before
+
+
+# --- scenario 2: statistics -----------------------------------------------------------------------------------
+
+
+def test_guest_stats_are_polled_and_agree_with_the_guest(plain_vm: GuestVM) -> None:
+    vm = plain_vm
+    _empty_balloon(vm)
+    interval = 2
+
+    def stats() -> dict[str, object]:
+        value = vm.cmd("qom-get", path=BALLOON, property="guest-stats")
+        assert isinstance(value, dict)
+        return value
+
+    def age(value: dict[str, object]) -> float:
+        return time.time() - float(value["last-update"])  # type: ignore[arg-type]
+
+    vm.cmd("qom-set", path=BALLOON, property="guest-stats-polling-interval", value=interval)
+    try:
+        assert vm.cmd("qom-get", path=BALLOON, property="guest-stats-polling-interval") == interval
+
+        def fresh_stats() -> dict[str, object] | None:
+            value = stats()
+            return value if age(value) <= 3 * interval else None
+
+        fresh = wait_until(fresh_stats, timeout=60, what="guest stats updated within 3 polling intervals")
+        assert fresh is not None
+        # Polling goes on by itself: a newer update arrives within a few intervals.
+        first = fresh["last-update"]
+        wait_until(lambda: stats()["last-update"] != first, timeout=6 * interval, interval=0.5,
+                   what="a second stats update")  # fmt: skip
+
+        # The guest's numbers move a little between the two reads: a few tries.
+        for _attempt in range(5):
+            value = stats()
+            meminfo = vm.meminfo()
+            numbers = value["stats"]
+            assert isinstance(numbers, dict)
+            free, mem_free = numbers["stat-free-memory"], meminfo["MemFree"]
+            print(f"[balloon] stats {age(value):.1f} s old: free {free // MiB} MiB, guest MemFree "
+                  f"{mem_free // MiB} MiB, total {numbers['stat-total-memory'] // MiB} MiB")  # fmt: skip
+            if abs(free - mem_free) <= 0.05 * mem_free:
+                break
+            time.sleep(interval)
+        else:
+            pytest.fail(f"stat-free-memory {free} never came within 5 % of the guest's MemFree {mem_free}")
+        assert abs(numbers["stat-total-memory"] - meminfo["MemTotal"]) <= 0.01 * meminfo["MemTotal"]
+        assert age(value) <= 3 * interval + 2
+    finally:
+        vm.cmd("qom-set", path=BALLOON, property="guest-stats-polling-interval", value=0)
+
+
+# --- scenario 3: deflate-on-OOM ----------------------------------------------------------------------------------
+
+
+def test_deflate_on_oom_lets_the_guest_allocate_without_killing(reporting_vm: GuestVM) -> None:
+    vm = reporting_vm
+    _empty_balloon(vm)
+    vm.check("dmesg -c > /dev/null")
+    target = _leave_free(vm, 100 * MiB)
+    free_before = vm.meminfo()["MemFree"]
+    assert free_before <= 150 * MiB  # with deflate-on-oom the balloon shows as used memory, not in MemTotal
+
+    start = time.monotonic()
+    result = vm.exec(HOLD_ANON.format(n=300), timeout=400)
+    seconds = time.monotonic() - start
+    actual = _actual(vm)
+    print(f"[balloon] deflate-on-oom: 300 MiB held in {seconds:.1f} s with {free_before // MiB} MiB free; "
+          f"balloon {target // MiB} -> {actual // MiB} MiB")  # fmt: skip
+    assert result.status == 0 and result.stdout == "held\n", (result.status, result.stderr)
+    assert actual >= target + 150 * MiB, "the balloon did not deflate to make room"
+    assert _oom_kills(vm) == []
+    _empty_balloon(vm)
+
+
+def test_without_deflate_on_oom_the_oom_killer_acts(plain_vm: GuestVM) -> None:
+    vm = plain_vm
+    _empty_balloon(vm)
+    vm.check("dmesg -c > /dev/null")
+    target = _leave_free(vm, 100 * MiB)
+
+    result = vm.exec(HOLD_ANON.format(n=300), timeout=400)
+    killed = _oom_kills(vm)
+    print(f"[balloon] no deflate-on-oom: the allocator exited {result.status}; OOM-killed: {killed}")
+    assert result.status == 137 and set(killed) == {"awk"}, (result.status, result.stderr, killed)
+    assert abs(_actual(vm) - target) <= target // 100  # the balloon stayed inflated
+    assert vm.check("echo alive") == "alive\n"  # the agent survived
+    _empty_balloon(vm)
+
+
+# --- scenario 4: free page reporting ------------------------------------------------------------------------------
+
+
+def test_free_page_reporting_returns_freed_memory_without_a_host_command(reporting_vm: GuestVM) -> None:
+    vm = reporting_vm
+    _empty_balloon(vm)
+    touched = _touch_file(vm, 400)
+    assert touched >= 350 * MiB, (
+        f"writing 400 MiB in the guest made the host hold only {touched // MiB} MiB more"
+    )
+    peak = vm.host_memory()
+    vm.check(f"rm {TMPFS}/f")
+    start = time.monotonic()
+    wait_until(lambda: peak - vm.host_memory() >= 300 * MiB, timeout=180, interval=0.5,
+               what="the host to get 300 MiB back by free page reporting")  # fmt: skip
+    print(f"[balloon] free page reporting: host memory {peak // MiB} -> {vm.host_memory() // MiB} MiB "
+          f"within {time.monotonic() - start:.1f} s of the free")  # fmt: skip
+    assert _actual(vm) == RAM  # reporting is not ballooning
