@@ -25,8 +25,11 @@ if [ -z "$PORT" ]; then
 fi
 set -f
 # clocal: open without waiting for a carrier; -hupcl: keep the line up when closed.
-stty -F "$PORT" raw -echo -echoe -echok -echoctl -echoke -icrnl -onlcr -opost clocal -hupcl
+make_raw() { stty "$@" raw -echo -echoe -echok -echoctl -echoke -icrnl -onlcr -opost clocal -hupcl; }
+make_raw -F "$PORT"
 exec 3<>"$PORT"
+# Again on the open port: an hvc tty forgets its settings at each last close (TTY_DRIVER_RESET_TERMIOS).
+make_raw <&3
 cd /
 
 valid_id() {
@@ -45,8 +48,8 @@ run_command() {
         exec /bin/sh -c "$(cat "$work/cmd")"
     ) < /dev/null > "$work/out" 2> "$work/err"
     status=$?
-    base64 "$work/out" | sed "s/^/$id O /" >&3
-    base64 "$work/err" | sed "s/^/$id E /" >&3
+    # Through one pipe: sed writes a tty line by line (one VM exit per line), cat passes on whole blocks.
+    { base64 "$work/out" | sed "s/^/$id O /"; base64 "$work/err" | sed "s/^/$id E /"; } | cat >&3
     rm -rf "$work"
     echo "$id X $status" >&3
 }
