@@ -6,7 +6,9 @@ transmitq0 (queue 1) carries guest bytes out of device-readable buffers.
 
 from __future__ import annotations
 
+import base64
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -31,6 +33,7 @@ from memvisor.virtio.device import (
 )
 from memvisor.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from memvisor.virtio.testing import DriverQueue, VirtioDriver, attach
+from memvisor.vmm.agent import ExecResult, GuestAgent
 
 PAGE = 4096
 
@@ -371,3 +374,37 @@ def test_random_descriptor_tables_never_raise(descs: list[tuple[int, int, int, i
     q.kick()
     assert rig.driver.transport.errors <= 1
     assert rig.device.pending + rig.device.counters["rx_bytes"] == 17
+
+
+# --- the guest agent over the console -----------------------------------------------------------------
+
+
+def test_guest_agent_protocol_runs_over_the_console() -> None:
+    """GuestAgent.send -> receiveq -> a fake guest agent -> transmitq -> GuestAgent.on_output."""
+    agents: list[GuestAgent] = []
+    device = VirtioConsoleDevice(lambda data: agents[0].on_output(data))
+    agents.append(GuestAgent(device.send))
+    driver = attach(device)
+    rx, tx = driver.queue(RECEIVEQ), driver.queue(TRANSMITQ)
+    with device.lock:
+        for _ in range(4):
+            rx.add_buffer([], [PAGE])
+        rx.kick()
+    tx.add_buffer([b"MVAGENT READY\n"], [])
+    tx.kick()
+    results: list[ExecResult] = []
+    thread = threading.Thread(target=lambda: results.append(agents[0].exec("echo hi", timeout=10)))
+    thread.start()
+    line = b""
+    deadline = time.monotonic() + 10
+    while not line.endswith(b"\n") and time.monotonic() < deadline:
+        with device.lock:
+            line += b"".join(data for _, _, data in rx.get_used())
+        time.sleep(0.001)
+    verb, ident, command = line.split()
+    assert verb == b"RUN" and base64.b64decode(command) == b"echo hi"
+    answer = ident + b" O " + base64.b64encode(b"hi\n") + b"\n" + ident + b" X 0\n"
+    tx.add_buffer([answer[:10], answer[10:]], [])
+    tx.kick()
+    thread.join(10)
+    assert results == [ExecResult(0, b"hi\n", b"")]
