@@ -332,7 +332,7 @@ class BalloonDevice(VirtioDevice):
             self._stats_interval = float(seconds)
             self._next_stats_at = time.monotonic() if seconds else None
             self._cancel_timer()
-            self._arm_timer()
+            self._arm_timer(delay=0.0)
 
     def guest_stats(self) -> dict[str, object]:
         """QOM guest-stats: {"stats": {"stat-swap-in": ..., ...}, "last-update": seconds} (-1 = unset)."""
@@ -576,10 +576,11 @@ class BalloonDevice(VirtioDevice):
             raise UsageError(f"balloon: {what} is not in use by the guest driver; enable {option} and wait for "
                              "the driver to start")
 
-    def _arm_timer(self) -> None:
+    def _arm_timer(self, delay: float | None = None) -> None:
+        """Start the stats timer: after `delay` seconds (default: one polling interval)."""
         if not self._use_timer or not self._stats_interval or self._memory is None:
             return
-        timer = threading.Timer(self._stats_interval, self._timer_fired)
+        timer = threading.Timer(self._stats_interval if delay is None else delay, self._timer_fired)
         timer.daemon = True
         self._timer = timer
         timer.start()
