@@ -148,3 +148,29 @@ def test_virtio_mem_grows_and_shrinks_on_its_numa_node(tmp_path: Path) -> None:
         vm.check("dd if=/dev/zero of=/dev/null bs=200M count=1 2>&1")
         text = vm.cmd("human-monitor-command", command_line="info memory-devices")
         assert text.split("\r\n")[:-1] == expected_info(memaddr, 256 * MiB, 256 * MiB)
+
+
+def test_unplug_migrates_memory_in_use_without_losing_it(tmp_path: Path) -> None:
+    """Without NUMA, hot-added memory is the guest's preferred home for movable pages (ZONE_MOVABLE), so
+    unplugging means migrating what lives there: the data survives and the host keeps no more than is plugged."""
+    with GuestVM(tmp_path, memory="512M", devices=["virtio-mem,id=vm0,max-size=2G,requested-size=0"]) as vm:
+        boot_total = vm.meminfo()["MemTotal"]
+        vm.cmd("qom-set", path="vm0", property="requested-size", value=512 * MiB)
+        wait_until(lambda: vm.meminfo()["MemTotal"] == boot_total + 512 * MiB, timeout=120, what="+512M")
+        vm.check("mkdir -p /mnt/t && mount -t tmpfs -o size=400M tmpfs /mnt/t")
+        vm.check("dd if=/dev/urandom of=/mnt/t/data bs=1M count=200 2>&1", timeout=300)
+        written = vm.check("sha256sum /mnt/t/data").split()[0]
+        in_device = vm.host_memory("vm0")
+        assert in_device >= 150 * MiB  # the file went (mostly) into the plugged memory
+
+        started = time.monotonic()
+        vm.cmd("qom-set", path="vm0", property="requested-size", value=128 * MiB)
+        wait_until(lambda: vm.cmd("qom-get", path="vm0", property="size") == 128 * MiB, timeout=300, interval=0.5,
+                   what="vm0 size to fall to 128M")  # fmt: skip
+        seconds = time.monotonic() - started
+        held = vm.host_memory("vm0")
+        report(f"unplug 512M -> 128M with 200M of tmpfs data in it: {seconds:.2f} s; "
+               f"host memory of vm0 {in_device // MiB} -> {held // MiB} MiB")  # fmt: skip
+        assert held <= 128 * MiB
+        wait_until(lambda: vm.meminfo()["MemTotal"] == boot_total + 128 * MiB, timeout=60, what="+128M")
+        assert vm.check("sha256sum /mnt/t/data").split()[0] == written
