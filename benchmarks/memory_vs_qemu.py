@@ -32,6 +32,7 @@ import io
 import json
 import mmap
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,9 @@ class AgentSocket:
     def exec(self, command: str, timeout: float) -> tuple[int, str]:
         self.ids += 1
         ident = f"c{self.ids}".encode()
-        self.sock.sendall(b"RUN " + ident + b" " + base64.b64encode(command.encode()) + b"\n")
+        # The leading newline ends any partial line the UART kept from before the agent opened it (a PING cut
+        # short): otherwise the agent reads it glued to this request and answers that instead.
+        self.sock.sendall(b"\nRUN " + ident + b" " + base64.b64encode(command.encode()) + b"\n")
         deadline = time.monotonic() + timeout
         output = []
         while True:
@@ -279,13 +282,20 @@ class QemuVm(Vm):
                                         stderr=(work / "qemu-stderr.log").open("wb"))  # fmt: skip
         self.qmp = _connect_qmp(sock, self.process, 60)
         self.agent = AgentSocket(agent, 300)
+        log("qemu: the agent answers; loading virtio_pci")
+        # In the background, so that the agent stays free to report what happened if a probe is slow.
         modules = " && ".join(f"insmod /{MODULE_DIR}/{name}.ko" for name in PCI_MODULES)
-        self.check(modules)
+        self.check(f"( {modules} ) >/tmp/insmod.log 2>&1 &", 120)
         wanted = ["/sys/bus/virtio/drivers/virtio_balloon/virtio*"]
         if pmem is not None:
             wanted += ["/sys/bus/virtio/drivers/virtio_mem/virtio*", "/dev/pmem0"]
         probe = " && ".join(f"ls {path} >/dev/null 2>&1" for path in wanted)
-        wait_for(lambda: self.exec(probe)[0] == 0, 60, "QEMU's guest to bind its virtio-pci devices")
+        try:
+            wait_for(lambda: self.exec(probe, 120)[0] == 0, 300, "QEMU's guest to bind its virtio-pci devices")
+        except RuntimeError:
+            log(self.exec("cat /tmp/insmod.log; lsmod; ls /sys/bus/virtio/devices /dev; dmesg | tail -40", 120)[1])
+            raise
+        log("qemu: devices bound")
         self._ram_fd = self._find_ram_memfd()
 
     def _find_ram_memfd(self) -> Path:
@@ -497,14 +507,33 @@ def table(results: dict[str, dict[str, list[Any]]], raw: dict[str, list[float]],
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _keep_logs(work: Path, into: Path | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if into is not None:
+            into.mkdir(parents=True, exist_ok=True)
+            for path in work.glob("*/*.log"):
+                shutil.copy(path, into / f"{path.parent.name}-{path.name}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument("--phases", default="main,reporting",
+                        help="which VM pairs to run: main (balloon, virtio-mem, pmem, raw limit), reporting")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: merge these --json files and print the table")
+    parser.add_argument("--logs", type=Path, help="copy the VMs' console and stderr logs into this folder at the end")
     args = parser.parse_args()
+    if args.table:
+        return print_merged(args.table)
     image = find_guest_image("default")
     if image is None:
         sys.exit("no guest image: run `memvisor image build` on the host first")
+    phases = set(args.phases.split(","))
     keys = ("inflate", "deflate", "inflate_exits", "plug", "unplug", "plug_exits", "pmem_write",
             "pmem_write_with_dd", "flushes_per_write", "reporting")  # fmt: skip
     results: dict[str, dict[str, list[Any]]] = {name: {key: [] for key in keys} for name in ("memvisor", "qemu")}
@@ -514,46 +543,76 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps({"runs": args.runs, "results": results, "raw": raw}, indent=1))
 
-    with tempfile.TemporaryDirectory(prefix="membench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="membench-") as tmp, _keep_logs(Path(tmp), args.logs):
         work = Path(tmp)
         initrd = initrd_with_virtio_pci(image, work / "initrd.img")
-        log("booting memvisor and QEMU (balloon, virtio-mem, virtio-pmem)")
-        booted = time.monotonic()
-        vms = boot_pair(work, image, initrd, reporting=False)
-        log(f"both up after {time.monotonic() - booted:.0f} s")
-        try:
-            for vm in vms:
-                setup_pmem(vm)
-            for run in range(args.runs):
-                for vm in vms if run % 2 == 0 else vms[::-1]:
-                    sample = {**measure_balloon(vm), **measure_mem(vm), **measure_pmem(vm)}
-                    for key, value in sample.items():
-                        results[vm.name][key].append(value)
-                    log(f"run {run + 1} {vm.name:8s} inflate {sample['inflate']:6.2f} s deflate {sample['deflate']:6.2f}"
-                        f" s plug {sample['plug']:6.2f} s unplug {sample['unplug']:6.2f} s pmem "
-                        f"{sample['pmem_write'] * 1000:6.2f} ms exits {sample['inflate_exits']} / {sample['plug_exits']}")
-                    save()
-        finally:
-            for vm in vms:
-                vm.close()
-        for _ in range(args.runs):
-            raw["4k"].append(punch_holes(512 * MiB, 4096))
-            raw["1m"].append(punch_holes(512 * MiB, MiB))
-        log(f"raw punch 4k {raw['4k']} 1m {raw['1m']}")
-        save()
-        log("booting memvisor and QEMU (balloon with free page reporting)")
-        vms = boot_pair(work, image, initrd, reporting=True)
-        try:
-            for run in range(args.runs):
-                for vm in vms if run % 2 == 0 else vms[::-1]:
-                    sample = measure_reporting(vm)
-                    results[vm.name]["reporting"].append(sample["reporting"])
-                    log(f"run {run + 1} {vm.name:8s} reporting {sample['reporting']:6.2f} s")
-                    save()
-        finally:
-            for vm in vms:
-                vm.close()
-    print(table(results, raw, args.runs))
+        if "main" in phases:
+            run_main(work, image, initrd, args.runs, results, raw, save)
+        if "reporting" in phases:
+            run_reporting(work, image, initrd, args.runs, results, save)
+    if "main" in phases and "reporting" in phases:
+        print(table(results, raw, args.runs))
+    return 0
+
+
+def run_main(work: Path, image: GuestImage, initrd: Path, runs: int, results: dict[str, dict[str, list[Any]]],
+             raw: dict[str, list[float]], save: Callable[[], None]) -> None:
+    log("booting memvisor and QEMU (balloon, virtio-mem, virtio-pmem)")
+    booted = time.monotonic()
+    vms = boot_pair(work, image, initrd, reporting=False)
+    log(f"both up after {time.monotonic() - booted:.0f} s")
+    try:
+        for vm in vms:
+            setup_pmem(vm)
+        for run in range(runs):
+            for vm in vms if run % 2 == 0 else vms[::-1]:
+                sample = {**measure_balloon(vm), **measure_mem(vm), **measure_pmem(vm)}
+                for key, value in sample.items():
+                    results[vm.name][key].append(value)
+                log(f"run {run + 1} {vm.name:8s} inflate {sample['inflate']:6.2f} s deflate {sample['deflate']:6.2f}"
+                    f" s plug {sample['plug']:6.2f} s unplug {sample['unplug']:6.2f} s pmem "
+                    f"{sample['pmem_write'] * 1000:6.2f} ms exits {sample['inflate_exits']} / {sample['plug_exits']}")
+                save()
+    finally:
+        for vm in vms:
+            vm.close()
+    for _ in range(runs):
+        raw["4k"].append(punch_holes(512 * MiB, 4096))
+        raw["1m"].append(punch_holes(512 * MiB, MiB))
+    log(f"raw punch 4k {raw['4k']} 1m {raw['1m']}")
+    save()
+
+
+def run_reporting(work: Path, image: GuestImage, initrd: Path, runs: int, results: dict[str, dict[str, list[Any]]],
+                  save: Callable[[], None]) -> None:
+    log("booting memvisor and QEMU (balloon with free page reporting)")
+    vms = boot_pair(work, image, initrd, reporting=True)
+    try:
+        for run in range(runs):
+            for vm in vms if run % 2 == 0 else vms[::-1]:
+                sample = measure_reporting(vm)
+                results[vm.name]["reporting"].append(sample["reporting"])
+                log(f"run {run + 1} {vm.name:8s} reporting {sample['reporting']:6.2f} s")
+                save()
+    finally:
+        for vm in vms:
+            vm.close()
+
+
+def print_merged(paths: list[Path]) -> int:
+    """Merge the result lists of several --json files (e.g. a main and a reporting run) and print the table."""
+    results: dict[str, dict[str, list[Any]]] = {}
+    raw: dict[str, list[float]] = {}
+    runs = 0
+    for path in paths:
+        data = json.loads(path.read_text())
+        runs = max(runs, data["runs"])
+        for name, lists in data["results"].items():
+            for key, values in lists.items():
+                results.setdefault(name, {}).setdefault(key, []).extend(values)
+        for key, values in data["raw"].items():
+            raw.setdefault(key, []).extend(values)
+    print(table(results, raw, runs))
     return 0
 
 
