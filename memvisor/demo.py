@@ -96,7 +96,7 @@ def run_story(demo: Demo) -> None:
     demo.report("booted")
 
     demo.step = "reporting"
-    demo.exec("mkdir -p /mnt/t && mount -t tmpfs -o size=1G tmpfs /mnt/t && head -c 600M /dev/zero > /mnt/t/fill")
+    demo.exec("mkdir -p /mnt/t && mount -t tmpfs -o size=1G tmpfs /mnt/t && dd if=/dev/zero of=/mnt/t/fill bs=1M count=600 2>/dev/null")
     before = demo.sample().host
     demo.report("guest filled 600M of tmpfs")
     demo.exec("rm /mnt/t/fill")
@@ -121,7 +121,7 @@ def run_story(demo: Demo) -> None:
 
     demo.step = "pmem"
     demo.exec("mkfs.ext4 -q -F -b 4096 /dev/pmem0 && mkdir -p /mnt/p && mount -o dax /dev/pmem0 /mnt/p"
-              " && head -c 64M /dev/urandom > /mnt/p/file && sync")  # fmt: skip
+              " && dd if=/dev/urandom of=/mnt/p/file bs=1M count=64 2>/dev/null && sync")  # fmt: skip
     demo.report("pmem: ext4 with DAX, 64M written and synced")
 
 
