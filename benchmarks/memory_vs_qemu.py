@@ -519,11 +519,13 @@ def _keep_logs(work: Path, into: Path | None) -> Iterator[None]:
 
 
 def main() -> int:
+    global POLL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--phases", default="main,reporting",
-                        help="which VM pairs to run: main (balloon, virtio-mem, pmem, raw limit), reporting")
+                        help="what to run: main (balloon, virtio-mem, pmem, raw limit), reporting, balloon (alone)")
+    parser.add_argument("--poll", type=float, default=POLL, help="seconds between QMP polls while waiting")
     parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
                         help="run nothing: merge these --json files and print the table")
     parser.add_argument("--logs", type=Path, help="copy the VMs' console and stderr logs into this folder at the end")
@@ -534,6 +536,7 @@ def main() -> int:
     if image is None:
         sys.exit("no guest image: run `memvisor image build` on the host first")
     phases = set(args.phases.split(","))
+    POLL = args.poll
     keys = ("inflate", "deflate", "inflate_exits", "plug", "unplug", "plug_exits", "pmem_write",
             "pmem_write_with_dd", "flushes_per_write", "reporting")  # fmt: skip
     results: dict[str, dict[str, list[Any]]] = {name: {key: [] for key in keys} for name in ("memvisor", "qemu")}
@@ -548,6 +551,8 @@ def main() -> int:
         initrd = initrd_with_virtio_pci(image, work / "initrd.img")
         if "main" in phases:
             run_main(work, image, initrd, args.runs, results, raw, save)
+        if "balloon" in phases:
+            run_balloon(work, image, initrd, args.runs, results, save)
         if "reporting" in phases:
             run_reporting(work, image, initrd, args.runs, results, save)
     if "main" in phases and "reporting" in phases:
@@ -581,6 +586,28 @@ def run_main(work: Path, image: GuestImage, initrd: Path, runs: int, results: di
         raw["1m"].append(punch_holes(512 * MiB, MiB))
     log(f"raw punch 4k {raw['4k']} 1m {raw['1m']}")
     save()
+
+
+def run_balloon(work: Path, image: GuestImage, initrd: Path, runs: int, results: dict[str, dict[str, list[Any]]],
+                save: Callable[[], None]) -> None:
+    """The balloon alone, polling every 0.05 s and every 0.5 s in turn: each QMP poll is Python work inside
+    memvisor's process (the GIL its vCPU thread needs), while QEMU answers QMP in C off its vCPU thread."""
+    global POLL
+    log("booting memvisor and QEMU (balloon only)")
+    vms = boot_pair(work, image, initrd, reporting=False)
+    try:
+        for run in range(runs):
+            for vm in vms if run % 2 == 0 else vms[::-1]:
+                for POLL in (0.05, 0.5):
+                    sample = measure_balloon(vm)
+                    for key in ("inflate", "deflate"):
+                        results[vm.name].setdefault(f"{key}@{POLL}", []).append(sample[key])
+                    log(f"run {run + 1} {vm.name:8s} poll {POLL} s: inflate {sample['inflate']:6.2f} s "
+                        f"deflate {sample['deflate']:6.2f} s")
+                    save()
+    finally:
+        for vm in vms:
+            vm.close()
 
 
 def run_reporting(work: Path, image: GuestImage, initrd: Path, runs: int, results: dict[str, dict[str, list[Any]]],
