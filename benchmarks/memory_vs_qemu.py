@@ -32,6 +32,7 @@ import io
 import json
 import mmap
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -326,6 +327,10 @@ def _exit_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> 
     return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
 
 
+def guest_uptime(vm: Vm) -> float:
+    return float(vm.check("cat /proc/uptime").split()[0])
+
+
 def measure_balloon(vm: Vm) -> dict[str, Any]:
     log(f"{vm.name}: balloon")
     vm.check("dd if=/dev/zero of=/dev/null bs=600M count=1")  # touch 600M, then free it
@@ -378,7 +383,10 @@ def measure_pmem(vm: Vm, writes: int = 100) -> dict[str, Any]:
     flushes = vm.pmem_flushes()
     output = vm.check(PMEM_LOOP.format(n=writes))
     after = vm.pmem_flushes()
-    a, b, c = (float(word) for word in output.split()[-3:])
+    found = re.search(r"^([\d.]+) ([\d.]+) ([\d.]+)$", output, re.MULTILINE)
+    if found is None:  # e.g. the guest rebooted and /mnt/pmem is gone
+        raise RuntimeError(f"{vm.name}: the pmem loop printed no times: {output[-300:]!r}")
+    a, b, c = (float(word) for word in found.groups())
     return {
         "pmem_write": ((b - a) - (c - b)) / writes,
         "pmem_write_with_dd": (b - a) / writes,
@@ -569,9 +577,23 @@ def run_main(work: Path, image: GuestImage, initrd: Path, runs: int, results: di
     try:
         for vm in vms:
             setup_pmem(vm)
+        broken: set[str] = set()
         for run in range(runs):
             for vm in vms if run % 2 == 0 else vms[::-1]:
-                sample = {**measure_balloon(vm), **measure_mem(vm), **measure_pmem(vm)}
+                if vm.name in broken:
+                    continue
+                try:
+                    sample = {}
+                    for step in (measure_balloon, measure_mem, measure_pmem):
+                        up = guest_uptime(vm)
+                        sample.update(step(vm))
+                        if guest_uptime(vm) < up:
+                            raise RuntimeError(f"the guest rebooted during {step.__name__}")
+                except Exception as err:  # one VMM failing must not lose the other's numbers
+                    log(f"run {run + 1} {vm.name}: FAILED, no more runs for it: {err}")
+                    results[vm.name].setdefault("failures", []).append(f"run {run + 1}: {err}")
+                    broken.add(vm.name)
+                    continue
                 for key, value in sample.items():
                     results[vm.name][key].append(value)
                 log(f"run {run + 1} {vm.name:8s} inflate {sample['inflate']:6.2f} s deflate {sample['deflate']:6.2f}"
