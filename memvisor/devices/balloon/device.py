@@ -472,10 +472,13 @@ class BalloonDevice(VirtioDevice):
         return 0
 
     def _deflate(self, chain: DescriptorChain) -> int:
+        assert self._ram is not None
         self.count("deflate_requests")
-        for first, count in self._page_runs(self._pfns(chain)):
-            self._inflated.clear_run(first, count)
-            self.count("pages_deflated", count)
+        pages, outside = self._ram.pages(self._pfns(chain))
+        if outside:
+            self.count("errors", outside)
+        self._inflated.clear_pages(pages)
+        self.count("pages_deflated", len(pages))
         return 0
 
     def _discard(self, first: int, count: int) -> bool:

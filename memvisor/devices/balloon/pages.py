@@ -72,6 +72,19 @@ class BalloonRam:
             inside += high - low
         return result, len(unique) - inside
 
+    def pages(self, pfns: Iterable[int]) -> tuple[set[int], int]:
+        """The distinct guest PFNs inside the balloon's RAM, and a count of those outside it.
+
+        For the deflate queue, which discards nothing: building runs there cost 35x a per-page loop.
+        """
+        unique = set(pfns)
+        if len(self.spans) == 1:
+            first, end = self.spans[0]
+            inside = {pfn for pfn in unique if first <= pfn < end}
+        else:
+            inside = {pfn for pfn in unique if any(first <= pfn < end for first, end in self.spans)}
+        return inside, len(unique) - len(inside)
+
     def clip(self, gpa: int, length: int) -> tuple[int, int] | None:
         """The whole 4 KiB pages of [gpa, gpa+length) as (first PFN, count), if inside one span; else None."""
         if gpa < 0 or length <= 0:
@@ -116,6 +129,15 @@ class PageBitmap:
         first, end = self._window(first, count)
         removed = self.bits.count(1, first, end)
         self.bits[first:end] = bytes(end - first)
+        return removed
+
+    def clear_pages(self, pfns: Iterable[int]) -> int:
+        """Clear the bits of `pfns` (those outside the bitmap are ignored); return how many were set before."""
+        bits, size, removed = self.bits, len(self.bits), 0
+        for pfn in pfns:
+            if 0 <= pfn < size and bits[pfn]:
+                bits[pfn] = 0
+                removed += 1
         return removed
 
     def clear_mask(self, mask: np.ndarray) -> int:
