@@ -24,8 +24,14 @@ Zero-length descriptors are checked for order but left out of the chain: they ca
 
 A device that gets `VirtqueueError` should answer the head (`push_used(error.head, 0)` when `error.head` is
 not None: the head counts as popped) if it can, or raise so the transport marks it DEVICE_NEEDS_RESET.
-`in_flight` counts the popped heads not yet returned, so tests can check that no head leaks. `push_used` returns a buffer; `should_interrupt` decides whether
-the driver wants to hear about it (VIRTQ_AVAIL_F_NO_INTERRUPT, or used_event with VIRTIO_F_EVENT_IDX).
+`in_flight` counts the popped heads not yet returned, so tests can check that no head leaks, and
+`in_flight_total` their sum. No queue ever holds more than `size` heads in flight: a driver that makes a
+head available again before it was returned (the CVE-2016-5403 pattern, which would make the device queue
+unbounded work) gets `VirtqueueError` with no head from `pop()`, as QEMU's "Virtqueue size exceeded", and the
+transport marks the device DEVICE_NEEDS_RESET. `push_used` returns a buffer (and writes nothing once the
+driver cleared QueueReady: virtio 1.2 section 4.2.2.1, the device MUST NOT touch a queue it was told to
+stop); `should_interrupt` decides whether the driver wants to hear about it (VIRTQ_AVAIL_F_NO_INTERRUPT, or
+used_event with VIRTIO_F_EVENT_IDX).
 """
 
 from __future__ import annotations
@@ -177,6 +183,7 @@ class SplitVirtqueue:
         self._signalled_used = 0
         self._checked: tuple[int, int, int, int] | None = None
         self.in_flight: Counter[int] = Counter()
+        self.in_flight_total = 0
         self.event_idx = False
 
     # --- layout -------------------------------------------------------------------------------------
@@ -231,6 +238,9 @@ class SplitVirtqueue:
         if not self.available():
             return None
         size = self.size
+        if self.in_flight_total >= size:
+            raise VirtqueueError(f"queue {self.index}: virtqueue size exceeded: {self.in_flight_total} heads in "
+                                 f"flight, the queue holds {size}")
         try:
             head = self.memory.read_u16(self.driver_addr + 4 + 2 * (self.last_avail_idx % size))
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
@@ -240,6 +250,7 @@ class SplitVirtqueue:
             raise VirtqueueError(f"queue {self.index}: {err}") from err
         if head >= size:
             raise VirtqueueError(f"queue {self.index}: head {head} is out of range for size {size}", head)
+        self.in_flight_total += 1
         self.in_flight[head] += 1  # counted before the walk, so a device may answer a malformed chain too
         return self._walk(head)
 
@@ -319,13 +330,20 @@ class SplitVirtqueue:
     # --- used side --------------------------------------------------------------------------------
 
     def push_used(self, head: int, written: int) -> None:
-        """Return chain `head` to the driver, telling it `written` bytes were written into its buffers."""
+        """Return chain `head` to the driver, telling it `written` bytes were written into its buffers.
+
+        Once the driver cleared QueueReady the ring is no longer the device's: nothing is written and the head
+        is forgotten (the driver resets the queue or the device before using it again).
+        """
         if not 0 <= head < self.size:
             raise VirtqueueError(f"queue {self.index}: cannot return head {head}, out of range", head)
         if not 0 <= written < 1 << 32:
             raise VirtqueueError(f"queue {self.index}: written length {written} does not fit 32 bits", head)
         if self.in_flight[head] <= 0:
             raise VirtqueueError(f"queue {self.index}: head {head} was not popped", head)
+        if not self.ready:
+            self._forget(head)
+            return
         self._ensure_layout()
         slot = self.device_addr + 4 + USED_ELEM.size * (self.next_used_idx % self.size)
         try:
@@ -334,7 +352,11 @@ class SplitVirtqueue:
             self.memory.write_u16(self.device_addr + 2, self.next_used_idx)
         except GuestMemoryError as err:
             raise VirtqueueError(f"queue {self.index}: {err}", head) from err
+        self._forget(head)
+
+    def _forget(self, head: int) -> None:
         self.in_flight[head] -= 1
+        self.in_flight_total -= 1
         if not self.in_flight[head]:
             del self.in_flight[head]
 
