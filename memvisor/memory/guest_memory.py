@@ -17,6 +17,11 @@ memfd or file, so MADV_DONTNEED would only unmap them; the hole must be punched 
 (fallocate PUNCH_HOLE). Private anonymous memory is freed by MADV_DONTNEED. `allocated_bytes` measures what
 the host really holds: allocated blocks of the fd, resident pages of a private mapping.
 
+A region may hold ranges nobody may touch (unplugged virtio-mem blocks): its owner makes them PROT_NONE
+(`MemoryRegion.protect`), so that neither the guest (KVM_RUN fails with EFAULT) nor the VMM can make the host
+back them, and sets `MemoryRegion.accessible`, which every checked access consults: a descriptor, ring or
+discard into such a range raises `GuestMemoryError` like any address outside guest RAM.
+
 Example::
 
     mem = GuestMemory()
@@ -32,6 +37,7 @@ import bisect
 import contextlib
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from memvisor.errors import MemvisorError
@@ -74,6 +80,8 @@ class MemoryRegion:
         self.closed = False
         # The KVM memslot number, set by the VMM when it registers the region (dirty logging is per slot).
         self.slot: int | None = None
+        # (offset, length) -> whether the range may be touched; None: all of it may (see the module docstring).
+        self.accessible: Callable[[int, int], bool] | None = None
         self.view = libc.memoryview_at(host_addr, size, readonly=readonly)
 
     @property
@@ -140,6 +148,16 @@ class MemoryRegion:
         except OSError as err:
             raise MemvisorError(f"cannot map {size} bytes of memory {name!r}: {err}; lower the size") from err
         return cls(gpa, size, name, readonly=False, host_addr=addr, fd=None)
+
+    def protect(self, offset: int, length: int, *, accessible: bool) -> None:
+        """Make [offset, offset+length) of the mapping inaccessible (PROT_NONE) or read-write again.
+
+        OSError when the kernel refuses (e.g. ENOMEM: too many mappings).
+        """
+        prot = libc.PROT_NONE
+        if accessible:
+            prot = libc.PROT_READ if self.readonly else libc.PROT_READ | libc.PROT_WRITE
+        libc.mprotect(self.host_addr + offset, length, prot)
 
     def discard(self, offset: int, length: int) -> None:
         """Give the host back [offset, offset+length) of this region (page aligned, already checked)."""
@@ -214,7 +232,11 @@ class GuestMemory:
             raise GuestMemoryError(f"guest address {gpa:#x} is not in guest memory")
         if gpa + length > region.end:
             raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} runs past the end of region {region.name!r}")
-        return region, gpa - region.gpa
+        offset = gpa - region.gpa
+        if region.accessible is not None and not region.accessible(offset, length):
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is in inaccessible (unplugged) memory of "
+                                   f"region {region.name!r}")
+        return region, offset
 
     def contains(self, gpa: int, length: int) -> bool:
         """True when [gpa, gpa+length) lies inside one region."""

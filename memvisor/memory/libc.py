@@ -12,6 +12,7 @@ import os
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # <sys/mman.h>
+PROT_NONE = 0x0
 PROT_READ = 0x1
 PROT_WRITE = 0x2
 MAP_SHARED = 0x01
@@ -32,6 +33,9 @@ _mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, 
 _munmap = _libc.munmap
 _munmap.restype = ctypes.c_int
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_mprotect = _libc.mprotect
+_mprotect.restype = ctypes.c_int
+_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _madvise = _libc.madvise
 _madvise.restype = ctypes.c_int
 _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -68,6 +72,11 @@ def mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> i
 def munmap(addr: int, length: int) -> None:
     if _munmap(addr, length) != 0:
         _raise_errno("munmap")
+
+
+def mprotect(addr: int, length: int, prot: int) -> None:
+    if _mprotect(addr, length, prot) != 0:
+        _raise_errno("mprotect")
 
 
 def madvise(addr: int, length: int, advice: int) -> None:

@@ -3,7 +3,8 @@
 Device memory lives above guest RAM (from 4 GiB, or from the end of RAM above 4 GiB), each region
 aligned to 128 MiB (virtio-mem hot-adds whole 128 MiB Linux memory blocks; pmem needs 2 MiB, and a section
 boundary keeps its ZONE_DEVICE pages simple). virtio-mem maps its whole region into one KVM memslot:
-unplugged blocks hold no host memory (they were discarded) and read as zeros.
+unplugged blocks hold no host memory (they were discarded) and are PROT_NONE, so a guest touching one stops
+the VM instead of making the host back it (memvisor/devices/mem/device.py).
 
 Each device model is imported where it is built: a guest without `--device` starts without them (in the lab,
 Python imports run at emulation speed and are most of the start-up).

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import ctypes
 import enum
+import errno
 import functools
 import os
 import signal
@@ -416,7 +417,7 @@ class Machine:
                 else:
                     self._finish(Outcome(StopReason.ERROR, self._describe_exit(vcpu, reason)))
         except KvmIoctlError as error:
-            self._finish(Outcome(StopReason.ERROR, f"vCPU {vcpu.index}: {error.strerror}"))
+            self._finish(Outcome(StopReason.ERROR, self._describe_run_error(vcpu, error)))
 
     def _handle_mmio(self, mmio: structs.KvmRunMmio) -> None:
         address, length = mmio.phys_addr, min(mmio.len, 8)
@@ -431,6 +432,18 @@ class Machine:
                 return
         if not mmio.is_write:
             ctypes.memset(ctypes.addressof(mmio.data), 0xFF, length)
+
+    def _describe_run_error(self, vcpu: Vcpu, error: KvmIoctlError) -> str:
+        """Why KVM_RUN failed. EFAULT: the guest touched memory the host keeps inaccessible (unplugged virtio-mem)."""
+        if error.errno != errno.EFAULT:
+            return f"vCPU {vcpu.index}: {error.strerror}"
+        try:
+            rip = vcpu.get_regs().rip
+        except KvmIoctlError:
+            rip = 0
+        return (f"vCPU {vcpu.index} touched guest memory the host does not back (at rip {rip:#x}): an unplugged "
+                "virtio-mem block, which the driver must never access; the VM was stopped. Use a guest whose "
+                "virtio-mem driver negotiates VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE (Linux 5.16 or later)")
 
     def _describe_exit(self, vcpu: Vcpu, reason: int) -> str:
         detail = ""

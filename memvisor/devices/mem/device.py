@@ -28,8 +28,18 @@ three hooks for the VMM and the control plane:
 - `on_size_change(plugged_size)`: the plugged size changed (QMP MEMORY_DEVICE_SIZE_CHANGE).
 
 Plugging optionally preallocates the blocks (fallocate on the memfd, or touching each page); unplugging
-punches the blocks out of the backing (`GuestMemory.discard`) so the host really gets them back. A virtio
-reset keeps the block states (section 5.15.5.2: the driver unplugs all on its next start).
+punches the blocks out of the backing so the host really gets them back. A virtio reset keeps the block
+states (section 5.15.5.2: the driver unplugs all on its next start); UNPLUG_ALL and a system reset punch out
+the whole region, whatever the guest did to it.
+
+Unplugged means inaccessible (VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, on by default): every unplugged block of
+the host mapping is PROT_NONE, and made read-write only while plugged. A guest that loads or stores into an
+unplugged block therefore costs the host nothing: KVM cannot fault the page in, KVM_RUN fails with EFAULT and
+the VMM stops the VM with a message saying so (the spec says the driver MUST NOT touch unplugged memory; a
+Linux driver never does). Descriptors, rings and balloon pages in unplugged blocks are refused by
+`GuestMemory` like addresses outside RAM (`MemoryRegion.accessible`). With the feature turned off (old
+drivers may read unplugged memory) the mapping stays read-write: such a guest can make the host back
+unplugged blocks until the next UNPLUG_ALL or reset.
 """
 
 from __future__ import annotations
@@ -160,6 +170,21 @@ class VirtioMemDevice(VirtioDevice):
         self._resize_usable_region(can_shrink=True)
         self._memory: GuestMemory | None = None
         self._queue: SplitVirtqueue | None = None
+        if unplugged_inaccessible:
+            try:
+                region.protect(0, region.size, accessible=False)
+            except OSError as err:
+                raise UsageError(f"virtio-mem region {region.name!r}: cannot make unplugged memory inaccessible "
+                                 f"({err.strerror}); raise vm.max_map_count or turn unplugged-inaccessible off") from err
+            region.accessible = self._accessible
+
+    def _accessible(self, offset: int, length: int) -> bool:
+        """Whether [offset, offset+length) of the region is all plugged (MemoryRegion.accessible)."""
+        if length <= 0:
+            return True
+        first = offset // self.block_size
+        last = (offset + length - 1) // self.block_size
+        return self._bitmap.all_plugged(first, last - first + 1)
 
     # --- host API ---------------------------------------------------------------------------------------
 
@@ -352,6 +377,8 @@ class VirtioMemDevice(VirtioDevice):
     def _plug(self, gpa: int, size: int) -> bool:
         """Make [gpa, gpa+size) usable; False (nothing changed) when that fails."""
         try:
+            if self.unplugged_inaccessible:
+                self.region.protect(gpa - self.addr, size, accessible=True)
             if self.prealloc:
                 self._preallocate(gpa, size)
             if self.on_plug is not None:
@@ -359,9 +386,19 @@ class VirtioMemDevice(VirtioDevice):
         except Exception as err:  # the host could not back or map the blocks: BUSY, roll back
             log.warning("virtio-mem: plugging %#x+%#x failed: %s", gpa, size, err)
             self.count("hook_failures")
+            self._make_inaccessible(gpa, size)
             self._discard(gpa, size)
             return False
         return True
+
+    def _make_inaccessible(self, gpa: int, size: int) -> None:
+        if not self.unplugged_inaccessible:
+            return
+        try:
+            self.region.protect(gpa - self.addr, size, accessible=False)
+        except OSError as err:  # the blocks stay mapped: the discard below still frees them
+            log.error("virtio-mem: cannot make %#x+%#x inaccessible: %s", gpa, size, err)
+            self.count("hook_failures")
 
     def _unplug(self, gpa: int, size: int) -> bool:
         """Take [gpa, gpa+size) from the guest and give it back to the host; False if the VMM refused."""
@@ -372,6 +409,7 @@ class VirtioMemDevice(VirtioDevice):
                 log.warning("virtio-mem: unmapping %#x+%#x failed: %s", gpa, size, err)
                 self.count("hook_failures")
                 return False
+        self._make_inaccessible(gpa, size)  # first, so the guest cannot fault a page back in after the discard
         self._discard(gpa, size)
         return True
 
@@ -385,13 +423,11 @@ class VirtioMemDevice(VirtioDevice):
         pages[::_PAGE_SIZE] = 0  # one write per page: the content of a newly plugged block is undefined
 
     def _discard(self, gpa: int, size: int) -> None:
-        memory = self._memory
+        """Punch [gpa, gpa+size) out of the backing (a host operation: allowed on inaccessible blocks too)."""
         try:
-            if memory is None:
-                raise GuestMemoryError("the device was never activated")
-            memory.discard(gpa, size)
-        except GuestMemoryError as err:
-            log.warning("virtio-mem: discarding %#x+%#x failed: %s", gpa, size, err)
+            self.region.discard(gpa - self.addr, size)
+        except OSError as err:
+            log.warning("virtio-mem: discarding %#x+%#x failed: %s", gpa, size, err.strerror)
             self.count("discard_failures")
             return
         self.count("bytes_discarded", size)
@@ -416,9 +452,19 @@ class VirtioMemDevice(VirtioDevice):
             self._bitmap.set_range(first, count, False)
             self.count("bytes_unplugged", size)
             changed = True
+        if ok:
+            self._discard_region()
         if changed:
             self._size_changed()
         return ok
+
+    def _discard_region(self) -> None:
+        """Nothing is plugged: give the host back the whole region (whatever a guest wrote to unplugged blocks)."""
+        try:
+            self.region.discard(0, self.region_size)
+        except OSError as err:
+            log.warning("virtio-mem: discarding the region failed: %s", err.strerror)
+            self.count("discard_failures")
 
     def _state_request(self, request: MemRequest) -> bytes:
         blocks = self._block_range(request)
