@@ -82,6 +82,8 @@ class MemoryRegion:
         self.slot: int | None = None
         # (offset, length) -> whether the range may be touched; None: all of it may (see the module docstring).
         self.accessible: Callable[[int, int], bool] | None = None
+        # Whether a balloon may give its pages back to the host: RAM yes, a user's file (pmem) never.
+        self.balloon_target = fd is None or not readonly
         self.view = libc.memoryview_at(host_addr, size, readonly=readonly)
 
     @property
@@ -136,7 +138,9 @@ class MemoryRegion:
         except BaseException:
             os.close(fd)
             raise
-        return cls(gpa, size, name, readonly=readonly, host_addr=addr, fd=fd)
+        region = cls(gpa, size, name, readonly=readonly, host_addr=addr, fd=fd)
+        region.balloon_target = False  # the user's data: a balloon page there would punch a hole in the file
+        return region
 
     @classmethod
     def anonymous(cls, gpa: int, size: int, name: str = "anon") -> MemoryRegion:

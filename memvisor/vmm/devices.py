@@ -56,6 +56,7 @@ def device_memory_start(memory_size: int) -> int:
 
 
 def _is_ram(region: MemoryRegion) -> bool:
+    """Boot RAM: what the dirty log covers, so the only memory free page hints may name."""
     return region.name.startswith("ram")
 
 
@@ -91,7 +92,7 @@ def _make_device(machine: Machine, spec: DeviceSpec, next_gpa: int) -> tuple[Vir
             deflate_on_oom=bool(props["deflate-on-oom"]),
             free_page_hint=bool(props["free-page-hint"]),
             free_page_reporting=bool(props["free-page-reporting"]),
-            region_filter=_is_ram,
+            hint_filter=_is_ram,
         ), None
     if spec.type == "virtio-mem":
         max_size = int(props["max-size"])

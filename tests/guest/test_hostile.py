@@ -1,23 +1,26 @@
 """Issue 12: a hostile guest cannot make the host hold memory.
 
-Unplugged virtio-mem memory (items 2): a Linux guest never touches it through its driver, so the misbehaving
+Unplugged virtio-mem memory (item 2): a Linux guest never touches it through its driver, so the misbehaving
 guest here is one that does not load the driver (`module_blacklist=virtio_mem`) and stores into the device's
 region with busybox `devmem` (an mmap of /dev/mem: the region is no System RAM and, without the driver, claimed
 by nobody, so the Debian kernel's STRICT_DEVMEM allows it). memvisor keeps unplugged blocks PROT_NONE: the first
 store stops the VM with a message saying why, and the device's memfd (read through a descriptor the test opens
 in the memvisor process, so it can be measured after memvisor exits) holds no more than before.
 The control run turns unplugged-inaccessible off and shows the same stores do cost the host memory.
+
+Balloon pages in plugged virtio-mem memory (item 3) go back to the host.
 """
 
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.guest.vm import GuestVM
+from tests.guest.vm import GuestVM, wait_until
 
 MiB = 1 << 20
 REGION_GPA = 1 << 32  # device memory starts at 4 GiB for a 512M guest (memvisor/vmm/devices.py)
@@ -91,3 +94,39 @@ def test_control_without_unplugged_inaccessible_the_same_stores_cost_host_memory
     before, after, _, status = attack(tmp_path, inaccessible=False)
     assert status is None  # the guest carries on
     assert after - before >= STORES * 4096
+
+
+FILL = 600 * MiB
+BALLOON_TARGET = 64 * MiB
+
+
+@pytest.mark.timeout(1200)
+def test_balloon_pages_in_plugged_virtio_mem_go_back_to_the_host(tmp_path: Path) -> None:
+    """Item 3: plug 1G, fill and free it, inflate: the host gets the virtio-mem memory back.
+
+    With one NUMA node, Linux's movable allocations (tmpfs pages, balloon pages) take ZONE_NORMAL first, which is
+    the memory virtio-mem onlined above 4 GiB; the 512M of boot RAM is ZONE_DMA32.
+    """
+    devices = ["virtio-mem,id=vm0,max-size=2G,requested-size=0", "virtio-balloon,id=balloon0"]
+    with GuestVM(tmp_path, memory="512M", devices=devices) as vm:
+        vm.cmd("qom-set", path="vm0", property="requested-size", value=1 << 30)
+        wait_until(lambda: vm.cmd("qom-get", path="vm0", property="size") == 1 << 30, timeout=300, interval=0.5,
+                   what="vm0 to plug 1G")
+        vm.check("mkdir -p /mnt/fill && mount -t tmpfs -o size=1G tmpfs /mnt/fill")
+        vm.check(f"dd if=/dev/zero of=/mnt/fill/f bs=1M count={FILL // MiB} 2>&1", timeout=600)
+        touched = vm.host_memory("vm0")
+        vm.check("rm /mnt/fill/f && umount /mnt/fill")
+        report(f"balloon: host memory of vm0 after the guest wrote {FILL // MiB} MiB: {touched // MiB} MiB")
+        assert touched >= FILL * 0.8, "the fill should land in virtio-mem memory (ZONE_NORMAL)"
+        started = time.monotonic()
+        vm.cmd("balloon", value=BALLOON_TARGET)
+        wait_until(lambda: int(vm.cmd("query-balloon")["actual"]) <= BALLOON_TARGET + MiB, timeout=600,
+                   interval=1, what="the balloon to inflate")
+        after = vm.host_memory("vm0")
+        report(f"balloon: inflated to {BALLOON_TARGET // MiB} MiB in {time.monotonic() - started:.1f} s; host "
+               f"memory of vm0 {touched // MiB} -> {after // MiB} MiB")
+        assert touched - after >= 300 * MiB  # most of the 448 MiB balloon came from virtio-mem memory
+        vm.cmd("balloon", value=512 * MiB)
+        wait_until(lambda: int(vm.cmd("query-balloon")["actual"]) == 512 * MiB, timeout=600, interval=1,
+                   what="the balloon to deflate")
+        vm.check("mount -t tmpfs -o size=1G tmpfs /mnt/fill && dd if=/dev/zero of=/mnt/fill/f bs=1M count=64 2>&1")

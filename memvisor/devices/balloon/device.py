@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from memvisor.devices.balloon.constants import (
@@ -97,7 +97,9 @@ COUNTER_NAMES = (
     "stats_updates",  # stats buffers received
     "stats_requests",  # stats buffers returned to the driver to refill
     "stats_unknown_tags",  # stat entries with a tag above 15 (ignored)
-    "errors",  # malformed buffers and PFNs or ranges outside RAM, all completed
+    "errors",  # malformed buffers and PFNs or ranges outside RAM, all completed (guest faults)
+    "pages_ignored",  # pages named in unplugged virtio-mem blocks: nothing done (guest faults)
+    "discard_failures",  # the host could not discard pages it should have (host failures, logged)
 )
 
 ChangeListener = Callable[[int], None]
@@ -114,7 +116,9 @@ class BalloonDevice(VirtioDevice):
     Feature options are offered as given; the device acts on what the driver negotiated. `on_change` is
     called (outside the device lock) with the guest's memory size in bytes, ram_size minus the balloon, each
     time the driver writes a new `actual`: the `actual` of QMP's BALLOON_CHANGE event. `region_filter`
-    chooses the guest memory regions the balloon may discard (default: every writable region).
+    chooses the guest memory regions the balloon may discard (default: writable RAM, boot or virtio-mem, never a
+    pmem file); pages in unplugged virtio-mem blocks are ignored and counted (`pages_ignored`). `hint_filter`
+    (default: the same) chooses where free page hints may point: only memory the dirty log covers.
     """
 
     device_id = VIRTIO_ID_BALLOON
@@ -133,6 +137,7 @@ class BalloonDevice(VirtioDevice):
         must_tell_host: bool = False,
         on_change: ChangeListener | None = None,
         region_filter: RegionFilter = writable_region,
+        hint_filter: RegionFilter | None = None,
     ):
         super().__init__()
         if ram_size <= 0 or ram_size % BALLOON_PAGE_SIZE:
@@ -154,6 +159,7 @@ class BalloonDevice(VirtioDevice):
         self.queue_max_sizes = (QUEUE_SIZE,) * len(queue_roles(self._offered))
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self.region_filter = region_filter
+        self.hint_filter = hint_filter or region_filter
         self._listeners: list[ChangeListener] = [on_change] if on_change else []
         # Configuration space (num_pages is the host's wish, actual and poison_val are the driver's).
         self.num_pages = 0
@@ -214,7 +220,7 @@ class BalloonDevice(VirtioDevice):
                     self._roles[index] = role
             self._ram = BalloonRam(memory, self.region_filter)
             self._inflated = PageBitmap(self._ram.pfn_limit)
-            self.hinting.attach(self._ram)
+            self.hinting.attach(BalloonRam(memory, self.hint_filter))
             self._stats_head = None
             self._next_stats_at = time.monotonic() + self._stats_interval if self._stats_interval else None
             self._arm_timer()
@@ -464,12 +470,31 @@ class BalloonDevice(VirtioDevice):
     def _inflate(self, chain: DescriptorChain) -> int:
         assert self._memory is not None
         self.count("inflate_requests")
-        for first, count in self._page_runs(self._pfns(chain)):
-            self._inflated.set_run(first, count)
-            self.count("pages_inflated", count)
-            if self._discard(first, count):
-                self.count("bytes_discarded", count << BALLOON_PAGE_SHIFT)
+        for run_first, run_count in self._page_runs(self._pfns(chain)):
+            for first, count in self._accessible_runs(run_first, run_count):
+                self._inflated.set_run(first, count)
+                self.count("pages_inflated", count)
+                if self._discard(first, count):
+                    self.count("bytes_discarded", count << BALLOON_PAGE_SHIFT)
         return 0
+
+    def _accessible_runs(self, first: int, count: int) -> Iterator[tuple[int, int]]:
+        """The parts of a run of pages the guest may use (not in unplugged virtio-mem blocks); the rest is counted."""
+        assert self._memory is not None
+        contains = self._memory.contains
+        if contains(first << BALLOON_PAGE_SHIFT, count << BALLOON_PAGE_SHIFT):
+            yield first, count
+            return
+        start = None
+        for pfn in range(first, first + count + 1):
+            ok = pfn < first + count and contains(pfn << BALLOON_PAGE_SHIFT, BALLOON_PAGE_SIZE)
+            if ok and start is None:
+                start = pfn
+            elif not ok and start is not None:
+                yield start, pfn - start
+                start = None
+            if not ok and pfn < first + count:
+                self.count("pages_ignored")
 
     def _deflate(self, chain: DescriptorChain) -> int:
         assert self._ram is not None
@@ -482,12 +507,13 @@ class BalloonDevice(VirtioDevice):
         return 0
 
     def _discard(self, first: int, count: int) -> bool:
+        """Give pages the guest may use back to the host; a failure is the host's, logged and counted as such."""
         assert self._memory is not None
         try:
             self._memory.discard(first << BALLOON_PAGE_SHIFT, count << BALLOON_PAGE_SHIFT)
         except GuestMemoryError as err:
-            log.debug("balloon: %s", err)
-            self.count("errors")
+            log.warning("balloon: %s", err)
+            self.count("discard_failures")
             return False
         return True
 
@@ -555,10 +581,10 @@ class BalloonDevice(VirtioDevice):
             if clipped is None:
                 self.count("errors")
                 continue
-            first, count = clipped
-            self.count("pages_reported", count)
-            if not keep and self._discard(first, count):
-                self.count("bytes_discarded", count << BALLOON_PAGE_SHIFT)
+            for first, count in self._accessible_runs(*clipped):
+                self.count("pages_reported", count)
+                if not keep and self._discard(first, count):
+                    self.count("bytes_discarded", count << BALLOON_PAGE_SHIFT)
         return 0
 
     # --- helpers ------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Guest RAM as the balloon sees it: which 4 KiB pages it may discard, and bitmaps of pages.
 
 The balloon names memory in 4 KiB page frame numbers (PFNs) or in guest physical ranges, both chosen by the
-guest, so both are hostile. `BalloonRam` keeps the regions the balloon may act on (writable guest RAM; a
-read-only pmem file or a region the VMM excludes is never discarded), turns a batch of PFNs into sorted
+guest, so both are hostile. `BalloonRam` keeps the regions the balloon may act on (writable guest RAM,
+including virtio-mem regions, whose unplugged blocks `GuestMemory` refuses; a pmem file, read-only memory or a
+region the VMM excludes is never discarded), turns a batch of PFNs into sorted
 runs of contiguous pages inside one region (one hole punch per run instead of one per page), and clips a
 range inward to whole pages inside one region. `PageBitmap` is one byte per PFN over that RAM.
 
@@ -28,8 +29,8 @@ RegionFilter = Callable[["MemoryRegion"], bool]
 
 
 def writable_region(region: MemoryRegion) -> bool:
-    """The default region filter: any region that is not read-only."""
-    return not region.readonly
+    """The default region filter: writable RAM (boot RAM, virtio-mem), never a file (pmem) or read-only memory."""
+    return not region.readonly and region.balloon_target
 
 
 def runs(pfns: Sequence[int]) -> list[tuple[int, int]]:
