@@ -12,7 +12,10 @@ transport registers or KVM. The transport (`memvisor.virtio.mmio`) drives it:
 
 A device raises an interrupt through the callback the transport binds: `signal_used(queue)` after adding
 used buffers (it honours the queue's notification suppression when a queue is given) and
-`signal_config_change()` after its configuration changed (the transport bumps ConfigGeneration).
+`signal_config_change()` after its configuration changed (the transport bumps ConfigGeneration). A device
+calls it inside the same `self.lock` section as the change, and serves `read_config` under `self.lock`, so
+that no config read sees a new value before the generation moved (virtio 1.2 section 4.2.2.1: a driver
+reading a 64-bit field as two 32-bit halves must never accept a torn value).
 An exception out of `activate`, `notify` or `write_config` makes the transport set DEVICE_NEEDS_RESET;
 work done on another thread reports its failure with `report_failure(error)` instead.
 
@@ -91,6 +94,12 @@ class VirtioDevice(abc.ABC):
     @abc.abstractmethod
     def device_features(self) -> int:
         """Feature bits offered to the driver; must include 1 << VIRTIO_F_VERSION_1."""
+
+    def accept_features(self, features: int) -> bool:
+        """Whether the driver's `features` are acceptable at FEATURES_OK (the transport checked VERSION_1 and
+        that nothing unoffered is set). A device that cannot work without one of its features says no here, so
+        the driver sees FEATURES_OK not stick and gives up, instead of waiting forever after DRIVER_OK."""
+        return True
 
     @abc.abstractmethod
     def read_config(self, offset: int, length: int) -> bytes:

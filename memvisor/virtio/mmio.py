@@ -7,7 +7,8 @@ raises. The transport owns the status state machine (virtio 1.2 section 3.1):
     0 -> ACKNOWLEDGE -> DRIVER -> (features written) FEATURES_OK -> (queues set up) DRIVER_OK
 
 Bits are only ever added (clearing one is ignored) and each needs its predecessor; FEATURES_OK sticks only if
-the driver accepted VIRTIO_F_VERSION_1 and nothing the device did not offer; DRIVER_OK activates the device;
+the driver accepted VIRTIO_F_VERSION_1 and nothing the device did not offer, and the device's
+`accept_features` agrees (virtio-mem refuses a driver without UNPLUGGED_INACCESSIBLE there); DRIVER_OK activates the device;
 writing 0 resets device and queues; FAILED is recorded. Register accesses of the wrong width (registers are
 32-bit; the config space takes 1, 2, 4 or 8 bytes), unknown offsets, notifications of a nonexistent queue or
 before DRIVER_OK are ignored (reads give zeros). QueueNum and the ring addresses are taken while the queue is
@@ -85,7 +86,9 @@ MMIO_VERSION = 2
 VENDOR = 0x554D4551  # "QEMU", what Linux and QEMU's virtio-mmio devices report
 
 _REG = struct.Struct("<I")
-_DEVICE_FEATURE_BITS = ((1 << 24) - 1) | (((1 << 50) - 1) & ~((1 << 41) - 1))
+# Device-specific feature bits: 0-23 and 50-127 (virtio 1.2 section 2.2); 24-49 are the transport's, and of
+# those only the ones it implements (TRANSPORT_FEATURES) are offered.
+_DEVICE_FEATURE_BITS = ((1 << 24) - 1) | (((1 << 128) - 1) & ~((1 << 50) - 1))
 _CONFIG_WIDTHS = (1, 2, 4, 8)
 _KNOWN_STATUS = (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK | STATUS_FAILED)
 # Each status bit the driver sets needs these already set (virtio 1.2 section 3.1.1).
@@ -155,7 +158,7 @@ class VirtioMmioTransport:
             except Exception as err:
                 self._device_failed(err)
                 features = 1 << VIRTIO_F_VERSION_1
-            # Device-specific bits are 0-23 and 41-49 (virtio 1.2 section 2.2); the reserved ones in between
+            # Device-specific bits are 0-23 and 50-127 (virtio 1.2 section 2.2); the reserved ones in between
             # are the transport's: VERSION_1 and the ring features it implements, never ACCESS_PLATFORM or PACKED.
             self._offered = (features & _DEVICE_FEATURE_BITS) | TRANSPORT_FEATURES
         return self._offered
@@ -355,7 +358,13 @@ class VirtioMmioTransport:
 
     def _features_acceptable(self) -> bool:
         features = self.driver_features
-        return bool(features >> VIRTIO_F_VERSION_1 & 1) and not features & ~self.offered_features()
+        if not features >> VIRTIO_F_VERSION_1 & 1 or features & ~self.offered_features():
+            return False
+        try:
+            return bool(self.device.accept_features(features))
+        except Exception as err:
+            self._device_failed(err)
+            return False
 
     def _activate(self) -> None:
         features = self.driver_features

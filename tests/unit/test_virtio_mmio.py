@@ -36,7 +36,7 @@ from memvisor.virtio.testing import DriverError, VirtioDriver, attach, test_memo
 
 READY = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
 F_DEVICE_A = 0  # a device-specific feature bit
-F_DEVICE_HIGH = 41
+F_DEVICE_HIGH = 50  # the first device-specific bit above the reserved 24-49 (virtio 1.2 section 2.2)
 
 
 class EchoDevice(VirtioDevice):
@@ -182,12 +182,14 @@ def test_driver_can_decline_ring_features(memory: GuestMemory) -> None:
 
 def test_offered_features(bench: Bench) -> None:
     bench.device.extra_features = (feature_bit(VIRTIO_F_ACCESS_PLATFORM) | feature_bit(VIRTIO_F_RING_PACKED)
-                                   | feature_bit(F_DEVICE_HIGH) | feature_bit(30) | feature_bit(60))
+                                   | feature_bit(F_DEVICE_HIGH) | feature_bit(30) | feature_bit(45)
+                                   | feature_bit(60))
     offered = bench.driver.device_features()
     assert has_feature(offered, VIRTIO_F_VERSION_1)
     assert has_feature(offered, VIRTIO_F_RING_INDIRECT_DESC) and has_feature(offered, VIRTIO_F_RING_EVENT_IDX)
     assert has_feature(offered, F_DEVICE_A) and has_feature(offered, F_DEVICE_HIGH)
-    for bit in (VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, 30, 60):
+    assert has_feature(offered, 60)  # device-specific bits are 0-23 and 50-127 (virtio 1.2 section 2.2)
+    for bit in (VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, 30, 45):  # 41-49 are reserved
         assert not has_feature(offered, bit)
     bench.set_reg(mmio.DEVICE_FEATURES_SEL, 2)
     assert bench.reg(mmio.DEVICE_FEATURES) == 0

@@ -238,10 +238,13 @@ def test_reset_during_a_flush_drops_the_answer_and_stops_the_worker(tmp_path: Pa
     gate = threading.Event()
     setup = Setup(tmp_path / "img", fsync=RecordingFsync(gate=gate))
     setup.submit([FLUSH], [RESPONSE.size])
-    timer = threading.Timer(0.1, gate.set)
-    timer.start()
-    setup.driver.write_reg(0x070, 0)  # driver resets the device: waits for the running fsync
-    timer.join()
+    started = time.monotonic()
+    setup.driver.write_reg(0x070, 0)  # driver resets the device: does not wait for the running fsync
+    assert time.monotonic() - started < 1 and not gate.is_set()
+    gate.set()
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("pmem-flush") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert setup.queue.used_idx() == 0  # the answer went nowhere
     assert setup.device.counters["flushes_ok"] == 1
     assert not any(t.name.startswith("pmem-flush") for t in threading.enumerate())

@@ -284,9 +284,9 @@ class BalloonDevice(VirtioDevice):
         limit = min(self.ram_size >> BALLOON_PAGE_SHIFT, 0xFFFF_FFFF)
         if not 0 <= pages <= limit:
             raise UsageError(f"balloon size {pages} pages is outside 0..{limit}; give a size within guest RAM")
-        with self.lock:
+        with self.lock:  # the generation moves with the value, before any config read can see it
             self.num_pages = pages
-        self.signal_config_change()
+            self.signal_config_change()
 
     def target_bytes(self) -> int:
         """The guest RAM size the host asked for."""
@@ -376,7 +376,7 @@ class BalloonDevice(VirtioDevice):
         with self.lock:
             self._require_feature(VIRTIO_BALLOON_F_FREE_PAGE_HINT, "free page hinting", "free_page_hint")
             cmd_id = self.hinting.start()
-        self.signal_config_change()
+            self.signal_config_change()
         return cmd_id
 
     def stop_hinting(self) -> None:
@@ -384,14 +384,14 @@ class BalloonDevice(VirtioDevice):
         with self.lock:
             self._require_feature(VIRTIO_BALLOON_F_FREE_PAGE_HINT, "free page hinting", "free_page_hint")
             self.hinting.stop()
-        self.signal_config_change()
+            self.signal_config_change()
 
     def done_hinting(self) -> None:
         """Tell the guest it may reuse the hinted pages (config cmd id DONE)."""
         with self.lock:
             self._require_feature(VIRTIO_BALLOON_F_FREE_PAGE_HINT, "free page hinting", "free_page_hint")
             self.hinting.done()
-        self.signal_config_change()
+            self.signal_config_change()
 
     @property
     def hint_state(self) -> HintState:
@@ -525,7 +525,9 @@ class BalloonDevice(VirtioDevice):
         if self._stats_head is not None:
             self.count("errors")  # the driver has only one stats buffer: give back the older one
             head, self._stats_head = self._stats_head, None
-            self._push(self._queues[QueueRole.STATS], head, 0)
+            queue = self._queues[QueueRole.STATS]
+            self._push(queue, head, 0)
+            self.signal_used(queue)  # the new buffer is held: without this the driver never hears of the old one
         result = self.stats.parse(chain.read_all(self._memory, MAX_STATS_BYTES))
         self.count("stats_updates")
         if result.unknown:

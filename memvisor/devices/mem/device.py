@@ -211,10 +211,10 @@ class VirtioMemDevice(VirtioDevice):
     def set_requested_size(self, size: int) -> None:
         """Ask the guest to plug `size` bytes in total; raises a config interrupt."""
         _validate(self.region, self.block_size, size, self.node_id)
-        with self.lock:
+        with self.lock:  # the generation moves with the value, before any config read can see it (item 4)
             self._requested_size = size
             self._resize_usable_region(can_shrink=False)
-        self.signal_config_change()
+            self.signal_config_change()
 
     def system_reset(self) -> None:
         """The machine resets: unplug every block (section 5.15.5: SHOULD) and size the usable region anew."""
@@ -260,6 +260,15 @@ class VirtioMemDevice(VirtioDevice):
     def write_config(self, offset: int, data: bytes) -> None:
         """The configuration is read-only for the driver (section 5.15.4.1): writes are ignored."""
         log.debug("virtio-mem: ignored driver write of %d bytes to config offset %d", len(data), offset)
+
+    def accept_features(self, features: int) -> bool:
+        """FEATURES_OK does not stick for a driver that would touch unplugged memory (as QEMU; Linux 5.8-5.15)."""
+        if self.unplugged_inaccessible and not has_feature(features, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE):
+            log.warning("virtio-mem: the guest driver does not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE; use a "
+                        "guest kernel of 5.16 or later or turn unplugged-inaccessible off")
+            self.count("errors")
+            return False
+        return True
 
     def activate(self, memory: GuestMemory, queues: list[SplitVirtqueue], features: int) -> None:
         if self.unplugged_inaccessible and not has_feature(features, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE):

@@ -149,17 +149,24 @@ class VirtioPmemDevice(VirtioDevice):
                     self.signal_used(queue)
 
     def reset(self) -> None:
-        """Forget the queue; flushes still running finish their fsync but answer nobody."""
+        """Forget the queue; a flush still running finishes its fsync in the background and answers nobody.
+
+        Reset never waits for host I/O: it runs on a vCPU under the transport lock, and an fsync can take
+        seconds (every other vCPU touching the device would stall meanwhile).
+        """
+        self._stop_worker(wait=False)
+
+    def close(self) -> None:
+        """Stop the worker thread (waiting for a running fsync)."""
+        self._stop_worker(wait=True)
+
+    def _stop_worker(self, *, wait: bool) -> None:
         with self.lock:
             self._generation += 1
             self._queue = None
             executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)  # outside the lock: workers take it to answer
-
-    def close(self) -> None:
-        """Stop the worker thread (waiting for a running fsync)."""
-        self.reset()
+            executor.shutdown(wait=wait, cancel_futures=True)  # outside the lock: workers take it to answer
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no flush is in flight (for tests and orderly shutdown); True if none is left."""
