@@ -99,10 +99,7 @@ class BalloonAdapter:
         self._cycles: list[HintStatus] = []  # finished cycles, newest last (at most 16 kept)
 
     def set_target_bytes(self, target: int) -> None:
-        try:
-            self.device.set_target(target)
-        except MemvisorError as err:
-            raise MachineError(str(err)) from err
+        self.device.set_target(target)  # a refusal is a UsageError: QMP maps it once, at its boundary
 
     def actual_bytes(self) -> int:
         return self.device.guest_memory_bytes()
@@ -153,10 +150,10 @@ class BalloonAdapter:
                 self.device.hinting.dirty_source = log.dirty_pages
                 log.start_dirty_log()
             self.device.start_hinting()
-        except MemvisorError as err:
+        except MemvisorError:
             if log is not None and started_log:
                 log.stop_dirty_log()  # no cycle started: no need to slow the guest's writes
-            raise MachineError(str(err)) from err
+            raise
         return self._current()
 
     def hint_stop(self) -> HintStatus:
@@ -169,11 +166,8 @@ class BalloonAdapter:
         x-query-balloon-hints and keeps losing the pages the guest writes from now on.
         """
         self._apply_dirty_log()
-        try:
-            self.device.stop_hinting()
-            self.device.done_hinting()
-        except MemvisorError as err:
-            raise MachineError(str(err)) from err
+        self.device.stop_hinting()
+        self.device.done_hinting()
         return self._current()
 
     def hint_status(self) -> list[HintStatus]:
@@ -202,8 +196,5 @@ def virtio_pmem_info(device: VirtioPmemDevice, device_id: str) -> VirtioPmemInfo
 
 
 def set_mem_requested_size(device: VirtioMemDevice, size: int) -> None:
-    """MachineControl.set_requested_size for one device; the device's refusal becomes a MachineError."""
-    try:
-        device.set_requested_size(size)
-    except MemvisorError as err:
-        raise MachineError(str(err)) from err
+    """MachineControl.set_requested_size for one device; a refusal (UsageError) goes to QMP as it is."""
+    device.set_requested_size(size)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from memvisor.control.errors import QmpError
-from memvisor.control.machine_api import MachineError
+from memvisor.errors import MemvisorError
 
 Execute = Callable[[str, dict[str, Any]], Any]
 EOL = "\r\n"
@@ -101,6 +101,6 @@ def run(command_line: str, execute: Execute) -> str:
             return INFO[words[1]](execute)
         if words[0] in COMMANDS:
             return COMMANDS[words[0]](execute, words[1:])
-    except (QmpError, MachineError) as err:
+    except (QmpError, MemvisorError) as err:
         return _lines(f"Error: {err}")
     return _lines(f"unknown command: '{command_line.strip()}'")

@@ -19,13 +19,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from memvisor.errors import MemvisorError
+
 EventData = dict[str, Any] | None
 EventSink = Callable[[str, EventData], None]
 """`emit(event_name, data)`: called by the machine, from any thread, never blocks for long."""
 
 
-class MachineError(Exception):
-    """The machine refused or failed a control request; `error_class` is the QMP error class to report."""
+class MachineError(MemvisorError):
+    """The machine refused or failed a control request; `error_class` is the QMP error class to report.
+
+    Any other MemvisorError out of a device (a UsageError for a bad value, a HostFailure) reaches QMP as it is:
+    the server maps every MemvisorError once, at its boundary, to GenericError with its message."""
 
     def __init__(self, message: str, error_class: str = "GenericError") -> None:
         super().__init__(message)

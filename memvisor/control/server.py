@@ -35,7 +35,7 @@ from typing import Any
 from memvisor.control import commands
 from memvisor.control.errors import COMMAND_NOT_FOUND, QmpError
 from memvisor.control.events import event_message
-from memvisor.control.machine_api import EventData, MachineControl, MachineError
+from memvisor.control.machine_api import EventData, MachineControl
 from memvisor.control.stream import JsonSplitter, StreamLimitError
 from memvisor.errors import MemvisorError
 
@@ -284,8 +284,8 @@ class QmpServer:
                 cmd = commands.REGISTRY.get(name)
                 after_reply = cmd.after_reply if cmd is not None else None
                 reply["return"] = await self._call(commands.execute, self._ctx, name, arguments)
-        except (QmpError, MachineError) as err:
-            reply = {"error": {"class": err.error_class, "desc": str(err)}}
+        except (QmpError, MemvisorError) as err:  # the one place memvisor's errors become QMP errors
+            reply = {"error": {"class": getattr(err, "error_class", "GenericError"), "desc": str(err)}}
             after_reply = None
         except asyncio.CancelledError:
             raise

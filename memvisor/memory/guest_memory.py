@@ -40,7 +40,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from memvisor.errors import MemvisorError
+from memvisor.errors import GuestFault, HostFailure, MemvisorError
 from memvisor.memory import libc
 from memvisor.memory.libc import PAGE_SIZE
 
@@ -51,8 +51,13 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-class GuestMemoryError(MemvisorError):
-    """An access outside guest RAM, wrapping past 2**64, spanning regions, or writing a read-only region."""
+class GuestMemoryError(GuestFault):
+    """An access outside guest RAM (or in unplugged memory), wrapping past 2**64, spanning regions, or writing a
+    read-only region: the guest named an address it does not own."""
+
+
+class DiscardError(HostFailure):
+    """The host could not give back memory it should have (fallocate or madvise failed)."""
 
 
 def _check_layout(gpa: int, size: int, name: str) -> None:
@@ -307,7 +312,8 @@ class GuestMemory:
         """Give the host back the page-aligned range [gpa, gpa+length); it reads as zeros afterwards.
 
         memfd and file regions get a hole punched (the file shrinks on disk, every mapping of it drops the
-        pages); private anonymous regions get MADV_DONTNEED. Read-only regions cannot be discarded.
+        pages); private anonymous regions get MADV_DONTNEED. Read-only regions cannot be discarded
+        (GuestMemoryError, like a range outside RAM); a host failure to discard raises DiscardError.
         """
         if gpa % PAGE_SIZE or length % PAGE_SIZE:
             raise GuestMemoryError(f"discard of {gpa:#x}+{length:#x} is not aligned to the {PAGE_SIZE}-byte page")
@@ -319,7 +325,7 @@ class GuestMemory:
         try:
             region.discard(offset, length)
         except OSError as err:
-            raise GuestMemoryError(f"cannot discard {gpa:#x}+{length:#x} of region {region.name!r}: "
+            raise DiscardError(f"cannot discard {gpa:#x}+{length:#x} of region {region.name!r}: "
                                    f"{err.strerror}") from err
 
     def allocated_bytes(self, region: MemoryRegion | None = None) -> int:

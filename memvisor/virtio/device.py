@@ -10,6 +10,9 @@ transport registers or KVM. The transport (`memvisor.virtio.mmio`) drives it:
 - `notify(queue_index)` runs when the driver kicks a queue.
 - `reset()` runs when the driver writes 0 to the status register.
 
+Every device takes its requests with `drain(queue, handle)`: one queue's worth of chains per call, each
+answered (or kept), one interrupt at the end, and the one policy for malformed chains stated there.
+
 A device raises an interrupt through the callback the transport binds: `signal_used(queue)` after adding
 used buffers (it honours the queue's notification suppression when a queue is given) and
 `signal_config_change()` after its configuration changed (the transport bumps ConfigGeneration). A device
@@ -26,13 +29,24 @@ signal; the transport never calls into a device while holding a lock a device co
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from memvisor.errors import GuestFault
+from memvisor.memory.guest_memory import GuestMemoryError
+from memvisor.virtio.queue import VirtqueueError
+
 if TYPE_CHECKING:
     from memvisor.memory.guest_memory import GuestMemory
-    from memvisor.virtio.queue import SplitVirtqueue
+    from memvisor.virtio.queue import DescriptorChain, SplitVirtqueue
+
+log = logging.getLogger(__name__)
+
+# What a request handler given to `VirtioDevice.drain` returns: the bytes written into the chain's
+# device-writable buffers (the chain is returned now), or None (the device keeps it and answers later).
+Handler = Callable[["DescriptorChain"], "int | None"]
 
 # Reserved feature bits, virtio 1.2 section 6.
 VIRTIO_F_RING_INDIRECT_DESC = 28
@@ -71,11 +85,12 @@ def has_feature(features: int, bit: int) -> bool:
     return bool(features >> bit & 1)
 
 
-class VirtioDeviceError(Exception):
-    """A device cannot go on (a malformed request it cannot answer, a failed activation).
+class VirtioDeviceError(GuestFault):
+    """A device cannot go on because its driver broke a rule it cannot answer (a broken ring, DRIVER_OK
+    without a queue, a refused feature).
 
-    Each device subclasses it (BalloonError, MemError, PmemError). Raised out of a device method, it makes
-    the transport set DEVICE_NEEDS_RESET.
+    Each device subclasses it (BalloonError, MemError, PmemError, ConsoleError). Raised out of a device method,
+    it makes the transport set DEVICE_NEEDS_RESET; it never travels further (the guest cannot crash the VMM).
     """
 
 
@@ -150,6 +165,66 @@ class VirtioDevice(abc.ABC):
         failure = getattr(self, "_failure", None)
         if failure is not None:
             failure(error)
+
+    # --- taking requests ---------------------------------------------------------------------------------
+
+    def drain(self, queue: SplitVirtqueue, handle: Handler, *, fault_counter: str = "errors",
+              error: type[VirtioDeviceError] = VirtioDeviceError, more: Callable[[], bool] | None = None) -> int:
+        """Take the available chains of `queue`, answer each, and interrupt once; return how many were answered.
+
+        At most one queue's worth per call (the work a kick causes is bounded), and only while `more()` is true
+        when given. `handle(chain)` returns the bytes it wrote into the chain's buffers, or None when the
+        device keeps the chain to answer later. The policy for a hostile driver, the same for every device
+        (QEMU answers the first kind too, and marks the device broken for the second):
+
+        - a malformed chain whose head is known (a descriptor loop, a buffer outside guest RAM or in unplugged
+          memory, a bad indirect table) or a buffer that fails while `handle` reads or writes it
+          (VirtqueueError, GuestMemoryError): a guest fault, returned with 0 bytes written, counted in
+          `fault_counter`, logged at debug level only (the guest controls how often), and draining goes on;
+        - a ring too broken to answer (no head: the available index running ahead, more heads in flight than
+          the queue holds, a head out of range, a used ring that cannot be written): `error` is raised, which
+          the transport turns into DEVICE_NEEDS_RESET. Chains answered before it are still signalled.
+        """
+        answered = 0
+        try:
+            for _ in range(max(queue.size, 1)):
+                if more is not None and not more():
+                    break
+                try:
+                    chain = queue.pop()
+                except VirtqueueError as err:
+                    if err.head is None:
+                        raise error(f"queue {queue.index}: {err}") from err
+                    self._drain_fault(queue, fault_counter, err)
+                    self._drain_push(queue, err.head, 0, error)
+                    answered += 1
+                    continue
+                if chain is None:
+                    break
+                try:
+                    written = handle(chain)
+                except (VirtqueueError, GuestMemoryError) as err:
+                    self._drain_fault(queue, fault_counter, err)
+                    written = 0
+                if written is None:
+                    continue
+                self._drain_push(queue, chain.head, written, error)
+                answered += 1
+        finally:
+            if answered:
+                self.signal_used(queue)
+        return answered
+
+    def _drain_fault(self, queue: SplitVirtqueue, counter: str, err: Exception) -> None:
+        log.debug("virtio device %d queue %d: %s", self.device_id, queue.index, err)
+        self.count(counter)
+
+    @staticmethod
+    def _drain_push(queue: SplitVirtqueue, head: int, written: int, error: type[VirtioDeviceError]) -> None:
+        try:
+            queue.push_used(head, written)
+        except VirtqueueError as err:
+            raise error(f"queue {queue.index}: {err}") from err
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add `amount` to counter `name`."""

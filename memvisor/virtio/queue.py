@@ -40,6 +40,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 
+from memvisor.errors import GuestFault
 from memvisor.memory.guest_memory import GuestMemory, GuestMemoryError
 
 # Descriptor flags, virtio 1.2 section 2.7.5.
@@ -80,8 +81,8 @@ def used_ring_size(size: int) -> int:
     return 4 + USED_ELEM.size * size + 2
 
 
-class VirtqueueError(Exception):
-    """A malformed ring or descriptor chain. `head` is the chain's head index when it is known."""
+class VirtqueueError(GuestFault):
+    """A malformed ring or descriptor chain (a guest fault). `head` is the chain's head index when it is known."""
 
     def __init__(self, message: str, head: int | None = None):
         super().__init__(message)

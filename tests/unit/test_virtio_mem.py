@@ -515,22 +515,30 @@ def test_padding_in_requests_is_ignored(s: Setup) -> None:
     assert RESPONSE.unpack(response)[0] == VIRTIO_MEM_RESP_ACK
 
 
-def test_malformed_ring_marks_the_device_broken_not_the_vmm(s: Setup) -> None:
+def test_malformed_chain_is_answered_empty_and_counted_not_raised(s: Setup) -> None:
+    """The one malformed-chain policy of VirtioDevice.drain (issue 12): answered with 0 bytes, counted."""
     s.queue.write_desc(0, addr=0x1000, length=24, flags=VIRTQ_DESC_F_NEXT, next=0)  # a loop
     s.queue.publish(0)
     s.queue.kick()
-    assert s.broken
+    assert not s.broken and s.queue.used_idx() == 1
+    assert s.device.counters["errors"] == 1
     assert isinstance(MemError("x"), VirtioDeviceError)
 
 
-def test_writable_descriptor_outside_ram_marks_broken_without_writing(s: Setup) -> None:
+def test_broken_ring_marks_the_device_broken_not_the_vmm(s: Setup) -> None:
+    s.queue.set_avail_idx(1000)  # far more than the queue size ahead: no head to answer
+    s.queue.kick()
+    assert s.broken
+
+
+def test_writable_descriptor_outside_ram_is_refused_without_writing(s: Setup) -> None:
     request_addr = s.driver.allocator.alloc(24)
     s.memory.write(request_addr, MemRequest(VIRTIO_MEM_REQ_PLUG, VMEM_GPA, 1).encode())
     s.queue.write_desc(0, addr=request_addr, length=24, flags=VIRTQ_DESC_F_NEXT, next=1)
     s.queue.write_desc(1, addr=2**64 - 4, length=10, flags=VIRTQ_DESC_F_WRITE)
     s.queue.publish(0)
     s.queue.kick()
-    assert s.broken and s.device.plugged_size == 0
+    assert s.device.plugged_size == 0 and s.device.counters["errors"] == 1 and s.queue.used_idx() == 1
 
 
 def test_notify_of_another_queue_is_ignored(s: Setup) -> None:

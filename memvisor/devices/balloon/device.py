@@ -69,7 +69,7 @@ from memvisor.devices.balloon.hinting import FreePageHinting, HintState
 from memvisor.devices.balloon.pages import BalloonRam, PageBitmap, RegionFilter, writable_region
 from memvisor.devices.balloon.stats import BalloonStats
 from memvisor.errors import UsageError
-from memvisor.memory.guest_memory import GuestMemory, GuestMemoryError
+from memvisor.memory.guest_memory import DiscardError, GuestMemory, GuestMemoryError
 from memvisor.virtio.device import (
     VIRTIO_F_VERSION_1,
     VIRTIO_ID_BALLOON,
@@ -415,34 +415,8 @@ class BalloonDevice(VirtioDevice):
     # --- queue processing ---------------------------------------------------------------------------------
 
     def _drain(self, queue: SplitVirtqueue, handler: Callable[[DescriptorChain], int | None]) -> None:
-        """Complete every available chain (at most one queue's worth), then interrupt once."""
-        pushed = False
-        for _ in range(max(queue.size, 1)):
-            try:
-                chain = queue.pop()
-            except VirtqueueError as err:
-                if err.head is None:  # the ring itself is broken: no head to answer
-                    raise BalloonError(f"balloon queue {queue.index}: {err}") from err
-                # A malformed chain (a loop, a buffer outside RAM...): answer it untouched and go on.
-                log.debug("balloon queue %d: %s", queue.index, err)
-                self.count("errors")
-                self._push(queue, err.head, 0)
-                pushed = True
-                continue
-            if chain is None:
-                break
-            try:
-                written = handler(chain)
-            except (VirtqueueError, GuestMemoryError) as err:
-                log.debug("balloon queue %d: buffer %d failed: %s", queue.index, chain.head, err)
-                self.count("errors")
-                written = 0
-            if written is None:
-                continue  # held by the device (the stats buffer)
-            self._push(queue, chain.head, written)
-            pushed = True
-        if pushed:
-            self.signal_used(queue)
+        """Complete every available chain (VirtioDevice.drain; the stats buffer is kept: None)."""
+        self.drain(queue, handler, fault_counter="errors", error=BalloonError)
 
     def _push(self, queue: SplitVirtqueue, head: int, written: int) -> None:
         try:
@@ -511,7 +485,7 @@ class BalloonDevice(VirtioDevice):
         assert self._memory is not None
         try:
             self._memory.discard(first << BALLOON_PAGE_SHIFT, count << BALLOON_PAGE_SHIFT)
-        except GuestMemoryError as err:
+        except (DiscardError, GuestMemoryError) as err:  # checked accessible before: the host's failure
             log.warning("balloon: %s", err)
             self.count("discard_failures")
             return False

@@ -34,7 +34,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from memvisor.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice, VirtioDeviceError, feature_bit
-from memvisor.virtio.queue import VirtqueueError
 
 if TYPE_CHECKING:
     from memvisor.memory.guest_memory import GuestMemory
@@ -162,88 +161,41 @@ class VirtioConsoleDevice(VirtioDevice):
 
     # --- queues (called with self.lock held) --------------------------------------------------------------
 
-    def _pop(self, queue: SplitVirtqueue) -> DescriptorChain | int | None:
-        """The next chain, None when there is none, or the head of a malformed chain (already answered)."""
-        try:
-            return queue.pop()
-        except VirtqueueError as err:
-            if err.head is None:
-                raise ConsoleError(f"virtio-console queue {queue.index}: {err}") from err
-            log.warning("virtio-console: malformed chain on queue %d: %s", queue.index, err)
-            self.count("bad_chains")
-            self._return(queue, err.head, 0)
-            return err.head
-
-    def _return(self, queue: SplitVirtqueue, head: int, written: int) -> None:
-        try:
-            queue.push_used(head, written)
-        except VirtqueueError as err:
-            raise ConsoleError(f"virtio-console queue {queue.index}: {err}") from err
-
     def _fill_receive_buffers(self) -> None:
         """Copy pending host bytes into the posted receive buffers, at most one queue's worth; signal once."""
         if not self._pending or not self._queues or self._broken:
             return
-        queue = self._queues[RECEIVEQ]
         memory = self._memory
         assert memory is not None
-        used = 0
-        try:
-            for _ in range(queue.size):
-                if not self._pending:
-                    break
-                chain = self._pop(queue)
-                if chain is None:
-                    break
-                used += 1
-                if isinstance(chain, int):
-                    continue
-                if chain.readable or not chain.writable:
-                    self.count("bad_chains")  # a receive buffer must be device-writable only
-                    self._return(queue, chain.head, 0)
-                    continue
-                try:
-                    written = chain.write_all(memory, bytes(self._pending[:chain.writable_length]))
-                except VirtqueueError:
-                    self.count("bad_chains")
-                    written = 0
-                self._return(queue, chain.head, written)
-                del self._pending[:written]
-                self.count("rx_bytes", written)
-                self.count("rx_buffers")
-        finally:
-            if used:
-                self.signal_used(queue)
+
+        def receive(chain: DescriptorChain) -> int:
+            if chain.readable or not chain.writable:
+                self.count("bad_chains")  # a receive buffer must be device-writable only
+                return 0
+            written = chain.write_all(memory, bytes(self._pending[:chain.writable_length]))
+            del self._pending[:written]
+            self.count("rx_bytes", written)
+            self.count("rx_buffers")
+            return written
+
+        self.drain(self._queues[RECEIVEQ], receive, fault_counter="bad_chains", error=ConsoleError,
+                   more=lambda: bool(self._pending))
 
     def _drain_transmit_buffers(self, out: list[bytes]) -> None:
         """Take the posted transmit buffers (at most one queue's worth), appending their bytes to `out`."""
-        queue = self._queues[TRANSMITQ]
         memory = self._memory
         assert memory is not None
-        used = 0
-        try:
-            for _ in range(queue.size):
-                chain = self._pop(queue)
-                if chain is None:
-                    break
-                used += 1
-                if isinstance(chain, int):
-                    continue
-                if chain.writable:
-                    self.count("bad_chains")  # a transmit buffer must be device-readable only
-                    self._return(queue, chain.head, 0)
-                    continue
-                try:
-                    data = chain.read_all(memory, MAX_CHAIN_BYTES)
-                except VirtqueueError:
-                    self.count("bad_chains")
-                    data = b""
-                self.count("dropped_bytes", chain.readable_length - len(data))
-                self._return(queue, chain.head, 0)
-                if data:
-                    out.append(data)
-                self.count("tx_bytes", len(data))
-                self.count("tx_buffers")
-        finally:
-            if used:
-                self.signal_used(queue)
+
+        def transmit(chain: DescriptorChain) -> int:
+            if chain.writable:
+                self.count("bad_chains")  # a transmit buffer must be device-readable only
+                return 0
+            data = chain.read_all(memory, MAX_CHAIN_BYTES)
+            self.count("dropped_bytes", chain.readable_length - len(data))
+            if data:
+                out.append(data)
+            self.count("tx_bytes", len(data))
+            self.count("tx_buffers")
+            return 0
+
+        self.drain(self._queues[TRANSMITQ], transmit, fault_counter="bad_chains", error=ConsoleError)

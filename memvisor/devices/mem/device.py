@@ -291,39 +291,23 @@ class VirtioMemDevice(VirtioDevice):
             queue = self._queue
             if queue is None or queue_index != 0:
                 return
-            completed = 0
-            try:
-                for _ in range(max(queue.size, 1)):
-                    chain = queue.pop()
-                    if chain is None:
-                        break
-                    self._complete(queue, chain)
-                    completed += 1
-            finally:
-                if completed:
-                    self.signal_used(queue)
+            self.drain(queue, self._complete, fault_counter="errors", error=MemError)
 
     # --- requests ---------------------------------------------------------------------------------------
 
-    def _complete(self, queue: SplitVirtqueue, chain: DescriptorChain) -> None:
-        """Answer one chain and return its head to the driver, whatever it holds."""
+    def _complete(self, chain: DescriptorChain) -> int:
+        """Answer one chain; the bytes written into its response buffer (drain returns the head)."""
         memory = self._memory
         assert memory is not None
-        written = 0
         if chain.writable_length < RESPONSE.size:
-            log.warning("virtio-mem: request without a %d-byte response buffer, returned unanswered", RESPONSE.size)
+            log.debug("virtio-mem: request without a %d-byte response buffer, returned unanswered", RESPONSE.size)
             self.count("errors")
-        else:
-            try:
-                data = chain.read_all(memory, REQUEST.size)
-            except (GuestMemoryError, VirtqueueError):
-                data = b""
-            response = self._answer(data)
-            try:
-                written = chain.write_all(memory, response)
-            except (GuestMemoryError, VirtqueueError):
-                written = 0
-        queue.push_used(chain.head, written)
+            return 0
+        try:
+            data = chain.read_all(memory, REQUEST.size)
+        except (GuestMemoryError, VirtqueueError):
+            data = b""
+        return chain.write_all(memory, self._answer(data))
 
     def _answer(self, data: bytes) -> bytes:
         """The response to the request bytes `data`, with the counters updated."""

@@ -137,16 +137,7 @@ class VirtioPmemDevice(VirtioDevice):
             queue = self._queue
             if queue is None or queue_index != 0:
                 return
-            answered = 0
-            try:
-                for _ in range(max(queue.size, 1)):
-                    chain = queue.pop()
-                    if chain is None:
-                        break
-                    answered += self._take(queue, chain)
-            finally:
-                if answered:
-                    self.signal_used(queue)
+            self.drain(queue, lambda chain: self._take(queue, chain), fault_counter="bad_requests", error=PmemError)
 
     def reset(self) -> None:
         """Forget the queue; a flush still running finishes its fsync in the background and answers nobody.
@@ -177,35 +168,32 @@ class VirtioPmemDevice(VirtioDevice):
 
     # --- requests ---------------------------------------------------------------------------------------
 
-    def _take(self, queue: SplitVirtqueue, chain: DescriptorChain) -> int:
-        """Handle one chain; the number of used buffers pushed now (0 when the worker will answer)."""
+    def _take(self, queue: SplitVirtqueue, chain: DescriptorChain) -> int | None:
+        """Handle one chain: the bytes written to answer it now, or None when the worker will answer."""
         memory = self._memory
         assert memory is not None
         if chain.writable_length < RESPONSE.size:
-            log.warning("virtio-pmem: request without a 4-byte response buffer, returned unanswered")
+            log.debug("virtio-pmem: request without a 4-byte response buffer, returned unanswered")
             self.count("bad_requests")
-            queue.push_used(chain.head, 0)
-            return 1
+            return 0
         try:
             data = chain.read_all(memory, REQUEST.size + 1)
         except (GuestMemoryError, VirtqueueError):
             data = b""
         if len(data) != REQUEST.size or REQUEST.unpack(data)[0] != VIRTIO_PMEM_REQ_TYPE_FLUSH:
-            log.warning("virtio-pmem: malformed request of %d bytes", len(data))
+            log.debug("virtio-pmem: malformed request of %d bytes", len(data))
             self.count("bad_requests")
-            self._answer(queue, chain, RET_FAILED)
-            return 1
+            return self._response(chain, RET_FAILED)
         self.count("flush_requests")
         if self.readonly:  # nothing can be dirty: the guest cannot write the file
             self.count("flushes_ok")
-            self._answer(queue, chain, RET_OK)
-            return 1
+            return self._response(chain, RET_OK)
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmem-flush")
         future = self._executor.submit(self._flush, queue, chain, self._generation)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
-        return 0
+        return None
 
     def _flush(self, queue: SplitVirtqueue, chain: DescriptorChain, generation: int) -> None:
         """Worker thread: fsync the file, then answer under the device lock."""
@@ -228,11 +216,14 @@ class VirtioPmemDevice(VirtioDevice):
             except Exception as err:  # a ring the guest broke meanwhile: mark the device broken
                 self.report_failure(err)
 
-    def _answer(self, queue: SplitVirtqueue, chain: DescriptorChain, ret: int) -> None:
+    def _response(self, chain: DescriptorChain, ret: int) -> int:
+        """Write the response `ret` into the chain; the bytes written (0 if its buffer broke meanwhile)."""
         memory = self._memory
         assert memory is not None
         try:
-            written = chain.write_all(memory, RESPONSE.pack(ret))
+            return chain.write_all(memory, RESPONSE.pack(ret))
         except (GuestMemoryError, VirtqueueError):
-            written = 0
-        queue.push_used(chain.head, written)
+            return 0
+
+    def _answer(self, queue: SplitVirtqueue, chain: DescriptorChain, ret: int) -> None:
+        queue.push_used(chain.head, self._response(chain, ret))
