@@ -84,6 +84,12 @@ class DirtyPageLog(Protocol):
         """Pages written since the previous call: a bool array indexed by guest PFN."""
 
 
+def _per_hint_source(log: DirtyPageLog) -> Callable[[], np.ndarray]:
+    """What the device asks before each hint: the PFN array when the log offers one (cost in proportion to the
+    writes), else the bool mask (O(RAM) per hint)."""
+    return getattr(log, "dirty_pfns", log.dirty_pages)  # type: ignore[no-any-return]
+
+
 class BalloonAdapter:
     """`BalloonControl` over a BalloonDevice.
 
@@ -147,7 +153,7 @@ class BalloonAdapter:
         started_log = log is not None and not log.dirty_logging
         try:
             if log is not None:
-                self.device.hinting.dirty_source = log.dirty_pages
+                self.device.hinting.dirty_source = _per_hint_source(log)
                 log.start_dirty_log()
             self.device.start_hinting()
         except MemvisorError:

@@ -116,6 +116,34 @@ class DirtyLog:
             self.active = False
             self._buffers.clear()
 
+    def fetch_pfns(self) -> np.ndarray:
+        """The guest PFNs written since `start()` or the previous fetch, sorted (an int64 array).
+
+        Costs one bitmap copy in KVM and a scan of its 64-bit words at C speed (1/64 of a page per page of
+        RAM), then work in proportion to the pages written: what a free page hint can afford each time
+        (`fetch()` builds a bool per page of RAM, O(RAM) in Python's terms: milliseconds for a 16 GiB guest).
+        """
+        import numpy as np
+
+        found: list[np.ndarray] = []
+        with self._lock:
+            if not self.active:
+                return np.zeros(0, dtype=np.int64)
+            for info in self._slot_infos():
+                buffer = self._buffers[info.slot]
+                self._vm.get_dirty_log(info.slot, buffer)
+                pages = info.size >> PAGE_SHIFT
+                words = np.frombuffer(buffer.raw, dtype=np.uint64)
+                nonzero = np.flatnonzero(words)
+                if not nonzero.size:
+                    continue
+                bits = np.unpackbits(words[nonzero].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+                rows, cols = np.nonzero(bits)
+                pfns = nonzero[rows].astype(np.int64) * 64 + cols
+                pfns = pfns[pfns < pages] + (info.guest_phys_addr >> PAGE_SHIFT)
+                found.append(pfns)
+        return np.sort(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+
     def fetch(self) -> PageMask:
         """The pages written since `start()` or the previous fetch: a bool array indexed by guest PFN.
 

@@ -369,6 +369,10 @@ class Machine:
         """RAM pages the guest wrote since the previous call (or `start_dirty_log()`): bool array by guest PFN."""
         return self._ram_dirty_log().fetch()
 
+    def dirty_pfns(self) -> PageMask:
+        """The same as `dirty_pages()` as a sorted array of PFNs: cost in proportion to the writes, not RAM."""
+        return self._ram_dirty_log().fetch_pfns()
+
     def stop_dirty_log(self) -> None:
         """Stop logging (the RAM memslots are registered again without KVM_MEM_LOG_DIRTY_PAGES)."""
         self._ram_dirty_log().stop()

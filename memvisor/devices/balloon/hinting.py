@@ -124,7 +124,7 @@ class FreePageHinting:
         first, count = clipped
         if self.dirty_source is not None:
             try:
-                self.bitmap.clear_mask(self.dirty_source())
+                self.bitmap.clear_dirty(self.dirty_source())
             except Exception:  # the log is lost: keep no hint that a later write could have voided
                 self.bitmap.clear()
         return self.bitmap.set_run(first, count)

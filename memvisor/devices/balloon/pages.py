@@ -151,6 +151,26 @@ class PageBitmap:
         window &= ~mask
         return removed
 
+    def clear_pfn_array(self, pfns: np.ndarray) -> int:
+        """Clear the bits of the PFNs in the integer array `pfns` (outside ones ignored); return how many were set.
+
+        Work in proportion to `pfns`, not to the bitmap (a free page hint asks this of every write since the
+        previous hint)."""
+        import numpy as np
+
+        pfns = np.asarray(pfns, dtype=np.int64)
+        pfns = pfns[(pfns >= 0) & (pfns < self.size)]
+        window = np.frombuffer(self.bits, dtype=np.uint8)  # a view: writes go to self.bits
+        removed = int(np.count_nonzero(window[pfns]))
+        window[pfns] = 0
+        return removed
+
+    def clear_dirty(self, dirty: np.ndarray) -> int:
+        """Clear a dirty log answer: a bool mask indexed by PFN (`clear_mask`) or an array of PFNs."""
+        if dirty.dtype == bool:
+            return self.clear_mask(dirty)
+        return self.clear_pfn_array(dirty)
+
     def to_array(self) -> np.ndarray:
         """A copy as a numpy bool array indexed by PFN (for migration, whose dirty masks are numpy too)."""
         import numpy as np
