@@ -173,6 +173,7 @@ class BalloonDevice(VirtioDevice):
         self._queues: dict[QueueRole, SplitVirtqueue] = {}
         self._roles: dict[int, QueueRole] = {}
         self._ram: BalloonRam | None = None
+        self._guarded: list[tuple[int, int]] = []
         self._inflated = PageBitmap(0)
         self._stats_head: int | None = None
         # Statistics polling.
@@ -219,6 +220,9 @@ class BalloonDevice(VirtioDevice):
                     self._queues[role] = queues[index]
                     self._roles[index] = role
             self._ram = BalloonRam(memory, self.region_filter)
+            # PFN spans of regions with holes the guest may not touch (virtio-mem): only runs there are checked.
+            self._guarded = [(r.gpa >> BALLOON_PAGE_SHIFT, r.end >> BALLOON_PAGE_SHIFT) for r in memory.regions
+                             if r.accessible is not None]
             self._inflated = PageBitmap(self._ram.pfn_limit)
             self.hinting.attach(BalloonRam(memory, self.hint_filter))
             self._stats_head = None
@@ -444,17 +448,22 @@ class BalloonDevice(VirtioDevice):
     def _inflate(self, chain: DescriptorChain) -> int:
         assert self._memory is not None
         self.count("inflate_requests")
-        for run_first, run_count in self._page_runs(self._pfns(chain)):
-            for first, count in self._accessible_runs(run_first, run_count):
-                self._inflated.set_run(first, count)
-                self.count("pages_inflated", count)
-                if self._discard(first, count):
-                    self.count("bytes_discarded", count << BALLOON_PAGE_SHIFT)
+        runs = self._page_runs(self._pfns(chain))
+        if self._guarded:  # virtio-mem memory: leave out pages in unplugged blocks
+            runs = [part for run in runs for part in self._accessible_runs(*run)]
+        for first, count in runs:
+            self._inflated.set_run(first, count)
+            self.count("pages_inflated", count)
+            if self._discard(first, count):
+                self.count("bytes_discarded", count << BALLOON_PAGE_SHIFT)
         return 0
 
     def _accessible_runs(self, first: int, count: int) -> Iterator[tuple[int, int]]:
         """The parts of a run of pages the guest may use (not in unplugged virtio-mem blocks); the rest is counted."""
         assert self._memory is not None
+        if not any(low < first + count and first < high for low, high in self._guarded):
+            yield first, count  # boot RAM: every page of the balloon's RAM may be used
+            return
         contains = self._memory.contains
         if contains(first << BALLOON_PAGE_SHIFT, count << BALLOON_PAGE_SHIFT):
             yield first, count
