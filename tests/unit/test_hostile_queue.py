@@ -110,3 +110,21 @@ def test_no_used_ring_write_after_queue_ready_cleared(tmp_path: Path) -> None:
         fsync.gate.set()
         device.close()
         memory.close()
+
+
+def test_balloon_stats_buffer_is_not_returned_into_a_stopped_queue() -> None:
+    from memvisor.devices.balloon import BalloonDevice
+    from memvisor.devices.balloon.constants import QueueRole
+    from memvisor.devices.balloon.testing import TOTAL_RAM, BalloonDriver, balloon_memory
+
+    memory = balloon_memory()
+    driver = BalloonDriver(BalloonDevice(TOTAL_RAM), memory)
+    stats = driver.queues[QueueRole.STATS]
+    driver.virtio.write_reg(mmio.QUEUE_SEL, stats.index)
+    driver.virtio.write_reg(mmio.QUEUE_READY, 0)
+    used_area = memory.read(stats.used_addr, 16)
+    irqs = driver.virtio.irq_count
+    driver.device.request_stats()  # what the stats timer does
+    assert memory.read(stats.used_addr, 16) == used_area
+    assert driver.virtio.irq_count == irqs and not driver.broken
+    memory.close()
