@@ -68,7 +68,7 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: object) -> None:
         stop_requested.set()
         for machine in current:
-            machine.stop(f"stopped by signal {signum}")
+            machine.stop(f"stopped by {signal.Signals(signum).name}")
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     # SIGUSR2: every thread's Python stack to stderr (a hung memvisor explains itself; SIGUSR1 kicks vCPUs).
@@ -109,6 +109,9 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if console_fd > 2:
             os.close(console_fd)
+        if console_path is not None and config.console_path is None and sys.exc_info()[0] is None:
+            with contextlib.suppress(OSError):
+                console_path.unlink()  # our own temporary log: kept only when an error names it
 
 
 def _report_reset(machine: Machine, console_fd: int) -> None:
