@@ -203,8 +203,9 @@ def qemu_command(machine: LabMachine) -> list[str]:
             "panic=-1",
             # The whole boot log goes to the console file: a lab that does not start shows how far it got.
             "loglevel=6",
-            # A stuck lab is diagnosed with an NMI from QEMU's monitor (postmortem.py): it becomes a panic
-            # that prints every CPU's backtrace.
+            # A stuck lab is diagnosed through QEMU's monitor (postmortem.py): sysrq keys on its keyboard,
+            # else an NMI, which becomes a panic that prints the CPUs' backtraces.
+            "sysrq_always_enabled",
             "unknown_nmi_panic=1",
             "panic_print=0x40",
             "mitigations=off",

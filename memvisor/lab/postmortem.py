@@ -7,9 +7,11 @@
 What it gathers, into `keep` (a folder that outlives the lab's temp folder):
 - `registers.txt`: every L1 vCPU's registers (`info registers -a`), from QEMU, which answers even when the
   lab's kernel does not;
-- with `nmi`: an NMI to every L1 vCPU. The lab kernel runs with `unknown_nmi_panic=1 panic_print=0x40`
-  (plan.py), so the NMI becomes a panic that prints the interrupted code's backtrace on every CPU to the
-  console. Only used when the agent no longer answers (it ends the lab);
+- with `nmi` (used when the agent no longer answers): sysrq l and w typed on the lab's PS/2 keyboard
+  (`sendkey`; the lab kernel runs with `sysrq_always_enabled`), which print every CPU's backtrace and the
+  blocked tasks on the console; if no backtrace appears, an NMI to every L1 vCPU, which the lab kernel
+  (`unknown_nmi_panic=1 panic_print=0x40`, plan.py) turns into a panic with the interrupted code's
+  backtrace. That ends the lab, which is being stopped anyway;
 - `lab-console.log`: the L1 console (kernel messages, sysrq output, the NMI backtraces);
 - `qemu.log`: QEMU's own stderr;
 - `agent-diagnosis.txt`: what the agent inside collected (diagnose.py), when it still answered.
@@ -28,6 +30,7 @@ PROMPT = b"(qemu) "
 # After the NMI: wait for the console to stop growing for this long (the backtraces are being printed).
 CONSOLE_SETTLE = 2.0
 CONSOLE_WAIT = 15.0
+SYSRQ_WAIT = 8.0
 
 
 class Monitor:
@@ -64,19 +67,19 @@ def _read_until_prompt(sock: socket.socket) -> bytes:
     return data[: -len(PROMPT)] if data.endswith(PROMPT) else data
 
 
-def wait_for_quiet(path: Path, settle: float = CONSOLE_SETTLE, limit: float = CONSOLE_WAIT) -> None:
-    """Wait until the file at `path` has grown and then stopped growing for `settle` s (or `limit` passed)."""
+def wait_for_quiet(path: Path, since: int, settle: float = CONSOLE_SETTLE, limit: float = CONSOLE_WAIT) -> None:
+    """Wait until the file at `path` has grown past `since` bytes and then stopped growing for `settle` s
+    (or `limit` s passed)."""
     deadline = time.monotonic() + limit
-    size = _size(path)
-    grown = False
+    size = since
     last_change = time.monotonic()
     while time.monotonic() < deadline:
-        time.sleep(0.2)
         now = _size(path)
         if now != size:
-            size, grown, last_change = now, True, time.monotonic()
-        elif grown and time.monotonic() - last_change >= settle:
+            size, last_change = now, time.monotonic()
+        elif size != since and time.monotonic() - last_change >= settle:
             return
+        time.sleep(0.2)
 
 
 def _size(path: Path) -> int:
@@ -84,6 +87,13 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def lab_backtraces(console: str) -> list[str]:
@@ -135,8 +145,16 @@ def collect(
         if rips:
             report.lines.append(f"lab vCPUs at {', '.join(rips)} (registers.txt)")
         if nmi:
-            monitor.command("nmi")
-            wait_for_quiet(console_log)
+            # The keyboard first (plan.py enables sysrq): CPU backtraces (l) and blocked tasks (w), the lab
+            # going on; an NMI panic only when that printed no backtrace (the keyboard interrupt not taken).
+            for key in "lw":
+                before = _size(console_log)
+                monitor.command(f"sendkey alt-sysrq-{key}")
+                wait_for_quiet(console_log, before, limit=SYSRQ_WAIT)
+            if "NMI backtrace for cpu" not in _text(console_log):
+                before = _size(console_log)
+                monitor.command("nmi")
+                wait_for_quiet(console_log, before)
     if agent_text is not None:
         (keep / "agent-diagnosis.txt").write_text(agent_text + "\n")
         report.lines += _agent_summary(agent_text)
@@ -151,10 +169,7 @@ def collect(
     if console_log.resolve() != console_copy.resolve():
         with contextlib.suppress(OSError):
             shutil.copyfile(console_log, console_copy)
-    try:
-        console = console_log.read_bytes().decode(errors="replace")
-    except OSError:
-        console = ""
+    console = _text(console_log)
     backtraces = lab_backtraces(console)
     if backtraces:
         report.lines.append("lab kernel: " + " / ".join(backtraces[:6]))

@@ -139,7 +139,8 @@ def test_monitor_that_is_gone_gives_a_message_not_an_exception(tmp_path: Path) -
     assert "did not answer" in postmortem.Monitor(tmp_path / "absent.sock", timeout=0.5).command("nmi")
 
 
-def test_collect_keeps_the_logs_and_summarises_a_wedged_lab(tmp_path: Path) -> None:
+def test_collect_keeps_the_logs_and_summarises_a_wedged_lab(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(postmortem, "SYSRQ_WAIT", 0.3)  # the fake lab prints nothing for the sysrq keys
     console = tmp_path / "console.log"
     console.write_text("Linux version 6.1\nmvlab: starting the agent\n")
     qemu_log = tmp_path / "qemu.log"
@@ -170,7 +171,7 @@ def test_collect_keeps_the_logs_and_summarises_a_wedged_lab(tmp_path: Path) -> N
     finally:
         postmortem.Monitor.command = original  # type: ignore[method-assign]
     summary = report.summary()
-    assert fake.commands == ["info registers -a", "nmi"]
+    assert fake.commands == ["info registers -a", "sendkey alt-sysrq-l", "sendkey alt-sysrq-w", "nmi"]
     assert "RIP=ffffffff81234567" in summary
     assert "the agent inside the lab did not answer" in summary
     assert "kvm_vcpu_halt" in summary and "svm_vcpu_run" in summary
