@@ -208,3 +208,33 @@ def test_the_lab_kernel_shows_its_boot_and_takes_an_nmi_as_a_backtrace(tmp_path:
     assert "quiet" not in append and "loglevel=0" not in append
     assert "unknown_nmi_panic=1" in append
     assert argv[argv.index("-monitor") + 1] == f"unix:{tmp_path / 'm.sock'},server=on,wait=off"
+
+
+@pytest.mark.parametrize(
+    ("command", "timeout", "expected"),
+    [("uname -r", 20.0, 300 + 20 + 90), ("uname -r", None, None), (None, 20.0, None)],
+)
+def test_memvisor_run_through_the_lab_has_a_deadline_with_exec_and_timeout(
+    command: str | None, timeout: float | None, expected: float | None
+) -> None:
+    import argparse
+
+    from memvisor.cli.run import _lab_deadline
+
+    assert _lab_deadline(argparse.Namespace(command=command, timeout=timeout)) == expected
+
+
+def test_a_signal_while_the_lab_starts_ends_it_at_once(fake_qemu, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    said: list[str] = []
+    host_end, lab_end = socket.socketpair()  # the lab never says READY
+    session = LabSession(_request("true"), [], host_end, fake_qemu, tmp_path / "c.log", forward_stdin=False,
+                         log=lambda m: None, warn=said.append)  # fmt: skip
+    stop = _StopRequest()
+    stop.handle(15, None)
+    started = time.monotonic()
+    assert session.run(stop) == 128 + 15
+    assert time.monotonic() - started < 2
+    assert said == ["SIGTERM while the lab was starting: stopping it"]
+    lab_end.close()
+    host_end.close()
+
