@@ -20,6 +20,7 @@ What it gathers, into `keep` (a folder that outlives the lab's temp folder):
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import socket
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROMPT = b"(qemu) "
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # After the NMI: wait for the console to stop growing for this long (the backtraces are being printed).
 CONSOLE_SETTLE = 2.0
 CONSOLE_WAIT = 15.0
@@ -51,9 +53,8 @@ class Monitor:
                 answer = _read_until_prompt(sock).decode(errors="replace")
         except OSError as error:
             return f"(the QEMU monitor did not answer {line!r}: {error})"
-        lines = answer.replace("\r", "").splitlines()
-        if lines and lines[0].strip().endswith(line):  # the echo of the command
-            lines = lines[1:]
+        # The first line is the monitor's echo of what we typed (redrawn with terminal escapes).
+        lines = ANSI_ESCAPE.sub("", answer).replace("\r", "").splitlines()[1:]
         return "\n".join(lines).strip()
 
 
@@ -141,7 +142,7 @@ def collect(
     if monitor is not None:
         registers = monitor.command("info registers -a")
         (keep / "registers.txt").write_text(registers + "\n")
-        rips = [line.split()[0] for line in registers.splitlines() if line.startswith("RIP=")]
+        rips = [line.split()[0] for line in registers.splitlines() if line.startswith(("RIP=", "EIP="))]
         if rips:
             report.lines.append(f"lab vCPUs at {', '.join(rips)} (registers.txt)")
         if nmi:

@@ -125,7 +125,8 @@ class _FakeMonitor:
                 client.sendall(b"QEMU 7.2 monitor - type 'help' for more information\r\n(qemu) ")
                 line = client.makefile("rb").readline().decode().strip()
                 self.commands.append(line)
-                client.sendall(f"{line}\r\n{self.answers.get(line, '')}\r\n(qemu) ".encode())
+                echo = "".join(f"{line[: i + 1]}\x1b[K" + "\x1b[D" * (i + 1) for i in range(len(line)))  # as QEMU redraws
+                client.sendall(f"{echo}\r\n{self.answers.get(line, '')}\r\n(qemu) ".encode())
 
 
 def test_monitor_command_returns_the_answer_without_echo_or_prompt(tmp_path: Path) -> None:
