@@ -40,6 +40,7 @@ def kept_folder(stderr: str) -> Path:
 
 def test_the_deadline_ends_the_command_with_a_diagnosis() -> None:
     result, took = memvisor("lab", "--memory", "2G", "--timeout", "15", "--", "sleep", "600")
+    print(f"took {took:.1f} s:\n{result.stderr}")  # the diagnosis as a user sees it (pytest -s)
     assert result.returncode == 125, result.stderr
     assert took < 15 + OVERHEAD
     assert "`sleep 600` did not end within its deadline of 15 s" in result.stderr
@@ -56,6 +57,7 @@ def test_a_wedged_lab_is_caught_by_the_heartbeat_and_explained() -> None:
              "for cpu in 1 2; do chrt -f 99 sh -c 'while :; do :; done' & done; wait")  # fmt: skip
     result, took = memvisor("lab", "--memory", "2G", "--", "sh", "-c", wedge,
                             env={"MEMVISOR_LAB_HEARTBEAT_TIMEOUT": str(HEARTBEAT)})  # fmt: skip
+    print(f"took {took:.1f} s:\n{result.stderr}")
     assert result.returncode == 125, result.stderr
     assert took < HEARTBEAT + OVERHEAD
     assert "the lab stopped answering: no heartbeat" in result.stderr
@@ -82,6 +84,7 @@ def test_sigterm_ends_the_lab_within_seconds_and_leaves_nothing() -> None:
     rest = process.stderr.read()
     status = process.wait(timeout=30)
     took = time.monotonic() - started
+    print(f"ended {took:.1f} s after SIGTERM:\n{rest}")
     assert took < 8, rest
     assert status == 128 + signal.SIGTERM
     assert "SIGTERM: stopping `sleep 600` in the lab" in rest
@@ -93,6 +96,7 @@ def test_a_wedged_guest_ends_memvisor_run_on_time() -> None:
     stop_agent = ("for p in /proc/[0-9]*; do grep -q agent.sh $p/cmdline 2>/dev/null && kill -STOP ${p#/proc/}; "
                   "done; sleep 600")  # fmt: skip
     result, took = memvisor("run", "--lab", "on", "--memory", "256M", "--exec", stop_agent, "--timeout", "20")
+    print(f"took {took:.1f} s:\n{result.stderr}")
     assert result.returncode == 125, result.stderr
     assert took < 20 + 240, result.stderr  # the lab's and the guest's boots, then 20 s
     assert "did not finish within 20 s" in result.stderr
