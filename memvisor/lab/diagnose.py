@@ -6,8 +6,8 @@ The text holds, in order:
 1. every process of the command's session: pid, state, kernel wait channel and command line, so a process
    stuck in the kernel (state D, or R for minutes) shows;
 2. for each `memvisor run` among them: each thread's kernel stack (/proc/PID/task/TID/stack), a dump of its
-   Python threads (SIGUSR2: memvisor registers faulthandler on it, see memvisor/vmm/session.py) and the end
-   of its guest's console (the file after `--console`);
+   Python threads (SIGUSR2: memvisor registers faulthandler on it, see memvisor/vmm/session.py), read back
+   from the end of its stderr when that is a file, and the end of its guest's console (`--console`);
 3. the lab kernel's own view: `sysrq l` (a backtrace of every CPU) and `sysrq w` (blocked tasks) go to the
    lab's console and dmesg; the end of dmesg is included.
 
@@ -24,6 +24,7 @@ import time
 # memvisor run dumps its Python threads on this signal (faulthandler), to its stderr.
 DUMP_SIGNAL = signal.SIGUSR2
 CONSOLE_TAIL = 30
+STDERR_TAIL = 80
 DMESG_TAIL = 200
 LIMIT = 512 * 1024
 
@@ -32,6 +33,15 @@ def _read(path: str, limit: int = 65536) -> str:
     try:
         with open(path, "rb") as file:
             return file.read(limit).decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _read_tail(path: str, limit: int = 65536) -> str:
+    try:
+        with open(path, "rb") as file:
+            file.seek(max(0, os.path.getsize(path) - limit))
+            return file.read().decode(errors="replace")
     except OSError:
         return ""
 
@@ -156,11 +166,17 @@ def collect(command_pid: int | None) -> str:
         for pid in runs:  # the Python dumps go to each process's own stderr, which the test keeps
             with contextlib.suppress(OSError):
                 os.kill(pid, DUMP_SIGNAL)
+        time.sleep(1.0)  # the dumps reach the files
+        for pid in runs:
+            stderr = os.path.realpath(f"/proc/{pid}/fd/2")
+            if os.path.isfile(stderr):
+                out.append(f"== memvisor run {pid}: the end of its stderr {stderr} (with its Python threads)")
+                out.append(tail(_read_tail(stderr), STDERR_TAIL))
         for pid in runs:
             console = console_of(cmdline(pid))
             if console:
                 out.append(f"== memvisor run {pid}: the end of its guest's console {console}")
-                out.append(tail(_read(console, 1 << 22), CONSOLE_TAIL) or "(empty)")
+                out.append(tail(_read_tail(console), CONSOLE_TAIL) or "(empty)")
         sysrq("lw")
         time.sleep(1.0)
         out.append("== lab kernel log (after sysrq l: CPU backtraces, sysrq w: blocked tasks)")

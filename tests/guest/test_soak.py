@@ -1,6 +1,6 @@
 """A guest keeps running through many rounds of resizing while it writes memory (issues 12 and 13).
 
-Each round: the balloon inflates to half the guest's RAM and deflates, then virtio-mem plugs 1G and unplugs
+Each round: the balloon inflates by 256M and deflates, then virtio-mem plugs 1G and unplugs
 it (requested-size 0 -> 1G -> 0, as benchmarks/memory_vs_qemu.py does), while one memory writer per vCPU
 fills and frees a tmpfs file in a loop. After every round the guest must still be the same boot (its
 uptime grows, memvisor kept running, the console shows one start) with its writers alive: a reset, which
@@ -22,11 +22,13 @@ from tests.guest.vm import GuestVM, wait_until
 MiB = 1 << 20
 GiB = 1 << 30
 RAM = 1 * GiB
-BALLOON_TARGET = RAM // 2
-PLUG = 1 * GiB
+BALLOON_TARGET = RAM - 256 * MiB
+PLUG = 1 * GiB  # what benchmarks/memory_vs_qemu.py plugged when the guest reset
 ROUNDS = int(os.environ.get("MEMVISOR_SOAK_ROUNDS", "3"))
-# One writer per vCPU: fill 128M of tmpfs (fresh pages, some of them just deflated or plugged), free it, again.
-WRITER = "while :; do dd if=/dev/zero of=/dev/shm/fill$N bs=1M count=128 2>/dev/null; rm -f /dev/shm/fill$N; done"
+# One writer per vCPU: fill 64M of tmpfs (fresh pages, some of them just deflated or plugged), free it, again;
+# the pause leaves the guest's own balloon and virtio-mem work some CPU.
+WRITER = ("while :; do dd if=/dev/zero of=/dev/shm/fill$N bs=1M count=64 2>/dev/null; rm -f /dev/shm/fill$N; "
+          "sleep 0.2; done")  # fmt: skip
 DEVICES = ["virtio-balloon,id=balloon0", f"virtio-mem,id=vm0,max-size={2 * PLUG // MiB}M,requested-size=0"]
 STEP_TIMEOUT = 180
 
@@ -63,6 +65,7 @@ def test_resize_rounds_while_the_guest_writes_memory(tmp_path: Path, vcpus: int)
         up = uptime(vm)
         started = time.monotonic()
         for round_ in range(1, ROUNDS + 1):
+            step = time.monotonic()
             vm.cmd("balloon", value=BALLOON_TARGET)
             wait_until(lambda: vm.cmd("query-balloon")["actual"] <= BALLOON_TARGET + 4 * MiB, STEP_TIMEOUT,
                        interval=0.5, what=f"round {round_}: the balloon inflate")  # fmt: skip
@@ -70,6 +73,7 @@ def test_resize_rounds_while_the_guest_writes_memory(tmp_path: Path, vcpus: int)
             wait_until(lambda: vm.cmd("query-balloon")["actual"] >= RAM - 4 * MiB, STEP_TIMEOUT,
                        interval=0.5, what=f"round {round_}: the balloon deflate")  # fmt: skip
             up = assert_same_boot(vm, up, f"round {round_}'s balloon inflate and deflate")
+            balloon, step = time.monotonic() - step, time.monotonic()
             vm.cmd("qom-set", path="vm0", property="requested-size", value=PLUG)
             wait_until(lambda: vm.cmd("qom-get", path="vm0", property="size") == PLUG, STEP_TIMEOUT,
                        interval=0.5, what=f"round {round_}: the virtio-mem plug")  # fmt: skip
@@ -77,7 +81,7 @@ def test_resize_rounds_while_the_guest_writes_memory(tmp_path: Path, vcpus: int)
             wait_until(lambda: vm.cmd("qom-get", path="vm0", property="size") == 0, STEP_TIMEOUT,
                        interval=0.5, what=f"round {round_}: the virtio-mem unplug")  # fmt: skip
             up = assert_same_boot(vm, up, f"round {round_}'s virtio-mem plug and unplug")
-            print(f"[soak] {vcpus} vCPUs: round {round_}/{ROUNDS} done at {time.monotonic() - started:.0f} s",
-                  flush=True)  # fmt: skip
+            print(f"[soak] {vcpus} vCPUs: round {round_}/{ROUNDS} done at {time.monotonic() - started:.0f} s "
+                  f"(balloon {balloon:.0f} s, virtio-mem {time.monotonic() - step:.0f} s)", flush=True)  # fmt: skip
         assert writers_alive(vm) >= vcpus, vm.check("ps 2>&1 | tail -20")
         assert vm.console_text().count("memvisor-init: started") == 1
