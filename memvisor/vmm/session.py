@@ -60,12 +60,30 @@ def _console_target(config: MachineConfig, exec_mode: bool) -> Path | None:
 
 
 def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
+    """Serve the machine until it ends; SIGTERM/SIGINT stop it, say so and exit 128 + the signal number."""
+    interrupted: list[int] = []
+    try:
+        status = _serve(config, args, interrupted)
+    except MemvisorError:
+        if not interrupted:
+            raise
+        status = 0  # the error is only the signal's consequence (a command cut short)
+    if interrupted:
+        what = f"running `{args.command}` in the guest" if args.command is not None else "running the guest"
+        print(f"memvisor: {signal.Signals(interrupted[0]).name} while {what}: stopped the guest",
+              file=sys.stderr)  # fmt: skip
+        return 128 + interrupted[0]
+    return status
+
+
+def _serve(config: MachineConfig, args: argparse.Namespace, interrupted: list[int]) -> int:
     console_path = _console_target(config, args.command is not None)
     console_fd = open_console(console_path)
     stop_requested = threading.Event()
     current: list[Machine] = []
 
     def on_signal(signum: int, frame: object) -> None:
+        interrupted.append(signum)
         stop_requested.set()
         for machine in current:
             machine.stop(f"stopped by {signal.Signals(signum).name}")
