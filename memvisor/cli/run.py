@@ -16,6 +16,8 @@ from memvisor.vmm.config import MAX_VCPUS, MachineConfig
 
 LAB_HEADROOM = 1536 << 20
 BOOT_TIMEOUT = 300.0
+# Beyond the guest's boot and the command: memvisor's start inside the lab and the guest's poweroff.
+LAB_MARGIN = 90.0
 
 
 def add_run_command(subparsers: Any) -> None:
@@ -130,7 +132,16 @@ def _run_through_lab(args: argparse.Namespace, argv: list[str], config: MachineC
         shares=shares,
         forwards=forwards,
         stdin=args.command is None and sys.stdin.isatty(),
+        timeout=_lab_deadline(args),
     )
+
+
+def _lab_deadline(args: argparse.Namespace) -> float | None:
+    """With --exec and --timeout, the lab's own deadline: the guest's boot, the command, its poweroff and a
+    margin; past it the lab is diagnosed and stopped. Otherwise none (the lab's heartbeat still guards)."""
+    if args.command is None or args.timeout is None:
+        return None
+    return BOOT_TIMEOUT + args.timeout + LAB_MARGIN
 
 
 def run_main(args: argparse.Namespace, argv: list[str]) -> int:

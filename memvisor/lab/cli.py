@@ -1,8 +1,13 @@
-"""`memvisor lab [--memory SIZE] [--cpus N] [--share DIR]... [--forward SOCK]... -- COMMAND...`
+"""`memvisor lab [--memory SIZE] [--cpus N] [--share DIR]... [--forward SOCK]... [--timeout S] -- COMMAND...`
 
 Runs COMMAND inside the lab (a QEMU TCG guest with nested SVM that sees this machine's files read-only and
 offers a working /dev/kvm) and exits with COMMAND's status. A whole test suite shares one lab this way:
 `memvisor lab -- pytest tests/guest`.
+
+The lab never waits forever: its agent sends a heartbeat every few seconds; a lab that does not start, stops
+answering, or passes --timeout is diagnosed (postmortem.py: the lab's CPU backtraces and registers, the
+command's processes and its guests' consoles), the diagnosis is printed with the folder that keeps the logs,
+and the exit status is 125.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stdin", action="store_true", help="pass this stdin to the command")
     parser.add_argument("--console", metavar="FILE", help="keep the lab's console log in FILE")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the command's deadline once the lab has started: past it the lab is diagnosed and stopped (exit 125)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print progress lines to stderr")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     return parser
@@ -64,6 +75,8 @@ def lab_main(argv: list[str]) -> int:
         command = command[1:]
     if not command:
         raise UsageError("memvisor lab: give a command to run, e.g. memvisor lab -- pytest tests/guest")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"memvisor lab: --timeout {args.timeout:g} must be a positive number of seconds")
     if not 1 <= args.cpus <= 8:
         raise UsageError(f"memvisor lab: --cpus {args.cpus} is out of range: give 1 to 8")
     started = time.monotonic()
@@ -85,6 +98,7 @@ def lab_main(argv: list[str]) -> int:
         stdin=args.stdin,
         console_log=Path(args.console) if args.console else None,
         log=progress,
+        timeout=args.timeout,
     )
     progress(f"the command exited with status {status}")
     return status

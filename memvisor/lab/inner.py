@@ -44,6 +44,8 @@ VIRTIO_PORTS = "/sys/class/virtio-ports"
 SHARE_MOUNT_OPTIONS = "trans=virtio,version=9p2000.L,cache=mmap,msize=262144"
 # How often the forwarded socket paths are checked while they have not appeared yet.
 FORWARD_POLL = 0.05
+# How often the agent tells the host it is alive (the host gives up after runner.HEARTBEAT_TIMEOUT).
+HEARTBEAT_INTERVAL = 5.0
 
 
 def find_port(name: str = PORT_NAME, timeout: float = 10.0) -> str:
@@ -149,6 +151,7 @@ class Agent:
         self.process: subprocess.Popen[bytes] | None = None
         self.pidfd: int | None = None
         self.status: int | None = None
+        self.last_heartbeat = time.monotonic()
 
     # -- frames from the host --------------------------------------------------------------------
     def on_frame(self, frame: Frame) -> None:
@@ -158,6 +161,8 @@ class Agent:
             elif frame.kind is Kind.SIGNAL and self.process is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.process.pid, frame.integer())
+            elif frame.kind is Kind.DIAGNOSE:
+                self.diagnose()
             return
         if frame.kind is Kind.OPEN:
             self.open_connection(frame.channel, frame.integer())
@@ -165,6 +170,18 @@ class Agent:
         stream = self.streams.get(frame.channel)
         if stream is not None:
             stream.deliver(frame)
+
+    def diagnose(self) -> None:
+        from memvisor.lab.diagnose import collect  # only when asked: every import is a read over 9p
+
+        text = collect(self.process.pid if self.process is not None else None)
+        self.link.send(Frame(CONTROL, Kind.DIAGNOSIS, text.encode(errors="replace")))
+
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_heartbeat >= HEARTBEAT_INTERVAL:
+            self.last_heartbeat = now
+            self.link.send(Frame(CONTROL, Kind.HEARTBEAT, _uptime().encode()))
 
     def fail(self, message: str) -> None:
         self.link.send(Frame(CONTROL, Kind.ERROR, message.encode()))
@@ -274,6 +291,7 @@ class Agent:
             self.reactor.poll(FORWARD_POLL if waiting else 1.0)
             if self.link.closed:
                 break
+            self.heartbeat()
             self.poll_forwards()
             if self.status is None and self.exited():
                 break

@@ -9,7 +9,8 @@ frames:
     | u32 BE    | u8     | u32 BE      | `length` bytes   |
     +-----------+--------+-------------+------------------+
 
-Channel 0 carries control messages (START, READY, SIGNAL, EXIT, ERROR, LISTENING); channels 1-3 are the
+Channel 0 carries control messages (START, READY, SIGNAL, EXIT, ERROR, LISTENING, HEARTBEAT, DIAGNOSE,
+DIAGNOSIS); channels 1-3 are the
 command's stdin, stdout and stderr; each client connection to a forwarded socket gets its own channel,
 numbered by the host from FIRST_CONNECTION up.
 
@@ -22,6 +23,9 @@ A conversation:
     both  -> DATA(ch), EOF(ch) (half close), CLOSE(ch) (abort)
     host  -> SIGNAL(0, signo)                          inner signals the command's process group
     inner -> EXIT(0, status)                           the command ended; the host stops the lab
+    inner -> HEARTBEAT(0, uptime text)                 every few seconds from READY on: the lab is alive
+    host  -> DIAGNOSE(0, "")                           the lab looks stuck: collect what explains it
+    inner -> DIAGNOSIS(0, text)                        the answer (see diagnose.py), at most MAX_PAYLOAD
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ class Kind(enum.IntEnum):
     SIGNAL = 8
     EXIT = 9
     ERROR = 10
+    HEARTBEAT = 11
+    DIAGNOSE = 12
+    DIAGNOSIS = 13
 
 
 class MuxError(MemvisorError):

@@ -31,6 +31,8 @@ LAB_MINIMUM = 512 << 20
 # How far under the host's limit a capped lab stays.
 CAP_MARGIN = 64 << 20
 PORT_SOCKET = "lab.sock"
+# QEMU's human monitor for the diagnosis of a stuck lab (postmortem.py): private, in the lab's temp folder.
+MONITOR_SOCKET = "monitor.sock"
 
 
 def _under(path: str, folders: tuple[str, ...] | list[str]) -> str | None:
@@ -177,6 +179,7 @@ class LabMachine:
     shares: tuple[str, ...] = ()
     early_shares: tuple[str, ...] = ()  # among `shares`: mounted by init.sh before the agent starts
     qemu: str = "qemu-system-x86_64"
+    monitor_socket: Path | None = None
 
 
 def early_shares(folders: list[str]) -> list[str]:
@@ -198,8 +201,13 @@ def qemu_command(machine: LabMachine) -> list[str]:
         [
             "console=ttyS0",
             "panic=-1",
-            "quiet",
-            "loglevel=0",
+            # The whole boot log goes to the console file: a lab that does not start shows how far it got.
+            "loglevel=6",
+            # A stuck lab is diagnosed through QEMU's monitor (postmortem.py): sysrq keys on its keyboard,
+            # else an NMI, which becomes a panic that prints the CPUs' backtraces.
+            "sysrq_always_enabled",
+            "unknown_nmi_panic=1",
+            "panic_print=0x40",
             "mitigations=off",
             _kernel_word("python", machine.python),
             _kernel_word("root", machine.root),
@@ -247,6 +255,8 @@ def qemu_command(machine: LabMachine) -> list[str]:
             "-virtfs",
             f"local,path={_qemu_path(folder)},mount_tag={share_tag(index)},security_model={model},multidevs=remap",
         ]
+    if machine.monitor_socket is not None:
+        argv += ["-monitor", f"unix:{_qemu_path(str(machine.monitor_socket))},server=on,wait=off"]
     argv += [
         "-device",
         "virtio-serial-pci",

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from memvisor.errors import MemvisorError
-from memvisor.lab import plan
+from memvisor.lab import plan, postmortem
 from memvisor.lab.mux import (
     CONTROL,
     FIRST_CONNECTION,
@@ -52,8 +52,15 @@ from memvisor.units import format_size
 
 # How long the lab may take from QEMU's start to the agent's READY.
 BOOT_TIMEOUT = 180.0
+# How many times a lab that did not start (no READY within BOOT_TIMEOUT) is tried in all.
+BOOT_ATTEMPTS = 2
 # After Ctrl-C/SIGTERM: how long the command gets to end before QEMU is killed.
-GRACE = 10.0
+GRACE = 5.0
+# The agent sends a HEARTBEAT every inner.HEARTBEAT_INTERVAL (5 s): this long without any frame from it
+# means the lab's kernel no longer runs it. (MEMVISOR_LAB_HEARTBEAT_TIMEOUT overrides it, for tests.)
+HEARTBEAT_TIMEOUT = float(os.environ.get("MEMVISOR_LAB_HEARTBEAT_TIMEOUT") or 60.0)
+# How long the agent gets to answer DIAGNOSE.
+DIAGNOSIS_WAIT = 30.0
 CONSOLE_TAIL_LINES = 12
 # The command's PATH when the caller's environment has none.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -105,6 +112,16 @@ class _Stopped(Exception):
     """The lab stopped without an EXIT frame."""
 
 
+class _Stuck(Exception):
+    """The lab makes no progress (no READY in time, no heartbeat, or the command's deadline passed)."""
+
+    def __init__(self, reason: str, *, agent_alive: bool, booted: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.agent_alive = agent_alive
+        self.booted = booted
+
+
 class LabSession:
     """One lab run on the host side (see the module docstring); `run()` returns the command's status."""
 
@@ -118,8 +135,14 @@ class LabSession:
         *,
         forward_stdin: bool,
         log: Callable[[str], None],
+        timeout: float | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.request = request
+        self.timeout = timeout  # the command's deadline, in seconds from READY
+        self.warn = warn or (lambda message: print(f"memvisor lab: {message}", file=sys.stderr, flush=True))
+        self.last_heard = time.monotonic()
+        self.diagnosis: str | None = None
         self.forward_paths = forwards
         self.qemu = qemu
         self.console_log = console_log
@@ -140,8 +163,13 @@ class LabSession:
 
     # -- frames from the lab ----------------------------------------------------------------------
     def on_frame(self, frame: Frame) -> None:
+        self.last_heard = time.monotonic()
         if frame.channel == CONTROL:
-            if frame.kind is Kind.READY:
+            if frame.kind is Kind.HEARTBEAT:
+                pass
+            elif frame.kind is Kind.DIAGNOSIS:
+                self.diagnosis = frame.payload.decode(errors="replace")
+            elif frame.kind is Kind.READY:
                 self.ready_at = time.monotonic()
                 self.log("lab agent ready")
             elif frame.kind is Kind.EXIT:
@@ -240,16 +268,31 @@ class LabSession:
                     raise MemvisorError(f"the lab could not start the command: {self.error}")
                 if self.link.closed or self.qemu.poll() is not None:
                     raise _Stopped()
-                if self.ready_at is None and time.monotonic() - started > BOOT_TIMEOUT:
-                    raise MemvisorError(
-                        f"the lab did not start within {BOOT_TIMEOUT:.0f} s: {console_tail(self.console_log)}"
+                now = time.monotonic()
+                if self.ready_at is None and now - started > BOOT_TIMEOUT:
+                    raise _Stuck(f"the lab did not start within {BOOT_TIMEOUT:.0f} s", agent_alive=False, booted=False)
+                if self.ready_at is not None and now - self.last_heard > HEARTBEAT_TIMEOUT:
+                    raise _Stuck(
+                        f"the lab stopped answering: no heartbeat from its agent for {now - self.last_heard:.0f} s "
+                        f"(while running {_shown(self.request.argv)})",
+                        agent_alive=False,
+                    )
+                if self.ready_at is not None and self.timeout is not None and now - self.ready_at > self.timeout:
+                    raise _Stuck(
+                        f"{_shown(self.request.argv)} did not end within its deadline of {self.timeout:.0f} s",
+                        agent_alive=True,
                     )
                 if stop.signal is not None:
+                    name = signal.Signals(stop.signal).name
+                    if self.ready_at is None:
+                        self.warn(f"{name} while the lab was starting: stopping it")
+                        return 128 + stop.signal
                     if stop.sent is None:
-                        self.log(f"passing signal {stop.signal} to the command in the lab as SIGTERM")
+                        self.warn(f"{name}: stopping {_shown(self.request.argv)} in the lab (SIGTERM)")
                         self.link.send(int_frame(CONTROL, Kind.SIGNAL, signal.SIGTERM))
                         stop.sent = time.monotonic()
                     elif stop.count > 1 or time.monotonic() - stop.sent > GRACE:
+                        self.warn(f"the command did not end within {GRACE:.0f} s of {name}: stopping the lab")
                         return 128 + stop.signal
                 self.reactor.poll(0.5)
             self._deliver_last_bytes()
@@ -264,6 +307,30 @@ class LabSession:
             for stream in list(self.streams.values()):
                 stream.close(notify=False)
             self.reactor.close()
+
+    def ask_diagnosis(self, timeout: float = DIAGNOSIS_WAIT) -> str | None:
+        """Ask the agent for its diagnosis (diagnose.py) and wait for it; None if it does not answer.
+
+        Runs its own small loop over the link only (run() has closed the reactor and streams)."""
+        if self.link.closed:
+            return None
+        reactor = Reactor()
+        reactor.add(self.link)
+        try:
+            self.link.send(Frame(CONTROL, Kind.DIAGNOSE))
+            deadline = time.monotonic() + timeout
+            while self.diagnosis is None and not self.link.closed and time.monotonic() < deadline:
+                reactor.poll(0.2)
+        except (OSError, MuxError):
+            return None
+        finally:
+            reactor.close()
+        return self.diagnosis
+
+
+def _shown(argv: list[str], limit: int = 80) -> str:
+    text = " ".join(argv)
+    return f"`{text if len(text) <= limit else text[: limit - 3] + '...'}`"
 
 
 def _write_output(out: TextIO, data: bytes) -> None:
@@ -329,11 +396,18 @@ def _signals(stop: _StopRequest) -> Iterator[None]:
 
 
 def _connect(
-    path: Path, qemu: subprocess.Popen[bytes], qemu_log: Path, timeout: float = 30.0
-) -> socket.socket:
-    """Connect to QEMU's chardev socket as soon as it exists (QEMU waits for us before it runs the guest)."""
+    path: Path,
+    qemu: subprocess.Popen[bytes],
+    qemu_log: Path,
+    timeout: float = 30.0,
+    stop: _StopRequest | None = None,
+) -> socket.socket | None:
+    """Connect to QEMU's chardev socket as soon as it exists (QEMU waits for us before it runs the guest);
+    None when a signal arrived first."""
     deadline = time.monotonic() + timeout
     while True:
+        if stop is not None and stop.signal is not None:
+            return None
         if qemu.poll() is not None:
             raise MemvisorError(f"QEMU for the lab exited at once: {_qemu_error(qemu_log)}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -376,13 +450,16 @@ def run_in_lab(
     console_log: Path | None = None,
     image: LabImage | None = None,
     log: Callable[[str], None] | None = None,
+    timeout: float | None = None,
 ) -> int:
     """Run `argv` in a fresh lab and return its exit status (shell style: 128 + N when killed by signal N).
 
     `memory` is the lab's own memory (see plan.lab_memory_for); `shares` are host folders the command may
     write (mounted read-write at the same paths); `forwards` are UNIX socket paths the command creates inside,
-    made reachable at the same paths on the host; `console_log` keeps the L1 console (else a temp file).
-    Raises MemvisorError when the lab cannot start or dies before the command ends.
+    made reachable at the same paths on the host; `console_log` keeps the L1 console (else a temp file);
+    `timeout` is the command's deadline in seconds once the lab has started.
+    Raises MemvisorError when the lab cannot start, dies before the command ends, stops answering or the
+    deadline passes; the last three with a diagnosis (postmortem.py) kept in a folder the message names.
     """
     if not argv:
         raise MemvisorError("nothing to run in the lab: give a command")
@@ -402,75 +479,116 @@ def run_in_lab(
     forward_paths = [plan.resolve_forward(path, resolved_shares) for path in forwards or []]
     plan.check_cwd(cwd, resolved_shares)
     lab_image = image or default_image(progress=say)
-    workdir = Path(tempfile.mkdtemp(prefix="memvisor-lab-"))
+    request = StartRequest(
+        argv=list(argv),
+        cwd=cwd,
+        env={"PATH": DEFAULT_PATH, **env, "MEMVISOR_IN_LAB": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+        shares=[
+            (plan.share_tag(index), folder) for index, folder in enumerate(resolved_shares) if folder not in early
+        ],
+        forwards=forward_paths,
+        stdin=stdin,
+    )
+    stop = _StopRequest()
     try:
-        console = console_log or workdir / "console.log"
-        console.write_bytes(b"")
-        kernel = pvh_kernel(Path(lab_image.kernel)) or Path(lab_image.kernel)
-        machine = plan.LabMachine(
-            kernel=kernel,
-            initrd=Path(lab_image.initrd),
-            memory=memory,
-            cpus=cpus,
-            python=python,
-            root=root,
-            port_socket=workdir / plan.PORT_SOCKET,
-            console_log=console,
-            shares=tuple(resolved_shares),
-            early_shares=tuple(early),
-        )
-        command = plan.qemu_command(machine)
-        request = StartRequest(
-            argv=list(argv),
-            cwd=cwd,
-            env={"PATH": DEFAULT_PATH, **env, "MEMVISOR_IN_LAB": "1", "PYTHONDONTWRITEBYTECODE": "1"},
-            shares=[
-                (plan.share_tag(index), folder)
-                for index, folder in enumerate(resolved_shares)
-                if folder not in early
-            ],
-            forwards=forward_paths,
-            stdin=stdin,
-        )
-        say(
-            f"starting lab: {format_size(memory)}, {cpus} vCPUs, {len(resolved_shares)} shares, console {console}"
-        )
-        qemu_log = workdir / "qemu.log"
-        with qemu_log.open("wb") as qemu_out:
-            try:
-                qemu = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=qemu_out,
-                    stderr=qemu_out,
-                    start_new_session=True,
-                )
-            except FileNotFoundError:
-                raise MemvisorError(
-                    "qemu-system-x86_64 is not installed: install Debian's qemu-system-x86 (apt-get install qemu-system-x86)"
-                ) from None
-        stop = _StopRequest()
-        try:
-            with _signals(stop):
-                link_socket = _connect(machine.port_socket, qemu, qemu_log)
-                session = LabSession(
-                    request, forward_paths, link_socket, qemu, console, forward_stdin=stdin, log=say
-                )
+        with _signals(stop):  # from here on a signal is handled: the temp folder and QEMU always go
+            for attempt in range(1, BOOT_ATTEMPTS + 1):
+                workdir = Path(tempfile.mkdtemp(prefix="memvisor-lab-"))
                 try:
-                    return session.run(stop)
-                except _Stopped:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        qemu.wait(timeout=5)
-                    raise MemvisorError(
-                        f"the lab stopped before the command finished (QEMU status {qemu.returncode}; "
-                        f"{_qemu_error(qemu_log)}): {console_tail(console)}"
-                    ) from None
-                except MuxError as error:
-                    raise MemvisorError(f"{error}: {console_tail(console)}") from None
+                    console = console_log or workdir / "console.log"
+                    console.write_bytes(b"")
+                    kernel = pvh_kernel(Path(lab_image.kernel)) or Path(lab_image.kernel)
+                    machine = plan.LabMachine(
+                        kernel=kernel,
+                        initrd=Path(lab_image.initrd),
+                        memory=memory,
+                        cpus=cpus,
+                        python=python,
+                        root=root,
+                        port_socket=workdir / plan.PORT_SOCKET,
+                        console_log=console,
+                        shares=tuple(resolved_shares),
+                        early_shares=tuple(early),
+                        monitor_socket=workdir / plan.MONITOR_SOCKET,
+                    )
+                    say(
+                        f"starting lab: {format_size(memory)}, {cpus} vCPUs, {len(resolved_shares)} shares, "
+                        f"console {console}"
+                    )
+                    return _run_once(machine, request, workdir, stop, stdin=stdin, say=say, timeout=timeout)
+                except _Stuck as stuck:
+                    if stuck.booted or attempt == BOOT_ATTEMPTS or stop.signal is not None:
+                        raise
+                    print(f"memvisor lab: {stuck.reason}; trying once more", file=sys.stderr, flush=True)
                 finally:
-                    link_socket.close()
-        finally:
-            _stop_qemu(qemu)
-            stop.close()
+                    shutil.rmtree(workdir, ignore_errors=True)
+    except _Stuck as stuck:  # _run_once turned it into a report already; only the message is left
+        raise MemvisorError(stuck.reason) from None
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop.close()
+    raise AssertionError("unreachable")
+
+
+def _run_once(
+    machine: plan.LabMachine,
+    request: StartRequest,
+    workdir: Path,
+    stop: _StopRequest,
+    *,
+    stdin: bool,
+    say: Callable[[str], None],
+    timeout: float | None,
+) -> int:
+    """One lab boot: start QEMU, run the session, always stop QEMU. A _Stuck that escapes carries the report."""
+    console = machine.console_log
+    qemu_log = workdir / "qemu.log"
+    with qemu_log.open("wb") as qemu_out:
+        try:
+            qemu = subprocess.Popen(
+                plan.qemu_command(machine),
+                stdin=subprocess.DEVNULL,
+                stdout=qemu_out,
+                stderr=qemu_out,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise MemvisorError(
+                "qemu-system-x86_64 is not installed: install Debian's qemu-system-x86 (apt-get install qemu-system-x86)"
+            ) from None
+    try:
+        link_socket = _connect(machine.port_socket, qemu, qemu_log, stop=stop)
+        if link_socket is None:
+            print("memvisor lab: interrupted while the lab was starting: stopped it", file=sys.stderr, flush=True)
+            return 128 + (stop.signal or signal.SIGTERM)
+        session = LabSession(
+            request, list(request.forwards), link_socket, qemu, console, forward_stdin=stdin, log=say, timeout=timeout
+        )
+        try:
+            return session.run(stop)
+        except _Stopped:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                qemu.wait(timeout=5)
+            raise MemvisorError(
+                f"the lab stopped before the command finished (QEMU status {qemu.returncode}; "
+                f"{_qemu_error(qemu_log)}): {console_tail(console)}"
+            ) from None
+        except MuxError as error:
+            raise MemvisorError(f"{error}: {console_tail(console)}") from None
+        except _Stuck as stuck:
+            agent_text = session.ask_diagnosis() if stuck.agent_alive else None
+            keep = Path(tempfile.mkdtemp(prefix="memvisor-lab-diagnosis-"))
+            report = postmortem.collect(
+                stuck.reason,
+                postmortem.Monitor(machine.monitor_socket) if machine.monitor_socket else None,
+                console,
+                qemu_log,
+                agent_text,
+                keep,
+                nmi=agent_text is None,
+            )
+            stuck.reason = report.summary()
+            raise
+        finally:
+            link_socket.close()
+    finally:
+        _stop_qemu(qemu)

@@ -55,6 +55,7 @@ class StopReason(enum.Enum):
 class Outcome:
     reason: StopReason
     message: str = ""
+    cause: str = ""  # for a reset: what asked for it (a triple fault, the i8042, ACPI, QMP)
 
 
 PortRead = Callable[[int], int]
@@ -129,6 +130,7 @@ class Machine:
         self._pause_requested = False  # read by the vCPU threads only after KVM_EXIT_INTR
         self._parked = 0  # vCPU threads waiting in _park
         self._outcome_listeners: list[Callable[[Outcome], None]] = []
+        self._vcpu_states: dict[int, str] = {}
         self.boot_started = 0.0
         self.ports = PortBus()
         self.mmio: list[tuple[int, int, MmioDevice]] = []
@@ -162,10 +164,12 @@ class Machine:
         self.ports.add(layout.COM2_PORT, 8, self.com2.read, self.com2.write)
         rtc = CmosRtc()
         self.ports.add(layout.RTC_PORT, 2, rtc.read, rtc.write)
-        i8042 = I8042(self.request_reset)
+        i8042 = I8042(functools.partial(self.request_reset, "the guest pulsed the reset line (i8042 command 0xfe)"))
         self.ports.add(layout.I8042_DATA_PORT, 1, i8042.read, i8042.write)
         self.ports.add(layout.I8042_COMMAND_PORT, 1, lambda o: i8042.read(4), lambda o, v: i8042.write(4, v))
-        pm = AcpiPowerManagement(self.request_poweroff, self.request_reset)
+        pm = AcpiPowerManagement(
+            self.request_poweroff, functools.partial(self.request_reset, "the guest wrote the ACPI reset register")
+        )
         self.ports.add_ports(
             [layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_SLEEP_STATUS_PORT, layout.ACPI_RESET_PORT],
             pm.read,
@@ -266,10 +270,17 @@ class Machine:
     def request_poweroff(self) -> None:
         self._finish(Outcome(StopReason.POWEROFF))
 
-    def request_reset(self) -> None:
+    def request_reset(self, cause: str = "the host asked for it (QMP system_reset)") -> None:
         if self.console.panicked:
             return  # panic=-1 resets right after the panic; the panic is what ended the guest
-        self._finish(Outcome(StopReason.RESET, "the guest rebooted"))
+        self._finish(Outcome(StopReason.RESET, "the guest rebooted", cause))
+
+    def vcpu_states(self) -> list[str]:
+        """After a reset or an error: each vCPU's registers as it left KVM_RUN (one line each, vCPU order).
+
+        Each vCPU thread records its own on the way out (reading them from another thread would wait for
+        that vCPU's KVM_RUN to end, which a wedged vCPU never does)."""
+        return [self._vcpu_states[index] for index in sorted(self._vcpu_states)]
 
     def _on_panic(self, message: str) -> None:
         self._finish(Outcome(StopReason.PANIC, message))
@@ -407,13 +418,13 @@ class Machine:
                     if self._pause_requested:  # after clearing immediate_exit, so no kick is lost
                         self._park()
                 elif reason == structs.KVM_EXIT_SHUTDOWN:
-                    self.request_reset()
+                    self.request_reset(f"triple fault on vCPU {vcpu.index} (KVM_EXIT_SHUTDOWN)")
                 elif reason == structs.KVM_EXIT_SYSTEM_EVENT:
                     event = exit_union.system_event.type
                     if event == structs.KVM_SYSTEM_EVENT_SHUTDOWN:
                         self.request_poweroff()
                     elif event == structs.KVM_SYSTEM_EVENT_RESET:
-                        self.request_reset()
+                        self.request_reset(f"KVM system event reset on vCPU {vcpu.index}")
                     else:
                         self._on_panic(f"KVM system event {event}")
                 elif reason == structs.KVM_EXIT_HLT:
@@ -422,6 +433,9 @@ class Machine:
                     self._finish(Outcome(StopReason.ERROR, self._describe_exit(vcpu, reason)))
         except KvmIoctlError as error:
             self._finish(Outcome(StopReason.ERROR, self._describe_run_error(vcpu, error)))
+        outcome = self._outcome
+        if outcome is not None and outcome.reason in (StopReason.RESET, StopReason.ERROR):
+            self._vcpu_states[vcpu.index] = describe_registers(vcpu)
 
     def _handle_mmio(self, mmio: structs.KvmRunMmio) -> None:
         address, length = mmio.phys_addr, min(mmio.len, 8)
@@ -460,6 +474,19 @@ class Machine:
         except KvmIoctlError:
             rip = 0
         return f"vCPU {vcpu.index} stopped with KVM exit {reason}{detail} at rip {rip:#x}"
+
+
+def describe_registers(vcpu: Vcpu) -> str:
+    """One line with a vCPU's state: where it was, its stack, its mode (for a reset's evidence)."""
+    try:
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    except KvmIoctlError as error:
+        return f"vCPU {vcpu.index}: registers unreadable ({error.strerror})"
+    return (
+        f"vCPU {vcpu.index}: rip={regs.rip:#x} rsp={regs.rsp:#x} rflags={regs.rflags:#x} rax={regs.rax:#x} "
+        f"cs={sregs.cs.selector:#x} cr0={sregs.cr0:#x} cr2={sregs.cr2:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} "
+        f"efer={sregs.efer:#x} idt={sregs.idt.base:#x}/{sregs.idt.limit:#x}"
+    )
 
 
 def _describe_outcome(outcome: Outcome) -> str:

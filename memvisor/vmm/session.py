@@ -5,6 +5,8 @@ with --reboot exit, or `quit` arrives); 125 for memvisor's failures and guest pa
 """
 
 import argparse
+import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from memvisor.vmm.control import VmmControlServer
 
 BOOT_TIMEOUT = 300.0
+DUMP_SIGNAL = signal.SIGUSR2
 POWEROFF_TIMEOUT = 30.0
 
 
@@ -57,17 +60,37 @@ def _console_target(config: MachineConfig, exec_mode: bool) -> Path | None:
 
 
 def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
+    """Serve the machine until it ends; SIGTERM/SIGINT stop it, say so and exit 128 + the signal number."""
+    interrupted: list[int] = []
+    try:
+        status = _serve(config, args, interrupted)
+    except MemvisorError:
+        if not interrupted:
+            raise
+        status = 0  # the error is only the signal's consequence (a command cut short)
+    if interrupted:
+        what = f"running `{args.command}` in the guest" if args.command is not None else "running the guest"
+        print(f"memvisor: {signal.Signals(interrupted[0]).name} while {what}: stopped the guest",
+              file=sys.stderr)  # fmt: skip
+        return 128 + interrupted[0]
+    return status
+
+
+def _serve(config: MachineConfig, args: argparse.Namespace, interrupted: list[int]) -> int:
     console_path = _console_target(config, args.command is not None)
     console_fd = open_console(console_path)
     stop_requested = threading.Event()
     current: list[Machine] = []
 
     def on_signal(signum: int, frame: object) -> None:
+        interrupted.append(signum)
         stop_requested.set()
         for machine in current:
-            machine.stop(f"stopped by signal {signum}")
+            machine.stop(f"stopped by {signal.Signals(signum).name}")
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGUSR2: every thread's Python stack to stderr (a hung memvisor explains itself; SIGUSR1 kicks vCPUs).
+    faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
     server: VmmControlServer | None = None
     try:
         while True:
@@ -93,6 +116,7 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
             finally:
                 machine.stop("memvisor is ending")
                 machine.wait(timeout=5)
+                _report_reset(machine, console_fd)
                 if server is not None:
                     server.detach()  # after the machine's last event, before its memory goes
                 machine.close()
@@ -103,6 +127,24 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if console_fd > 2:
             os.close(console_fd)
+        if console_path is not None and config.console_path is None and sys.exc_info()[0] is None:
+            with contextlib.suppress(OSError):
+                console_path.unlink()  # our own temporary log: kept only when an error names it
+
+
+def _report_reset(machine: Machine, console_fd: int) -> None:
+    """A reset or an error leaves evidence: its cause and each vCPU's registers, on stderr and in the console."""
+    outcome = machine.outcome
+    if outcome is None or outcome.reason not in (StopReason.RESET, StopReason.ERROR):
+        return
+    what = f"the guest reset: {outcome.cause}" if outcome.reason is StopReason.RESET else outcome.message
+    lines = [f"memvisor: {what}", *(f"memvisor:   {state}" for state in machine.vcpu_states())]
+    text = "\n".join(lines) + "\n"
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    if console_fd > 2:
+        with contextlib.suppress(OSError):
+            os.write(console_fd, b"\r\n" + text.encode())
 
 
 def _status_of(outcome: Outcome, console_path: Path | None) -> int:

@@ -4,9 +4,12 @@ They need hardware KVM, so on machines without it the whole folder runs inside o
 `memvisor lab --memory 6G -- .venv/bin/pytest tests/guest` (what scripts/test does).
 """
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,20 +31,83 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(skip)
 
 
-def memvisor(*args: str, timeout: float = 240, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the memvisor CLI (directly on this machine's KVM: --lab off) and capture its output."""
+# Every guest test ends: pytest-timeout's thread method fires even while the test is blocked in C or in a
+# subprocess (the signal method cannot), dumps every thread's stack and ends pytest. A test's own
+# @pytest.mark.timeout(N) keeps its N; the default is pyproject's `timeout`.
+TIMEOUT_METHOD = "thread"
+# What a guest test's failure report shows of each guest console under its tmp_path.
+CONSOLE_TAIL_LINES = 60
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    own = item.get_closest_marker("timeout")
+    seconds = own.args[0] if own is not None and own.args else own.kwargs.get("timeout") if own else None
+    if seconds is None:
+        seconds = float(item.config.getini("timeout") or 600)
+    item.add_marker(pytest.mark.timeout(seconds, method=TIMEOUT_METHOD), append=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """A failed guest test's report carries the end of each guest console (and memvisor's stderr) it left."""
+    report = yield
+    if report.failed:
+        tmp = getattr(item, "funcargs", {}).get("tmp_path")
+        if isinstance(tmp, Path):
+            for path in sorted(tmp.rglob("*")):
+                if path.is_file() and (path.name.endswith("console.log") or path.name.endswith(".stderr")):
+                    lines = path.read_text(errors="replace").splitlines()[-CONSOLE_TAIL_LINES:]
+                    report.sections.append((f"{path.name} ({path})", "\n".join(lines)))
+    return report
+
+
+def memvisor(
+    *args: str, timeout: float = 240, check: bool = False, logs: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the memvisor CLI (directly on this machine's KVM: --lab off) and capture its output.
+
+    It always ends: past `timeout`, memvisor is asked for a dump of its threads (SIGUSR2), then killed with
+    its whole process group, and the test fails with the end of its stderr (the dump) and of the console."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "memvisor", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = logs or Path(scratch)
+        out_path, err_path = folder / "memvisor.stdout", folder / "memvisor.stderr"
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "memvisor", *args],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+            )  # fmt: skip
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _end_hung(process)
+                stderr_tail = err_path.read_text(errors="replace")[-4000:]
+                console = Path(args[args.index("--console") + 1]) if "--console" in args else None
+                console_tail = console.read_text(errors="replace")[-2000:] if console and console.exists() else ""
+                raise AssertionError(
+                    f"memvisor {' '.join(args)} did not end within {timeout:.0f} s; killed it.\n"
+                    f"its stderr (with its threads' stacks) ends:\n{stderr_tail}\nthe guest console ends:\n{console_tail}"
+                ) from None
+        result = subprocess.CompletedProcess(
+            process.args, process.returncode, out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+        )
     if check and result.returncode != 0:
         raise AssertionError(f"memvisor {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result
+
+
+def _end_hung(process: subprocess.Popen[bytes]) -> None:
+    """A memvisor past its time: its threads' stacks to its stderr (faulthandler on SIGUSR2), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGUSR2)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"memvisor (pid {process.pid}) is still there 15 s after SIGKILL: stuck in the kernel") from None
 
 
 @pytest.fixture
@@ -52,7 +118,7 @@ def run_guest(tmp_path: Path):  # type: ignore[no-untyped-def]
         console = tmp_path / "console.log"
         return memvisor(
             "run", "--lab", "off", "--memory", memory, "--vcpus", str(vcpus),
-            "--console", str(console), *extra, "--exec", command, timeout=timeout,
+            "--console", str(console), *extra, "--exec", command, timeout=timeout, logs=tmp_path,
         )  # fmt: skip
 
     return run

@@ -25,6 +25,8 @@ def test_command_after_double_dash_is_kept_whole() -> None:
         (["--cpus", "0", "--", "true"], "--cpus 0 is out of range"),
         (["--memory", "1Q", "--", "true"], "'1Q' is not a size"),
         (["--bogus", "--", "true"], "unrecognized arguments"),
+        (["--timeout", "0", "--", "true"], "--timeout 0 must be a positive number"),
+        (["--timeout", "soon", "--", "true"], "invalid float value"),
     ],
 )
 def test_bad_arguments_are_one_line_usage_errors(argv: list[str], message: str) -> None:
