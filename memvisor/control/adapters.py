@@ -176,6 +176,10 @@ class BalloonAdapter:
             raise MachineError(str(err)) from err
         return self._current()
 
+    def hinted_ranges(self) -> list[tuple[int, int]]:
+        self._apply_dirty_log()
+        return self.device.hinted_ranges()
+
     def hint_status(self) -> list[HintStatus]:
         self._apply_dirty_log()
         current = self._current()

@@ -550,12 +550,14 @@ def test_guest_exec_without_agent(server: QmpServer, machine: FakeMachine) -> No
 
 def test_balloon_hints_and_host_memory(server: QmpServer, machine: FakeMachine) -> None:
     assert qmp(server, "x-query-balloon-hints")["return"] == []
+    assert qmp(server, "x-query-balloon-hinted-ranges")["return"] == []
     started = qmp(server, "x-balloon-hint-start")["return"]
     assert started["state"] == "running" and started["cmd-id"] >= 0x80000000
     stopped = qmp(server, "x-balloon-hint-stop")["return"]
     assert stopped["cmd-id"] == started["cmd-id"] and stopped["state"] == "stopped"
     assert stopped["bytes"] == stopped["pages"] * 4096
     assert qmp(server, "x-query-balloon-hints")["return"] == [stopped]
+    assert qmp(server, "x-query-balloon-hinted-ranges")["return"] == [{"start": 16 * MiB, "length": 4 * MiB}]
     machine.fake_balloon.hinting_enabled = False
     assert "free-page-hint=on" in qmp(server, "x-balloon-hint-start")["error"]["desc"]
     host = qmp(server, "x-query-host-memory")["return"]
