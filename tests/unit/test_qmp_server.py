@@ -674,28 +674,51 @@ def test_balloon_hints_and_host_memory(server: QmpServer, machine: FakeMachine) 
     assert host["total"] == sum(r["allocated"] for r in host["regions"])
 
 
+def _blocking_exec(machine: FakeMachine) -> tuple[threading.Event, threading.Event, threading.Event]:
+    """Make the fake's guest_exec block until released: (entered, release, returned) events."""
+    entered, release, returned = threading.Event(), threading.Event(), threading.Event()
+    real = machine.guest_exec
+
+    def guest_exec(command: str, timeout: float) -> Any:
+        entered.set()
+        assert release.wait(10), "the test never released the command"
+        try:
+            return real(command, timeout)
+        finally:
+            returned.set()
+
+    machine.guest_exec = guest_exec  # type: ignore[method-assign]
+    return entered, release, returned
+
+
 def test_slow_command_does_not_block_other_clients(server: QmpServer, machine: FakeMachine) -> None:
-    machine.exec_delay = 1.0
+    entered, release, _returned = _blocking_exec(machine)
     slow = RawClient(server.path)
     slow.send(b'{"execute": "x-guest-exec", "arguments": {"command": "true"}, "id": "slow"}')
-    time.sleep(0.1)
-    start = time.monotonic()
+    assert entered.wait(5)  # the slow command is in flight, and stays there until released
     assert qmp(server, "query-status")["return"]["running"] is True
-    assert time.monotonic() - start < 0.8
+    assert not release.is_set()
+    release.set()
     assert slow.read_reply()["id"] == "slow"
     slow.close()
 
 
 def test_client_disconnecting_mid_command_is_harmless(server: QmpServer, machine: FakeMachine) -> None:
-    machine.exec_delay = 0.3
+    entered, release, returned = _blocking_exec(machine)
+    watcher = RawClient(server.path)
     gone = RawClient(server.path)
     gone.send(b'{"execute": "x-guest-exec", "arguments": {"command": "true"}, "id": 1}')
-    time.sleep(0.05)
+    assert entered.wait(5)
     gone.close()
-    time.sleep(0.5)  # the command finishes and its reply has nowhere to go
-    assert "guest_exec" in machine.calls
+    release.set()
+    assert returned.wait(5)  # the command finished; its reply has nowhere to go
     assert qmp(server, "query-balloon")["return"]["actual"] == GiB
     machine.fake_balloon.set_target_bytes(GiB - 2 * MiB)  # an event with a dead client in the set
+    event = watcher.read()
+    assert event["event"] == "BALLOON_CHANGE" and event["data"] == {"actual": GiB - 2 * MiB}
+    watcher.send(b'{"execute": "query-status", "id": "still"}')
+    assert watcher.read_reply()["id"] == "still"
+    watcher.close()
 
 
 def test_flood_is_answered_in_order_without_starving_others(server: QmpServer) -> None:
