@@ -10,16 +10,21 @@ console ("memvisor-init: started at uptime X"), for both VMMs, same kernel, init
 memory; X, the guest's own uptime at that moment, is reported too: the difference is the VMM's start-up,
 firmware and kernel decompression. QEMU 7.2 `-machine pc` boots through its firmware (SeaBIOS); `--microvm`
 adds QEMU's `-machine microvm` (qboot) as a third row; memvisor boots the bzImage directly in 64-bit mode.
-The runs are interleaved (memvisor, QEMU, [microvm], memvisor, ...) so that load from other work on the
-machine falls on all of them alike; the table shows medians.
+The runs are interleaved, and which VMM boots first rotates from run to run (memvisor, QEMU, ...; then QEMU,
+memvisor, ...), so that load from other work on the machine and any warm-up falls on all of them alike. The
+table shows medians, the number of boots behind each, and the boots that failed (a failed boot is reported and
+not counted).
+
+The exits reaching Python are counted on the timed boots themselves: memvisor runs with `--qmp`, and
+`x-query-exits` is read as soon as /init's line is on the console (so it includes the few milliseconds after
+it). QEMU's RSS includes its own copies of the kernel and initramfs (loaded through fw_cfg, which keeps them
+in QEMU's memory): their sizes are printed under the table, to be read against the "VMM memory" row.
 """
 
 import argparse
 import collections
-import contextlib
 import importlib.util
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -72,23 +77,38 @@ def _wait_for_marker(console: Path, process: subprocess.Popen[bytes], timeout: f
     raise RuntimeError("timed out waiting for /init")
 
 
-def boot_once(argv: list[str], console: Path, settle: float = 3.0) -> tuple[float, float, dict[str, int]]:
-    """Seconds from spawn to /init, the guest's uptime then, and the VMM's RSS parts a few seconds after."""
+def _exits(qmp_socket: Path, process: subprocess.Popen[bytes]) -> dict[str, int]:
+    """memvisor's exits reaching Python so far, by kind (x-query-exits over its QMP socket)."""
+    from memvisor.control.client import QmpConnection
+    from memvisor.control.ready import wait_for_qmp
+
+    with wait_for_qmp(str(qmp_socket), QmpConnection, timeout=60, process=process, what="memvisor's QMP") as qmp:
+        reply = qmp.execute("x-query-exits")
+    return {item["kind"]: int(item["count"]) for item in reply["kinds"]}
+
+
+def boot_once(
+    argv: list[str], console: Path, qmp_socket: Path | None = None, settle: float = 3.0
+) -> tuple[float, float, dict[str, int], dict[str, int] | None]:
+    """Seconds from spawn to /init, the guest's uptime then, the VMM's RSS parts a few seconds after, and (with
+    `qmp_socket`, memvisor only) the exits that reached Python, read as soon as /init's line appeared."""
     started = time.monotonic()
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
         reached, uptime = _wait_for_marker(console, process, 180)
-        time.sleep(settle)
+        exits = _exits(qmp_socket, process) if qmp_socket is not None else None
+        time.sleep(max(0.0, settle - (time.monotonic() - reached)))
         rss = _rss_parts(process.pid)
     finally:
         process.kill()
         process.wait()
-    return reached - started, uptime, rss
+    return reached - started, uptime, rss, exits
 
 
 def memvisor_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path) -> list[str]:
     return [sys.executable, "-m", "memvisor", "run", "--lab", "off", "--memory", f"{memory_mib}M",
-            "--kernel", str(kernel), "--initrd", str(initrd), "--console", str(console)]  # fmt: skip
+            "--kernel", str(kernel), "--initrd", str(initrd), "--console", str(console),
+            "--qmp", str(console.with_suffix(".qmp"))]  # fmt: skip
 
 
 def qemu_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path, machine: str = "pc") -> list[str]:
@@ -103,33 +123,6 @@ def qemu_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path, machin
 
 def microvm_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path) -> list[str]:
     return qemu_argv(kernel, initrd, memory_mib, console, machine="microvm")
-
-
-def count_exits_to_init(kernel: Path, initrd: Path, memory_mib: int) -> collections.Counter[str]:
-    """Exits that reached Python before /init's marker line, by kind (in-process, the machine's counters)."""
-    from memvisor.vmm.config import MachineConfig
-    from memvisor.vmm.session import build_machine
-
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    machine = build_machine(MachineConfig(memory=memory_mib << 20, vcpus=1, kernel=kernel, initrd=initrd), write_fd)
-    machine.start()
-    seen = b""
-    deadline = time.monotonic() + 180
-    try:
-        while not MARKER_LINE.search(seen) and time.monotonic() < deadline:
-            try:
-                seen = (seen + os.read(read_fd, 65536))[-4096:]
-            except BlockingIOError:
-                time.sleep(0.005)
-        return collections.Counter(machine.exit_counts)
-    finally:
-        machine.stop()
-        machine.wait(5)
-        machine.close()
-        for fd in (read_fd, write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def _median(values: list[float]) -> float:
@@ -154,38 +147,58 @@ def main() -> int:
     if args.microvm:
         vmms["QEMU microvm"] = microvm_argv
     results: dict[str, dict[str, list[float]]] = {name: {"boot": [], "uptime": [], "vmm_rss": []} for name in vmms}
+    failures: dict[str, list[str]] = {name: [] for name in vmms}
+    exits_per_boot: list[dict[str, int]] = []
+    names = list(vmms)
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
-            for name, make in vmms.items():
+            order = names[run % len(names):] + names[:run % len(names)]  # who boots first rotates
+            for name in order:
                 console = Path(tmp) / f"{name.replace(' ', '-')}-{run}.log"
+                argv = vmms[name](image.kernel, image.initrd, args.memory, console)
+                qmp_socket = console.with_suffix(".qmp") if name == "memvisor" else None
                 try:
-                    seconds, uptime, rss = boot_once(make(image.kernel, image.initrd, args.memory, console), console)
-                except RuntimeError as err:
-                    print(f"run {run + 1}: {name:12s} failed: {err}", flush=True)
+                    seconds, uptime, rss, exits = boot_once(argv, console, qmp_socket)
+                except Exception as err:
+                    failures[name].append(f"run {run + 1}: {err}")
+                    print(f"run {run + 1}: {name:12s} FAILED: {err}", flush=True)
                     continue
                 own = rss.get("RssAnon", 0) + rss.get("RssFile", 0)  # guest RAM is RssShmem (memfd) for all
                 results[name]["boot"].append(seconds)
                 results[name]["uptime"].append(uptime)
                 results[name]["vmm_rss"].append(own / (1 << 20))
+                if exits is not None:
+                    exits_per_boot.append(exits)
                 print(f"run {run + 1}: {name:12s} /init after {seconds:6.2f} s (guest uptime {uptime:5.2f} s), "
-                      f"VMM RSS {own / (1 << 20):6.1f} MiB", flush=True)  # fmt: skip
-    exits = count_exits_to_init(image.kernel, image.initrd, args.memory)
+                      f"VMM RSS {own / (1 << 20):6.1f} MiB" + (f", {sum(exits.values())} exits" if exits else ""),
+                      flush=True)  # fmt: skip
     medians = {name: {key: _median(values) for key, values in numbers.items()} for name, numbers in results.items()}
+    totals = [sum(exits.values()) for exits in exits_per_boot]
     print()
-    names = list(vmms)
-    print(f"| median of {args.runs} ({args.memory} MiB, 1 vCPU) | " + " | ".join(names) + " |")
+    print(f"| median ({args.memory} MiB, 1 vCPU; {args.runs} runs, first VMM rotating) | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for key, label, fmt in (("boot", "spawn to /init (s)", "{:.2f}"), ("uptime", "guest uptime at /init (s)", "{:.2f}"),
                             ("vmm_rss", "VMM memory, RSS less guest RAM (MiB)", "{:.1f}")):  # fmt: skip
         cells = [fmt.format(medians[name][key]) for name in names]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    print("| boots behind the medians (failed) | "
+          + " | ".join(f"{len(results[name]['boot'])} ({len(failures[name])})" for name in names) + " |")  # fmt: skip
     ratios = [f"{medians['memvisor']['boot'] / medians[name]['boot']:.2f}" for name in names[1:]]
     print("| memvisor / QEMU, spawn to /init | - | " + " | ".join(ratios) + " |")
-    print(f"| exits reaching Python before /init | {sum(exits.values())} |" + " - |" * (len(names) - 1))
+    exit_cell = f"{_median(totals):.0f} (n={len(totals)}, {min(totals)}-{max(totals)})" if totals else "-"
+    print(f"| exits reaching Python to /init, timed boots | {exit_cell} |" + " - |" * (len(names) - 1))
     print()
-    print("exits by kind: " + ", ".join(f"{kind} {count}" for kind, count in exits.most_common()))
+    if exits_per_boot:
+        last = collections.Counter(exits_per_boot[-1])
+        print("exits by kind (last timed boot): " + ", ".join(f"{kind} {count}" for kind, count in last.most_common()))
+    print(f"blobs QEMU holds in its own memory (fw_cfg), inside its RSS: kernel {image.kernel.stat().st_size / (1 << 20):.1f} "
+          f"MiB, initramfs {image.initrd.stat().st_size / (1 << 20):.1f} MiB")  # fmt: skip
+    for name in names:
+        for failure in failures[name]:
+            print(f"{name} FAILED {failure}")
     if args.json:
-        text = json.dumps({"results": results, "medians": medians, "exits_to_init": dict(exits)}, indent=2)
+        text = json.dumps({"results": results, "medians": medians, "failures": failures,
+                           "exits_to_init": exits_per_boot}, indent=2)  # fmt: skip
         if args.json == "-":
             print(text)
         else:

@@ -4,18 +4,28 @@ Run inside the lab (or on a host with hardware KVM):
     .venv/bin/memvisor lab --memory 6G --share /tmp/membench -- \\
         .venv/bin/python benchmarks/memory_vs_qemu.py --runs 5 --json /tmp/membench/memory.json
 
-What it measures (each `--runs` times, memvisor and QEMU interleaved, medians reported):
+What it measures (each `--runs` times, memvisor and QEMU alternating which goes first, medians reported, with
+the number of runs behind each median and the runs that failed):
 - balloon: the guest touches 600M and frees it, then `balloon` 1G -> 512M until `query-balloon` shows it
   (within 4 MiB), and back to 1G; free page reporting off;
 - virtio-mem: `qom-set vm0 requested-size` 0 -> 1G until `qom-get vm0 size` reads 1G, and back to 0
   (plugged memory left untouched);
-- free page reporting (a second pair of VMs, reporting on): the guest fills a 400M tmpfs file, then `rm`s it;
-  seconds from `rm` returning until the host holds >= 300M less guest RAM (memvisor: x-query-host-memory;
-  QEMU: st_blocks of its RAM memfd, read through /proc/PID/fd);
-- pmem flush latency: `dd bs=4k count=100 oflag=dsync` on ext4 (no DAX) on /dev/pmem0, per write;
-- exits reaching Python per GiB inflated and per GiB plugged (memvisor's x-query-exits);
-- the raw limit: punching holes (fallocate PUNCH_HOLE) in 512M of touched memfd memory from Python, per
-  4 KiB page (what a balloon buffer of scattered PFNs costs) and per 1 MiB run (256 contiguous PFNs).
+- pmem flush latency: 100 times `dd bs=4k count=1 conv=notrunc,fsync` on ext4 (no DAX) on /dev/pmem0, less the
+  same loop without fsync, per write, timed by the guest's /proc/uptime;
+- the raw limit, measured between the VM runs (interleaved, so load falls on both alike): punching holes
+  (fallocate PUNCH_HOLE) in 512M of touched memfd memory from Python, one call per 4 KiB page (what a balloon
+  buffer of scattered PFNs costs) and one per 1 MiB run; each VMM's inflate is reported against both;
+- discard calls: after the timed runs, one more inflate 1G -> 512M per VMM under `strace -f -c` (attached to
+  the running VMM, so not timed), counting its fallocate and madvise calls: the same count for both VMMs;
+- exits reaching Python per GiB inflated and per GiB plugged (memvisor's x-query-exits; QEMU has no such count);
+- free page reporting (a second pair of VMs, reporting on): the guest fills a 400M tmpfs file, the host's
+  holding is read once it has settled (unchanged for 2 s), then the guest `rm`s it: seconds from `rm`
+  returning until the host holds >= 300M less.
+
+Host memory is read the same way for both VMMs, from outside the process: the blocks allocated to its guest
+RAM memfd, through /proc/PID/fd (never memvisor's own x-query-host-memory). A VM that fails (an error, a timeout,
+a guest reboot detected by its uptime) is shut down at once and takes no more runs; the other goes on, and the
+table shows what was measured. Every wait names what it waited for and what it saw last.
 
 The guest image has no virtio_pci module (memvisor puts its devices on virtio-mmio), so both VMMs get the same
 initrd with virtio_pci appended as a second cpio archive; in QEMU's guest the agent (on ttyS1) insmods it.
@@ -34,6 +44,7 @@ import mmap
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -50,9 +61,11 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from memvisor.control.ready import wait_for_qmp  # noqa: E402
 from memvisor.guest import cpio  # noqa: E402
 from memvisor.guest.image import GuestImage, find_guest_image  # noqa: E402
 from memvisor.vmm.config import BASE_CMDLINE  # noqa: E402
+from tests.guest.vm import memfd_bytes  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -69,15 +82,31 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, seen: Callable[[], Any] | None = None) -> Any:
+    """Poll until `predicate` is truthy; on timeout say what was awaited and what `seen` (or it) read last."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+            last = seen() if seen is not None else value
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}; last seen: {last!r}")
         time.sleep(POLL)
+
+
+def wait_settled(read: Callable[[], int], what: str, stable: float = 2.0, timeout: float = 120) -> int:
+    """Wait until `read()` has not changed for `stable` seconds (polled every 0.5 s); return the value."""
+    deadline = time.monotonic() + timeout
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < stable:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} never settled for {stable:.0f} s within {timeout:.0f} s; last {value}")
+        time.sleep(0.5)
+        current = read()
+        if current != value:
+            value, since = current, time.monotonic()
+    return value
 
 
 # --- the shared initrd ------------------------------------------------------------------------------------------
@@ -133,31 +162,40 @@ class Vm:
         return None
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.qmp.cmd_obj({"execute": "quit"})
-            self.qmp.close()
+        """Quit the VMM (kill it if it does not end within 30 s); safe on a VM that failed half-way up."""
+        qmp = getattr(self, "qmp", None)
+        if qmp is not None:
+            with contextlib.suppress(Exception):
+                qmp.cmd_obj({"execute": "quit"})
+                qmp.close()
+        process = getattr(self, "process", None)
+        if process is None:
+            return
         try:
-            self.process.wait(timeout=30)
+            process.wait(timeout=30 if qmp is not None else 0.1)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            process.kill()
+            process.wait()
+
+    def _started(self, start: Callable[[], None]) -> None:
+        """Run the rest of the start-up; on any failure shut the VMM down before raising."""
+        try:
+            start()
+        except BaseException:
+            log(f"{self.name}: start-up failed, shutting the VMM down")
+            self.close()
+            raise
 
 
 def _connect_qmp(path: Path, process: subprocess.Popen[bytes], timeout: float) -> QEMUMonitorProtocol:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{path.name}: the VMM exited with {process.returncode}")
-        if path.exists():
-            qmp = QEMUMonitorProtocol(str(path))
-            try:
-                qmp.connect(negotiate=True)
-                return qmp
-            except OSError:
-                pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no QMP at {path} after {timeout:.0f} s")
-        time.sleep(0.1)
+    """The shared wait (memvisor/control/ready.py): refused or missing while the VMM starts is "not yet"."""
+
+    def connect(where: str) -> QEMUMonitorProtocol:
+        qmp = QEMUMonitorProtocol(where)
+        qmp.connect(negotiate=True)
+        return qmp
+
+    return wait_for_qmp(str(path), connect, timeout=timeout, process=process, what=f"{path.name}")
 
 
 class MemvisorVm(Vm):
@@ -173,8 +211,12 @@ class MemvisorVm(Vm):
             argv += ["--device", "virtio-mem,id=vm0,max-size=2G", "--device", f"virtio-pmem,id=pm0,file={pmem}"]
         self.process = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=(work / "mv-stderr.log").open("wb"))  # fmt: skip
-        self.qmp = _connect_qmp(sock, self.process, 240)
-        self.check("true", 300)
+
+        def start() -> None:
+            self.qmp = _connect_qmp(sock, self.process, 240)
+            self.check("true", 300)
+
+        self._started(start)
 
     def exec(self, command: str, timeout: float = 300) -> tuple[int, str]:
         reply = self.cmd("x-guest-exec", command=command, timeout=timeout)
@@ -182,8 +224,8 @@ class MemvisorVm(Vm):
         return int(reply["exitcode"]), output.decode(errors="replace")
 
     def host_ram(self) -> int:
-        regions = self.cmd("x-query-host-memory")["regions"]
-        return sum(int(r["allocated"]) for r in regions if r["name"].startswith("ram"))
+        """From outside the process, as for QEMU: blocks of its RAM memfds ("memvisor-ram0", ...)."""
+        return memfd_bytes(self.process.pid, lambda name: name.startswith("memvisor-ram"))
 
     def exits(self) -> dict[str, int] | None:
         reply = self.cmd("x-query-exits")
@@ -207,11 +249,12 @@ class AgentSocket:
             except OSError:
                 self.sock.close()
                 if time.monotonic() > deadline:
-                    raise
+                    raise RuntimeError(f"QEMU's agent socket {path} never accepted within {timeout:.0f} s") from None
                 time.sleep(0.1)
         self.buffer = b""
         self.ids = 0
         # READY may have gone out before we connected (QEMU drops bytes with no client): ping until it answers.
+        line = b"(nothing)"
         while True:
             self.ids += 1
             self.sock.sendall(f"PING p{self.ids}\n".encode())
@@ -222,13 +265,14 @@ class AgentSocket:
             except TimeoutError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("QEMU's guest agent never answered")
+                raise RuntimeError(f"QEMU's guest agent never answered a PING within {timeout:.0f} s; "
+                                   f"last line from it: {line[-200:]!r}")  # fmt: skip
 
     def _line(self, deadline: float) -> bytes:
         while b"\n" not in self.buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError
+                raise TimeoutError(f"no whole line from QEMU's agent in time; partial: {self.buffer[-200:]!r}")
             self.sock.settimeout(remaining)
             data = self.sock.recv(65536)  # raises TimeoutError (socket.timeout) at the deadline
             if not data:
@@ -281,6 +325,9 @@ class QemuVm(Vm):
             ]  # fmt: skip
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=(work / "qemu-stderr.log").open("wb"))  # fmt: skip
+        self._started(lambda: self._start(sock, agent, pmem))
+
+    def _start(self, sock: Path, agent: Path, pmem: Path | None) -> None:
         self.qmp = _connect_qmp(sock, self.process, 60)
         self.agent = AgentSocket(agent, 300)
         log("qemu: the agent answers; loading virtio_pci")
@@ -313,8 +360,10 @@ class QemuVm(Vm):
         return os.stat(self._ram_fd).st_blocks * 512
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.agent.sock.close()
+        agent = getattr(self, "agent", None)
+        if agent is not None:
+            with contextlib.suppress(Exception):
+                agent.sock.close()
         super().close()
 
 
@@ -337,12 +386,14 @@ def measure_balloon(vm: Vm) -> dict[str, Any]:
     exits = vm.exits()
     started = time.monotonic()
     vm.cmd("balloon", value=BALLOON_TARGET)
-    wait_for(lambda: vm.cmd("query-balloon")["actual"] <= BALLOON_TARGET + 4 * MiB, 600, "the inflate")
+    wait_for(lambda: vm.cmd("query-balloon")["actual"] <= BALLOON_TARGET + 4 * MiB, 600,
+             f"{vm.name}: the inflate to {BALLOON_TARGET >> 20} MiB", lambda: vm.cmd("query-balloon"))  # fmt: skip
     inflate = time.monotonic() - started
     inflate_exits = _exit_delta(exits, vm.exits())
     started = time.monotonic()
     vm.cmd("balloon", value=GUEST_RAM)
-    wait_for(lambda: vm.cmd("query-balloon")["actual"] >= GUEST_RAM - 4 * MiB, 600, "the deflate")
+    wait_for(lambda: vm.cmd("query-balloon")["actual"] >= GUEST_RAM - 4 * MiB, 600,
+             f"{vm.name}: the deflate to {GUEST_RAM >> 20} MiB", lambda: vm.cmd("query-balloon"))  # fmt: skip
     deflate = time.monotonic() - started
     return {"inflate": inflate, "deflate": deflate, "inflate_exits": inflate_exits}
 
@@ -352,12 +403,13 @@ def measure_mem(vm: Vm) -> dict[str, Any]:
     exits = vm.exits()
     started = time.monotonic()
     vm.cmd("qom-set", path="vm0", property="requested-size", value=PLUG)
-    wait_for(lambda: vm.cmd("qom-get", path="vm0", property="size") == PLUG, 600, "the plug")
+    size = lambda: vm.cmd("qom-get", path="vm0", property="size")  # noqa: E731
+    wait_for(lambda: size() == PLUG, 600, f"{vm.name}: vm0 size {PLUG >> 20} MiB (the plug)", size)
     plug = time.monotonic() - started
     plug_exits = _exit_delta(exits, vm.exits())
     started = time.monotonic()
     vm.cmd("qom-set", path="vm0", property="requested-size", value=0)
-    wait_for(lambda: vm.cmd("qom-get", path="vm0", property="size") == 0, 600, "the unplug")
+    wait_for(lambda: size() == 0, 600, f"{vm.name}: vm0 size 0 (the unplug)", size)
     unplug = time.monotonic() - started
     return {"plug": plug, "unplug": unplug, "plug_exits": plug_exits}
 
@@ -396,12 +448,71 @@ def measure_pmem(vm: Vm, writes: int = 100) -> dict[str, Any]:
 
 def measure_reporting(vm: Vm) -> dict[str, Any]:
     vm.check("dd if=/dev/zero of=/tmp/fill bs=1M count=400 2>/dev/null")
-    time.sleep(3)  # let reporting of whatever was free before settle
-    baseline = vm.host_ram()
+    # Reporting of whatever was free before may still be going on: wait until the host's holding settles.
+    baseline = wait_settled(vm.host_ram, f"{vm.name}: host memory after the 400M write")
     vm.check("rm /tmp/fill")
     started = time.monotonic()
-    wait_for(lambda: vm.host_ram() <= baseline - 300 * MiB, 120, "free page reporting to return 300M")
+    wait_for(lambda: vm.host_ram() <= baseline - 300 * MiB, 120,
+             f"{vm.name}: free page reporting to return 300M of {baseline >> 20} MiB",
+             lambda: f"host holds {vm.host_ram() >> 20} MiB")  # fmt: skip
     return {"reporting": time.monotonic() - started}
+
+
+DISCARD_CALLS = ("fallocate", "madvise")
+
+
+def count_syscalls(pid: int, action: Callable[[], Any], out: Path) -> dict[str, int]:
+    """Run `action` with `strace -f -c` attached to every thread of `pid`; its calls of DISCARD_CALLS.
+
+    The same count for both VMMs, from outside (ptrace slows the traced process: never around a timed run).
+    """
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-c", "-e", f"trace={','.join(DISCARD_CALLS)}", "-o", str(out),
+                               "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def tracers() -> set[str]:
+        found = set()
+        for status in Path(f"/proc/{pid}/task").glob("*/status"):
+            with contextlib.suppress(OSError):
+                found |= {line.split()[1] for line in status.read_text().splitlines() if line.startswith("TracerPid:")}
+        return found
+
+    try:
+        wait_for(lambda: tracers() == {str(tracer.pid)} or tracer.poll() is not None, 60,
+                 f"strace to attach to every thread of {pid}", tracers)  # fmt: skip
+        if tracer.poll() is not None:
+            raise RuntimeError(f"strace exited with {tracer.returncode}: is it installed and allowed to attach?")
+        action()
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detach and write the summary
+        try:
+            tracer.wait(60)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait()
+    counts = dict.fromkeys(DISCARD_CALLS, 0)
+    for line in out.read_text().splitlines():
+        words = line.split()
+        if words and words[-1] in counts:
+            counts[words[-1]] = int(words[3])  # % time, seconds, usecs/call, calls, [errors,] syscall
+    return counts
+
+
+def measure_discards(vm: Vm, work: Path) -> dict[str, Any]:
+    """Discard calls of one untimed inflate 1G -> 512M (after touching 600M), counted by strace."""
+    log(f"{vm.name}: counting discard calls of one inflate (strace, not timed)")
+    vm.check("dd if=/dev/zero of=/dev/null bs=600M count=1")
+
+    def inflate() -> None:
+        vm.cmd("balloon", value=BALLOON_TARGET)
+        wait_for(lambda: vm.cmd("query-balloon")["actual"] <= BALLOON_TARGET + 4 * MiB, 1200,
+                 f"{vm.name}: the counted inflate", lambda: vm.cmd("query-balloon"))  # fmt: skip
+
+    counts = count_syscalls(vm.process.pid, inflate, work / f"strace-{vm.name}.txt")
+    vm.cmd("balloon", value=GUEST_RAM)
+    wait_for(lambda: vm.cmd("query-balloon")["actual"] >= GUEST_RAM - 4 * MiB, 1200,
+             f"{vm.name}: the deflate after the counted inflate", lambda: vm.cmd("query-balloon"))  # fmt: skip
+    return {"discards": counts}
 
 
 # --- the raw limit ------------------------------------------------------------------------------------------------
@@ -434,8 +545,10 @@ def punch_holes(size: int, step: int) -> float:
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
-def boot_pair(work: Path, image: GuestImage, initrd: Path, *, reporting: bool) -> list[Vm]:
-    """Boot memvisor's and QEMU's guest side by side (in parallel: the lab is slow)."""
+def boot_pair(work: Path, image: GuestImage, initrd: Path, *, reporting: bool,
+              results: dict[str, dict[str, list[Any]]]) -> list[Vm]:
+    """Boot memvisor's and QEMU's guest side by side (in parallel: the lab is slow); a VMM that fails to boot is
+    recorded in results[name]["failures"] and left out, the other goes on alone."""
     vms: list[Vm | None] = [None, None]
     errors: list[BaseException] = []
 
@@ -451,67 +564,77 @@ def boot_pair(work: Path, image: GuestImage, initrd: Path, *, reporting: bool) -
             vms[index] = cls(folder, image.kernel, initrd, reporting=reporting, pmem=pmem)
         except BaseException as err:  # reported below, after both threads are done
             errors.append(err)
+            log(f"{cls.name}: FAILED to boot: {err}")
+            results[cls.name].setdefault("failures", []).append(f"boot ({'reporting' if reporting else 'main'}): {err}")
 
     threads = [threading.Thread(target=boot, args=(i, cls)) for i, cls in enumerate((MemvisorVm, QemuVm))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    if errors:
-        for vm in vms:
-            if vm is not None:
-                vm.close()
-        raise errors[0]
-    return [vm for vm in vms if vm is not None]
+    booted = [vm for vm in vms if vm is not None]
+    if errors and not booted:
+        raise RuntimeError(f"neither VMM booted: {errors[0]}")
+    return booted
 
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def table(results: dict[str, dict[str, list[Any]]], raw: dict[str, list[float]], runs: int) -> str:
+def table(results: dict[str, dict[str, list[Any]]], raw: dict[str, list[float]]) -> str:
+    """The table of whatever was measured: a row with no samples for a VMM shows "-" there."""
     mv, qm = results["memvisor"], results["qemu"]
 
-    def rate(seconds: float, size: int) -> float:
-        return size / MiB / seconds
+    def cell(values: list[float], fmt: str, scale: float = 1.0) -> str:
+        return f"{fmt.format(median(values) * scale)} (n={len(values)})" if values else "- (n=0)"
+
+    def ratio(a: list[float], b: list[float]) -> str:
+        return f"{median(a) / median(b):.2f}" if a and b and median(b) else "-"
+
+    rows = []
+
+    def row(what: str, key: str, fmt: str = "{:.2f}", scale: float = 1.0) -> None:
+        rows.append(f"| {what} | {cell(mv[key], fmt, scale)} | {cell(qm[key], fmt, scale)} | {ratio(mv[key], qm[key])} |")
+
+    row("balloon inflate 1G -> 512M (s)", "inflate")
+    row("balloon deflate 512M -> 1G (s)", "deflate")
+    row("virtio-mem plug 0 -> 1G (s)", "plug")
+    row("virtio-mem unplug 1G -> 0 (s)", "unplug")
+    row("free page reporting: rm of 400M to host -300M (s)", "reporting")
+    row("pmem: fsync of a 4 KiB write on ext4, less the write (ms)", "pmem_write", "{:.2f}", 1000)
+    row("pmem: whole `dd bs=4k count=1 conv=fsync` (ms)", "pmem_write_with_dd", "{:.2f}", 1000)
+
+    def discards(samples: list[dict[str, int]]) -> str:
+        if not samples:
+            return "-"
+        return ", ".join(f"{name} {samples[-1].get(name, 0)}" for name in DISCARD_CALLS)
+
+    rows.append(f"| discard calls in one inflate 1G -> 512M (strace) | {discards(mv['discards'])} | "
+                f"{discards(qm['discards'])} | - |")  # fmt: skip
 
     def exits_per_gib(samples: list[dict[str, int] | None], size: int) -> str:
         totals = [sum(s.values()) for s in samples if s is not None]
         return f"{median(totals) * GiB / size:.0f}" if totals else "-"
 
-    rows = []
-
-    def row(what: str, a: float, b: float, fmt: str = "{:.2f}") -> None:
-        rows.append(f"| {what} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f} |")
-
-    row("balloon inflate 1G -> 512M (s)", median(mv["inflate"]), median(qm["inflate"]))
-    row("balloon inflate (MiB/s)", rate(median(mv["inflate"]), GUEST_RAM - BALLOON_TARGET),
-        rate(median(qm["inflate"]), GUEST_RAM - BALLOON_TARGET), "{:.0f}")  # fmt: skip
-    row("balloon deflate 512M -> 1G (s)", median(mv["deflate"]), median(qm["deflate"]))
-    row("virtio-mem plug 0 -> 1G (s)", median(mv["plug"]), median(qm["plug"]))
-    row("virtio-mem unplug 1G -> 0 (s)", median(mv["unplug"]), median(qm["unplug"]))
-    row("free page reporting: rm of 400M to host -300M (s)", median(mv["reporting"]), median(qm["reporting"]))
-    row("pmem: fsync of a 4 KiB write on ext4, less the write (ms)", median(mv["pmem_write"]) * 1000,
-        median(qm["pmem_write"]) * 1000)  # fmt: skip
-    row("pmem: whole `dd bs=4k count=1 conv=fsync` (ms)", median(mv["pmem_write_with_dd"]) * 1000,
-        median(qm["pmem_write_with_dd"]) * 1000)  # fmt: skip
     rows.append(f"| exits to Python per GiB inflated | {exits_per_gib(mv['inflate_exits'], GUEST_RAM - BALLOON_TARGET)}"
-                " | - | - |")
+                " | - | - |")  # fmt: skip
     rows.append(f"| exits to Python per GiB plugged | {exits_per_gib(mv['plug_exits'], PLUG)} | - | - |")
-    limit_4k = median(raw["4k"])
-    limit_1m = median(raw["1m"])
     lines = [
-        f"| what (median of {runs}, 1G guest, 1 vCPU) | memvisor | QEMU 7.2 | memvisor/QEMU |",
+        "| what (median, n = runs behind it; 1G guest, 1 vCPU) | memvisor | QEMU 7.2 | memvisor/QEMU |",
         "|---|---|---|---|",
         *rows,
         "",
-        "| raw limit: fallocate(PUNCH_HOLE) over 512M of touched memfd, Python+ctypes | s | MiB/s |",
-        "|---|---|---|",
-        f"| one call per 4 KiB page | {limit_4k:.2f} | {512 / limit_4k:.0f} |",
-        f"| one call per 1 MiB run | {limit_1m:.3f} | {512 / limit_1m:.0f} |",
-        "",
-        f"memvisor inflate / raw 4 KiB limit: {median(mv['inflate']) / limit_4k:.1f}x",
+        "| raw limit: fallocate(PUNCH_HOLE) over 512M of touched memfd, Python+ctypes, between the VM runs | s | "
+        "memvisor inflate / it | QEMU inflate / it |",
+        "|---|---|---|---|",
     ]
+    for key, what in (("4k", "one call per 4 KiB page"), ("1m", "one call per 1 MiB run")):
+        limit = raw.get(key, [])
+        lines.append(f"| {what} | {cell(limit, '{:.3f}')} | {ratio(mv['inflate'], limit)} | {ratio(qm['inflate'], limit)} |")
+    for name in ("memvisor", "qemu"):
+        for failure in results[name].get("failures", []):
+            lines.append(f"\n{name} FAILED: {failure}")
     return "\n".join(lines)
 
 
@@ -522,17 +645,22 @@ def _keep_logs(work: Path, into: Path | None) -> Iterator[None]:
     finally:
         if into is not None:
             into.mkdir(parents=True, exist_ok=True)
-            for path in work.glob("*/*.log"):
+            for path in [*work.glob("*/*.log"), *work.glob("strace-*.txt")]:
                 shutil.copy(path, into / f"{path.parent.name}-{path.name}")
+
+
+KEYS = ("inflate", "deflate", "inflate_exits", "plug", "unplug", "plug_exits", "pmem_write", "pmem_write_with_dd",
+        "flushes_per_write", "reporting", "discards")  # fmt: skip
 
 
 def main() -> int:
     global POLL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here (after every run)")
     parser.add_argument("--phases", default="main,reporting",
-                        help="what to run: main (balloon, virtio-mem, pmem, raw limit), reporting, balloon (alone)")
+                        help="what to run: main (balloon, virtio-mem, pmem, raw limit, discard counts), reporting, "
+                             "balloon (alone)")  # fmt: skip
     parser.add_argument("--poll", type=float, default=POLL, help="seconds between QMP polls while waiting")
     parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
                         help="run nothing: merge these --json files and print the table")
@@ -545,54 +673,68 @@ def main() -> int:
         sys.exit("no guest image: run `memvisor image build` on the host first")
     phases = set(args.phases.split(","))
     POLL = args.poll
-    keys = ("inflate", "deflate", "inflate_exits", "plug", "unplug", "plug_exits", "pmem_write",
-            "pmem_write_with_dd", "flushes_per_write", "reporting")  # fmt: skip
-    results: dict[str, dict[str, list[Any]]] = {name: {key: [] for key in keys} for name in ("memvisor", "qemu")}
+    results: dict[str, dict[str, list[Any]]] = {name: {key: [] for key in KEYS} for name in ("memvisor", "qemu")}
     raw: dict[str, list[float]] = {"4k": [], "1m": []}
 
     def save() -> None:
         if args.json:
             args.json.write_text(json.dumps({"runs": args.runs, "results": results, "raw": raw}, indent=1))
 
-    with tempfile.TemporaryDirectory(prefix="membench-") as tmp, _keep_logs(Path(tmp), args.logs):
-        work = Path(tmp)
-        initrd = initrd_with_virtio_pci(image, work / "initrd.img")
-        if "main" in phases:
-            run_main(work, image, initrd, args.runs, results, raw, save)
-        if "balloon" in phases:
-            run_balloon(work, image, initrd, args.runs, results, save)
-        if "reporting" in phases:
-            run_reporting(work, image, initrd, args.runs, results, save)
-    if "main" in phases and "reporting" in phases:
-        print(table(results, raw, args.runs))
-    return 0
+    status = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="membench-") as tmp, _keep_logs(Path(tmp), args.logs):
+            work = Path(tmp)
+            initrd = initrd_with_virtio_pci(image, work / "initrd.img")
+            for phase, run in (("main", run_main), ("balloon", run_balloon), ("reporting", run_reporting)):
+                if phase not in phases:
+                    continue
+                try:
+                    run(work, image, initrd, args.runs, results, raw, save)
+                except Exception as err:  # a phase that fails leaves the others and the partial table
+                    log(f"phase {phase} FAILED: {err}")
+                    for name in results:
+                        results[name].setdefault("failures", []).append(f"phase {phase}: {err}")
+                    status = 1
+    finally:
+        save()
+        print(table(results, raw))
+    return status
 
 
-def run_main(work: Path, image: GuestImage, initrd: Path, runs: int, results: dict[str, dict[str, list[Any]]],
+Results = dict[str, dict[str, list[Any]]]
+
+
+def _failed(vm: Vm, what: str, err: BaseException, results: Results, vms: list[Vm]) -> None:
+    """A VM that fails is shut down at once (before the other goes on) and takes no more runs."""
+    log(f"{what} {vm.name}: FAILED, shutting it down, no more runs for it: {err}")
+    results[vm.name].setdefault("failures", []).append(f"{what}: {err}")
+    vm.close()
+    vms.remove(vm)
+
+
+def run_main(work: Path, image: GuestImage, initrd: Path, runs: int, results: Results,
              raw: dict[str, list[float]], save: Callable[[], None]) -> None:
     log("booting memvisor and QEMU (balloon, virtio-mem, virtio-pmem)")
     booted = time.monotonic()
-    vms = boot_pair(work, image, initrd, reporting=False)
-    log(f"both up after {time.monotonic() - booted:.0f} s")
+    vms = boot_pair(work, image, initrd, reporting=False, results=results)
+    log(f"{[vm.name for vm in vms]} up after {time.monotonic() - booted:.0f} s")
     try:
-        for vm in vms:
-            setup_pmem(vm)
-        broken: set[str] = set()
+        for vm in list(vms):
+            try:
+                setup_pmem(vm)
+            except Exception as err:
+                _failed(vm, "pmem set-up", err, results, vms)
         for run in range(runs):
-            for vm in vms if run % 2 == 0 else vms[::-1]:
-                if vm.name in broken:
-                    continue
+            for vm in list(vms if run % 2 == 0 else vms[::-1]):
                 try:
-                    sample = {}
+                    sample: dict[str, Any] = {}
                     for step in (measure_balloon, measure_mem, measure_pmem):
                         up = guest_uptime(vm)
                         sample.update(step(vm))
                         if guest_uptime(vm) < up:
                             raise RuntimeError(f"the guest rebooted during {step.__name__}")
                 except Exception as err:  # one VMM failing must not lose the other's numbers
-                    log(f"run {run + 1} {vm.name}: FAILED, no more runs for it: {err}")
-                    results[vm.name].setdefault("failures", []).append(f"run {run + 1}: {err}")
-                    broken.add(vm.name)
+                    _failed(vm, f"run {run + 1}", err, results, vms)
                     continue
                 for key, value in sample.items():
                     results[vm.name][key].append(value)
@@ -600,46 +742,60 @@ def run_main(work: Path, image: GuestImage, initrd: Path, runs: int, results: di
                     f" s plug {sample['plug']:6.2f} s unplug {sample['unplug']:6.2f} s pmem "
                     f"{sample['pmem_write'] * 1000:6.2f} ms exits {sample['inflate_exits']} / {sample['plug_exits']}")
                 save()
+            # The raw limit between the VM runs, so that the load of the moment falls on it too.
+            raw["4k"].append(punch_holes(512 * MiB, 4096))
+            raw["1m"].append(punch_holes(512 * MiB, MiB))
+            log(f"run {run + 1} raw punch 4k {raw['4k'][-1]:.3f} s, 1m {raw['1m'][-1]:.3f} s")
+            save()
+        for vm in list(vms):
+            try:
+                results[vm.name]["discards"].append(measure_discards(vm, work)["discards"])
+                log(f"{vm.name}: discard calls {results[vm.name]['discards'][-1]}")
+            except Exception as err:
+                _failed(vm, "discard count", err, results, vms)
+            save()
     finally:
         for vm in vms:
             vm.close()
-    for _ in range(runs):
-        raw["4k"].append(punch_holes(512 * MiB, 4096))
-        raw["1m"].append(punch_holes(512 * MiB, MiB))
-    log(f"raw punch 4k {raw['4k']} 1m {raw['1m']}")
-    save()
 
 
-def run_balloon(work: Path, image: GuestImage, initrd: Path, runs: int, results: dict[str, dict[str, list[Any]]],
-                save: Callable[[], None]) -> None:
+def run_balloon(work: Path, image: GuestImage, initrd: Path, runs: int, results: Results,
+                raw: dict[str, list[float]], save: Callable[[], None]) -> None:
     """The balloon alone, polling every 0.05 s and every 0.5 s in turn: each QMP poll is Python work inside
     memvisor's process (the GIL its vCPU thread needs), while QEMU answers QMP in C off its vCPU thread."""
     global POLL
     log("booting memvisor and QEMU (balloon only)")
-    vms = boot_pair(work, image, initrd, reporting=False)
+    vms = boot_pair(work, image, initrd, reporting=False, results=results)
     try:
         for run in range(runs):
-            for vm in vms if run % 2 == 0 else vms[::-1]:
-                for POLL in (0.05, 0.5):
-                    sample = measure_balloon(vm)
-                    for key in ("inflate", "deflate"):
-                        results[vm.name].setdefault(f"{key}@{POLL}", []).append(sample[key])
-                    log(f"run {run + 1} {vm.name:8s} poll {POLL} s: inflate {sample['inflate']:6.2f} s "
-                        f"deflate {sample['deflate']:6.2f} s")
-                    save()
+            for vm in list(vms if run % 2 == 0 else vms[::-1]):
+                try:
+                    for POLL in (0.05, 0.5):
+                        sample = measure_balloon(vm)
+                        for key in ("inflate", "deflate"):
+                            results[vm.name].setdefault(f"{key}@{POLL}", []).append(sample[key])
+                        log(f"run {run + 1} {vm.name:8s} poll {POLL} s: inflate {sample['inflate']:6.2f} s "
+                            f"deflate {sample['deflate']:6.2f} s")
+                        save()
+                except Exception as err:
+                    _failed(vm, f"balloon run {run + 1}", err, results, vms)
     finally:
         for vm in vms:
             vm.close()
 
 
-def run_reporting(work: Path, image: GuestImage, initrd: Path, runs: int, results: dict[str, dict[str, list[Any]]],
-                  save: Callable[[], None]) -> None:
+def run_reporting(work: Path, image: GuestImage, initrd: Path, runs: int, results: Results,
+                  raw: dict[str, list[float]], save: Callable[[], None]) -> None:
     log("booting memvisor and QEMU (balloon with free page reporting)")
-    vms = boot_pair(work, image, initrd, reporting=True)
+    vms = boot_pair(work, image, initrd, reporting=True, results=results)
     try:
         for run in range(runs):
-            for vm in vms if run % 2 == 0 else vms[::-1]:
-                sample = measure_reporting(vm)
+            for vm in list(vms if run % 2 == 0 else vms[::-1]):
+                try:
+                    sample = measure_reporting(vm)
+                except Exception as err:
+                    _failed(vm, f"reporting run {run + 1}", err, results, vms)
+                    continue
                 results[vm.name]["reporting"].append(sample["reporting"])
                 log(f"run {run + 1} {vm.name:8s} reporting {sample['reporting']:6.2f} s")
                 save()
@@ -652,16 +808,18 @@ def print_merged(paths: list[Path]) -> int:
     """Merge the result lists of several --json files (e.g. a main and a reporting run) and print the table."""
     results: dict[str, dict[str, list[Any]]] = {}
     raw: dict[str, list[float]] = {}
-    runs = 0
     for path in paths:
         data = json.loads(path.read_text())
-        runs = max(runs, data["runs"])
+
         for name, lists in data["results"].items():
             for key, values in lists.items():
                 results.setdefault(name, {}).setdefault(key, []).extend(values)
         for key, values in data["raw"].items():
             raw.setdefault(key, []).extend(values)
-    print(table(results, raw, runs))
+    for name in ("memvisor", "qemu"):
+        for key in KEYS:
+            results.setdefault(name, {}).setdefault(key, [])
+    print(table(results, raw))
     return 0
 
 

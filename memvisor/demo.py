@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memvisor.control.client import QmpConnection
+from memvisor.control.ready import wait_for_qmp
 from memvisor.errors import MemvisorError
 
 MIB = 1 << 20
@@ -77,17 +78,10 @@ class Demo:
 
 
 def _connect(socket_path: Path, process: subprocess.Popen[bytes], timeout: float) -> QmpConnection:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise MemvisorError(f"demo: memvisor exited with status {process.returncode} before its socket opened")
-        if socket_path.exists():
-            try:
-                return QmpConnection(str(socket_path), timeout=300)
-            except MemvisorError:
-                pass
-        time.sleep(0.5)
-    raise MemvisorError("demo: the control socket did not open in time")
+    return wait_for_qmp(
+        str(socket_path), lambda path: QmpConnection(path, timeout=300), timeout=timeout, process=process,
+        what="demo: memvisor's control socket",
+    )  # fmt: skip
 
 
 def run_story(demo: Demo) -> None:

@@ -17,12 +17,15 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient
+
+from memvisor.control.client import QmpConnection
+from memvisor.control.ready import wait_for_qmp
+from memvisor.errors import MemvisorError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "tests" / "fixtures" / "qemu72"
@@ -230,11 +233,10 @@ def run_qemu(argv: list[str], sock: str, body: Callable[[], None]) -> None:
     """Start QEMU with `argv`, wait for its QMP socket, run `body`, then make sure QEMU is gone."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"QEMU did not open {sock} (exit status {proc.poll()})")
-            time.sleep(0.05)
+        try:  # the shared wait: missing or refused while QEMU starts is "not yet"; a probe connection, closed
+            wait_for_qmp(sock, lambda path: QmpConnection(path).close(), timeout=30, process=proc, what="QEMU's QMP")
+        except MemvisorError as err:
+            raise SystemExit(str(err)) from None
         body()
         proc.wait(timeout=10)
     finally:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from memvisor.control import events as ev
 from memvisor.control.machine_api import (
+    GUEST_STAT_NAMES,
     STAT_NOT_REPORTED,
     EventSink,
     HintState,
@@ -111,11 +112,14 @@ class BalloonAdapter:
         return self.device.guest_memory_bytes()
 
     def guest_stats(self) -> dict[str, Any]:
-        """The device's guest-stats with its -1 for "never reported" written as QEMU writes it (2**64 - 1)."""
+        """The device's guest-stats as QEMU 7.2 shows them: its ten stats only (the device also keeps the newer
+        tags 10-15, which QEMU 7.2 does not report), and -1 for "never reported" written as 2**64 - 1."""
         value = self.device.guest_stats()
         stats = value.get("stats", {})
         assert isinstance(stats, dict)
-        fixed = {name: STAT_NOT_REPORTED if n == -1 else n for name, n in stats.items()}
+        fixed = {
+            name: STAT_NOT_REPORTED if stats.get(name, -1) == -1 else stats[name] for name in GUEST_STAT_NAMES
+        }
         return {"stats": fixed, "last-update": value.get("last-update", 0)}
 
     def stats_polling_interval(self) -> int:
@@ -175,6 +179,10 @@ class BalloonAdapter:
         self.device.stop_hinting()
         self.device.done_hinting()
         return self._current()
+
+    def hinted_ranges(self) -> list[tuple[int, int]]:
+        self._apply_dirty_log()
+        return self.device.hinted_ranges()
 
     def hint_status(self) -> list[HintStatus]:
         self._apply_dirty_log()

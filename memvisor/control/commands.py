@@ -273,6 +273,13 @@ def x_query_balloon_hints(ctx: Context, args: dict[str, Any]) -> Any:
     return [hint_json(status) for status in _balloon(ctx).hint_status()]
 
 
+@command("x-query-balloon-hinted-ranges")
+def x_query_balloon_hinted_ranges(ctx: Context, args: dict[str, Any]) -> Any:
+    """The guest physical ranges still hinted free in the latest cycle, after dropping the pages the guest wrote
+    since: exactly what a migration would skip."""
+    return [{"start": start, "length": length} for start, length in _balloon(ctx).hinted_ranges()]
+
+
 @command("x-query-host-memory")
 def x_query_host_memory(ctx: Context, args: dict[str, Any]) -> Any:
     """What the host holds for this VM, per region ("ram" and each device id), and the total."""

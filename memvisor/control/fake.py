@@ -88,6 +88,9 @@ class FakeBalloon:
     def hint_status(self) -> list[HintStatus]:
         return list(self._hints)
 
+    def hinted_ranges(self) -> list[tuple[int, int]]:
+        return [(16 * MiB, 4 * MiB)] if self._hints else []
+
 
 class FakeMachine:
     """A stand-in VM: 1 GiB (default) boot RAM, optional balloon, virtio-mem and virtio-pmem devices."""

@@ -169,6 +169,10 @@ class BalloonControl(Protocol):
     def hint_status(self) -> list[HintStatus]:
         """The current and recent hinting cycles, newest last."""
 
+    def hinted_ranges(self) -> list[tuple[int, int]]:
+        """The pages still hinted in the latest cycle as (guest physical address, length) ranges, after
+        dropping those the guest wrote since (what migration may skip)."""
+
 
 class MachineControl(Protocol):
     """Everything the QMP layer needs from a running VM. Implemented by the VMM; `FakeMachine` in tests."""

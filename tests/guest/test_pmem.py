@@ -11,7 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.guest.vm import GuestVM
+
+pytestmark = pytest.mark.guest
 
 MiB = 1 << 20
 PMEM_SIZE = 256 * MiB

@@ -15,6 +15,8 @@ import pytest
 
 from tests.guest.vm import GuestVM, wait_until
 
+pytestmark = pytest.mark.guest
+
 MiB = 1 << 20
 GiB = 1 << 30
 BOOT_MEMORY = 512 * MiB

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from memvisor.control.ready import QmpNotReady, wait_for_qmp
+
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
@@ -69,16 +71,16 @@ class GuestVM:
             raise
 
     def _connect(self, timeout: float) -> QEMUMonitorProtocol:
-        deadline = time.monotonic() + timeout
-        while not self.socket.exists():
-            if self.process.poll() is not None:
-                raise AssertionError(f"memvisor exited with {self.process.returncode}: {self.stderr_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no QMP socket after {timeout} s: {self.stderr_text()}")
-            time.sleep(0.1)
-        qmp = QEMUMonitorProtocol(str(self.socket))
-        qmp.connect(negotiate=True)
-        return qmp
+        def connect(path: str) -> QEMUMonitorProtocol:
+            qmp = QEMUMonitorProtocol(path)
+            qmp.connect(negotiate=True)
+            return qmp
+
+        try:
+            return wait_for_qmp(str(self.socket), connect, timeout=timeout, process=self.process,
+                                what="memvisor's QMP socket")  # fmt: skip
+        except QmpNotReady as error:
+            raise AssertionError(f"{error}\nmemvisor's stderr: {self.stderr_text()}") from None
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace")[-2000:] if self.stderr_path.exists() else ""
@@ -118,11 +120,12 @@ class GuestVM:
         return values
 
     def host_memory(self, region: str | None = None) -> int:
-        """What the host really holds for this VM (x-query-host-memory), in bytes: all, or one region."""
-        reply = self.cmd("x-query-host-memory")
+        """What the host really holds for this VM, in bytes, read from outside memvisor: the blocks allocated
+        to its guest memory memfds, found through /proc/PID/fd (RAM is "memvisor-ram0", "memvisor-ram1", a
+        virtio-mem device's memory "memvisor-mem-ID"). All of them, or one device's (`region` = its id)."""
         if region is None:
-            return int(reply["total"])
-        return sum(int(r["allocated"]) for r in reply["regions"] if r["name"] == region)
+            return memfd_bytes(self.process.pid, lambda name: name.startswith(("memvisor-ram", "memvisor-mem-")))
+        return memfd_bytes(self.process.pid, lambda name: name == f"memvisor-mem-{region}")
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [event for event in self.qmp.get_events(wait=False) if event["event"] == name]
@@ -147,13 +150,36 @@ class GuestVM:
         self.close()
 
 
+def memfd_bytes(pid: int, wanted: Callable[[str], bool]) -> int:
+    """Bytes allocated to the memfds of process `pid` whose name (memfd_create's, without "/memfd:" and
+    " (deleted)") `wanted` accepts, each file counted once: st_blocks through /proc/PID/fd, as `du` would."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            if not target.startswith("/memfd:"):
+                continue
+            name = target.removeprefix("/memfd:").removesuffix(" (deleted)")
+            if not wanted(name):
+                continue
+            info = os.stat(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if (info.st_dev, info.st_ino) not in seen:
+            seen.add((info.st_dev, info.st_ino))
+            total += info.st_blocks * 512
+    return total
+
+
 def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 1.0, what: str = "condition") -> T:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds, naming what was
+    awaited and the last value seen."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last seen: {value!r})")
         time.sleep(interval)

@@ -148,8 +148,8 @@ def test_exec_waits_for_ready(guest: FakeGuest) -> None:
     results: list[ExecResult] = []
     thread = threading.Thread(target=lambda: results.append(guest.agent.exec("echo late", timeout=10)))
     thread.start()
-    time.sleep(0.1)
-    assert not results and guest.commands == []
+    thread.join(timeout=0.2)
+    assert thread.is_alive() and not results and guest.commands == []  # blocked until READY
     guest.boot()
     thread.join(10)
     assert results == [ExecResult(0, b"late\n", b"")]

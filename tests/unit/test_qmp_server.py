@@ -1,8 +1,14 @@
 """The QMP server driven by the real client library (qemu.qmp), raw sockets and qmp-shell, against FakeMachine.
 
 Reply shapes are compared with QEMU 7.2's recorded replies in tests/fixtures/qemu72 (scripts/record_qemu_fixtures.py).
-The fake is configured like the recorded QEMU (1G boot RAM, a 2G virtio-mem at 4G, a 256M virtio-pmem after it),
-so many replies match QEMU's byte for byte and are compared exactly.
+Both machines are laid out like the recorded QEMU (1G boot RAM, a 2G virtio-mem at 4G, a 256M virtio-pmem after
+it), so many replies match QEMU's byte for byte and are compared exactly. The shape and exact comparisons run
+twice: against the hand-written FakeMachine, and against the real control path (VmmControl over a machine that
+carries the real balloon, virtio-mem and virtio-pmem device models), so "matches QEMU" is a claim about memvisor.
+
+Every recorded fixture is in a case list (test_every_fixture_is_compared checks it); where memvisor differs from
+QEMU on purpose, the case is an xfail(strict=True) with the reason, so the difference shows in every run and
+the day it goes away the test says so.
 """
 
 from __future__ import annotations
@@ -64,6 +70,59 @@ def server(sock_dir: str, machine: FakeMachine) -> Iterator[QmpServer]:
     srv.start()
     yield srv
     srv.stop()
+
+
+@contextlib.contextmanager
+def vmm_like_qemu(folder: Path) -> Iterator[Any]:
+    """The real control path laid out like the recorded QEMU: VmmControl over a machine with 1G of RAM, the real
+    BalloonDevice (balloon0), a real 2G VirtioMemDevice with 2M blocks at 4G (vm0) and a real 256M
+    VirtioPmemDevice after it (pm0). The machine is the stand-in of tests/unit/test_vmm_control.py."""
+    from memvisor.devices.balloon import BalloonDevice
+    from memvisor.devices.mem import VirtioMemDevice
+    from memvisor.devices.pmem import VirtioPmemDevice
+    from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
+    from memvisor.vmm.control import VmmControl
+    from tests.unit.test_vmm_control import StubAttached, StubMachine
+
+    memory = GuestMemory([MemoryRegion.memfd(0, GiB, "ram0")])
+    mem_region = MemoryRegion.memfd(4 * GiB, 2 * GiB, "mem-vm0")
+    memory.add(mem_region)
+    backing = folder / "pm0.img"
+    with backing.open("wb") as file:
+        file.truncate(256 * MiB)
+    pmem_region = MemoryRegion.file(6 * GiB, backing, 256 * MiB, name="pmem-pm0")
+    memory.add(pmem_region)
+    balloon = BalloonDevice(GiB, stats=True)
+    devices = [
+        StubAttached("balloon0", balloon),
+        StubAttached("vm0", VirtioMemDevice(mem_region, block_size=2 * MiB), mem_region),
+        StubAttached("pm0", VirtioPmemDevice(pmem_region), pmem_region),
+    ]
+    machine = StubMachine(memory, devices, vcpus=1)
+    machine.config.memory = GiB
+    control = VmmControl()
+    control.attach(machine)  # type: ignore[arg-type]
+    try:
+        yield control
+    finally:
+        control.detach()
+        machine.close()
+        balloon.close()
+        memory.close()
+
+
+@pytest.fixture(params=["fake", "vmm"])
+def any_server(request: pytest.FixtureRequest, sock_dir: str) -> Iterator[QmpServer]:
+    """A server over the fake machine, then over the real control path with the real device models."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "fake":
+            target: Any = like_qemu()
+        else:
+            target = stack.enter_context(vmm_like_qemu(Path(sock_dir)))
+        srv = QmpServer(os.path.join(sock_dir, "qmp.sock"), target)
+        srv.start()
+        stack.callback(srv.stop)
+        yield srv
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -206,9 +265,22 @@ SHAPE_CASES = [
 
 @pytest.mark.parametrize(("name", "command", "arguments"), SHAPE_CASES, ids=[case[0] for case in SHAPE_CASES])
 def test_reply_has_qemu_shape(
-    server: QmpServer, name: str, command: str, arguments: dict[str, Any] | None
+    request: pytest.FixtureRequest, any_server: QmpServer, name: str, command: str, arguments: dict[str, Any] | None
 ) -> None:
-    assert_same_shape(qmp(server, command, arguments), fixture(name))
+    reason = VMM_SHAPE_DIFFERENCES.get(name)
+    if reason is not None and request.node.callspec.params["any_server"] == "vmm":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+    assert_same_shape(qmp(any_server, command, arguments), fixture(name))
+
+
+# Where the real control path differs from QEMU's shape (the fake does not): found by running the comparisons
+# against VmmControl. Each is a strict xfail, so it shows in every run until fixed.
+VMM_SHAPE_DIFFERENCES = {
+    "query-cpus-fast": (
+        "QEMU 7.2 gives every vCPU props.node-id once memory hotplug is on (maxmem or a virtio-mem device "
+        "makes one implicit NUMA node); VmmControl.vcpus adds node-id only with more than one NUMA node"
+    ),
+}
 
 
 def test_query_commands_lists_every_command_we_answer(server: QmpServer) -> None:
@@ -271,14 +343,52 @@ EXACT_CASES = [
         "qom-set",
         {"path": "balloon0", "property": "guest-stats-polling-interval", "value": 1 << 40},
     ),
+    # Intended differences: shown in every run, and flagged the day they go away.
+    pytest.param(
+        "qom-set-requested-size-negative", "qom-set", {"path": "vm0", "property": "requested-size", "value": -2},
+        marks=pytest.mark.xfail(strict=True, reason=(
+            "QEMU checks the block-size multiple first (\"'requested-size' has to be multiples of 'block-size' "
+            "(0x200000)\"); memvisor checks the type first (\"expects uint64\"), like every other uint64 property")),
+        id="qom-set-requested-size-negative",
+    ),  # fmt: skip
+    pytest.param(
+        "qom-get-virtio-mem-max-size", "qom-get", {"path": "vm0", "property": "max-size"},
+        marks=pytest.mark.xfail(strict=True, reason=(
+            "QEMU 7.2's virtio-mem-pci has no max-size property (it is the memdev's size); memvisor has no "
+            "memdev object and answers the size it was given with --device virtio-mem,max-size=")),
+        id="qom-get-virtio-mem-max-size",
+    ),  # fmt: skip
+    pytest.param(
+        "qom-get-virtio-pmem-size", "qom-get", {"path": "pm0", "property": "size"},
+        marks=pytest.mark.xfail(strict=True, reason=(
+            "QEMU 7.2's virtio-pmem-pci exposes its size only through its memdev; memvisor answers it directly")),
+        id="qom-get-virtio-pmem-size",
+    ),  # fmt: skip
 ]
 
 
-@pytest.mark.parametrize(("name", "command", "arguments"), EXACT_CASES, ids=[case[0] for case in EXACT_CASES])
+@pytest.mark.parametrize(
+    ("name", "command", "arguments"), EXACT_CASES,
+    ids=[case[0] if isinstance(case, tuple) else None for case in EXACT_CASES],  # type: ignore[misc]
+)  # fmt: skip
 def test_reply_equals_qemu(
-    server: QmpServer, name: str, command: str, arguments: dict[str, Any] | None
+    any_server: QmpServer, name: str, command: str, arguments: dict[str, Any] | None
 ) -> None:
-    assert qmp(server, command, arguments) == without_id(fixture(name))
+    assert qmp(any_server, command, arguments) == without_id(fixture(name))
+
+
+def test_stop_again_and_running_status_equal_qemu(any_server: QmpServer) -> None:
+    """Recorded in sequence: stop, cont, query-status (running), stop again."""
+    assert qmp(any_server, "stop") == without_id(fixture("stop"))
+    assert qmp(any_server, "cont") == without_id(fixture("cont"))
+    assert qmp(any_server, "query-status") == without_id(fixture("query-status-running"))
+    assert qmp(any_server, "stop") == without_id(fixture("stop-again"))
+
+
+def test_huge_balloon_target_and_query_after_it_equal_qemu(any_server: QmpServer) -> None:
+    """QEMU takes a target above the RAM size and keeps `actual` at the RAM size (no driver to move it)."""
+    assert qmp(any_server, "balloon", {"value": 1 << 62}) == without_id(fixture("balloon-huge"))
+    assert qmp(any_server, "query-balloon") == without_id(fixture("query-balloon-after-huge"))
 
 
 def test_hmp_info_memory_devices_is_qemus_text(server: QmpServer) -> None:
@@ -318,21 +428,20 @@ def test_property_not_found_names_our_type(server: QmpServer) -> None:
     assert reply["error"]["desc"] == qemu["error"]["desc"].replace("virtio-mem-pci", "virtio-mem")
 
 
+BARE_CASES = [
+    ("bare-query-balloon", "query-balloon", None),
+    ("bare-balloon", "balloon", {"value": 512 * MiB}),
+    ("bare-hmp-info-balloon", "human-monitor-command", {"command-line": "info balloon"}),
+    ("bare-query-memory-devices", "query-memory-devices", None),
+    ("bare-hmp-info-memory-devices", "human-monitor-command", {"command-line": "info memory-devices"}),
+    ("bare-query-memory-size-summary", "query-memory-size-summary", None),
+]
+
+
 def test_machine_without_balloon_or_memory_devices(sock_dir: str) -> None:
     bare = FakeMachine(balloon=False, virtio_mem=None, pmem=None)
     with QmpServer(os.path.join(sock_dir, "bare.sock"), bare) as srv:
-        for name, command, arguments in (
-            ("bare-query-balloon", "query-balloon", None),
-            ("bare-balloon", "balloon", {"value": 512 * MiB}),
-            ("bare-hmp-info-balloon", "human-monitor-command", {"command-line": "info balloon"}),
-            ("bare-query-memory-devices", "query-memory-devices", None),
-            (
-                "bare-hmp-info-memory-devices",
-                "human-monitor-command",
-                {"command-line": "info memory-devices"},
-            ),
-            ("bare-query-memory-size-summary", "query-memory-size-summary", None),
-        ):
+        for name, command, arguments in BARE_CASES:
             assert qmp(srv, command, arguments) == without_id(fixture(name)), name
 
 
@@ -399,6 +508,7 @@ def read_until_closed(client: RawClient) -> list[dict[str, Any]]:
 def test_oversized_message_closes_only_that_client(server: QmpServer) -> None:
     other = RawClient(server.path)
     big = RawClient(server.path)
+    big.sock.settimeout(60)  # 2 MiB through a server busy under load (CI runs this with coverage tracing)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server may hang up mid-send
         big.send(b'{"execute": "query-status", "id": "' + b"x" * (2 * MiB))
     messages = read_until_closed(big)
@@ -550,12 +660,14 @@ def test_guest_exec_without_agent(server: QmpServer, machine: FakeMachine) -> No
 
 def test_balloon_hints_and_host_memory(server: QmpServer, machine: FakeMachine) -> None:
     assert qmp(server, "x-query-balloon-hints")["return"] == []
+    assert qmp(server, "x-query-balloon-hinted-ranges")["return"] == []
     started = qmp(server, "x-balloon-hint-start")["return"]
     assert started["state"] == "running" and started["cmd-id"] >= 0x80000000
     stopped = qmp(server, "x-balloon-hint-stop")["return"]
     assert stopped["cmd-id"] == started["cmd-id"] and stopped["state"] == "stopped"
     assert stopped["bytes"] == stopped["pages"] * 4096
     assert qmp(server, "x-query-balloon-hints")["return"] == [stopped]
+    assert qmp(server, "x-query-balloon-hinted-ranges")["return"] == [{"start": 16 * MiB, "length": 4 * MiB}]
     machine.fake_balloon.hinting_enabled = False
     assert "free-page-hint=on" in qmp(server, "x-balloon-hint-start")["error"]["desc"]
     host = qmp(server, "x-query-host-memory")["return"]
@@ -563,28 +675,51 @@ def test_balloon_hints_and_host_memory(server: QmpServer, machine: FakeMachine) 
     assert host["total"] == sum(r["allocated"] for r in host["regions"])
 
 
+def _blocking_exec(machine: FakeMachine) -> tuple[threading.Event, threading.Event, threading.Event]:
+    """Make the fake's guest_exec block until released: (entered, release, returned) events."""
+    entered, release, returned = threading.Event(), threading.Event(), threading.Event()
+    real = machine.guest_exec
+
+    def guest_exec(command: str, timeout: float) -> Any:
+        entered.set()
+        assert release.wait(10), "the test never released the command"
+        try:
+            return real(command, timeout)
+        finally:
+            returned.set()
+
+    machine.guest_exec = guest_exec  # type: ignore[method-assign]
+    return entered, release, returned
+
+
 def test_slow_command_does_not_block_other_clients(server: QmpServer, machine: FakeMachine) -> None:
-    machine.exec_delay = 1.0
+    entered, release, _returned = _blocking_exec(machine)
     slow = RawClient(server.path)
     slow.send(b'{"execute": "x-guest-exec", "arguments": {"command": "true"}, "id": "slow"}')
-    time.sleep(0.1)
-    start = time.monotonic()
+    assert entered.wait(5)  # the slow command is in flight, and stays there until released
     assert qmp(server, "query-status")["return"]["running"] is True
-    assert time.monotonic() - start < 0.8
+    assert not release.is_set()
+    release.set()
     assert slow.read_reply()["id"] == "slow"
     slow.close()
 
 
 def test_client_disconnecting_mid_command_is_harmless(server: QmpServer, machine: FakeMachine) -> None:
-    machine.exec_delay = 0.3
+    entered, release, returned = _blocking_exec(machine)
+    watcher = RawClient(server.path)
     gone = RawClient(server.path)
     gone.send(b'{"execute": "x-guest-exec", "arguments": {"command": "true"}, "id": 1}')
-    time.sleep(0.05)
+    assert entered.wait(5)
     gone.close()
-    time.sleep(0.5)  # the command finishes and its reply has nowhere to go
-    assert "guest_exec" in machine.calls
+    release.set()
+    assert returned.wait(5)  # the command finished; its reply has nowhere to go
     assert qmp(server, "query-balloon")["return"]["actual"] == GiB
     machine.fake_balloon.set_target_bytes(GiB - 2 * MiB)  # an event with a dead client in the set
+    event = watcher.read()
+    assert event["event"] == "BALLOON_CHANGE" and event["data"] == {"actual": GiB - 2 * MiB}
+    watcher.send(b'{"execute": "query-status", "id": "still"}')
+    assert watcher.read_reply()["id"] == "still"
+    watcher.close()
 
 
 def test_flood_is_answered_in_order_without_starving_others(server: QmpServer) -> None:
@@ -701,3 +836,29 @@ def test_client_that_never_reads_events_is_dropped(sock_dir: str) -> None:
         assert len(srv._clients) == 1  # the deaf client was dropped, the listening one kept
         deaf.close()
         listening.close()
+
+
+# --- every recorded fixture is compared -----------------------------------------------------------------------
+
+# Fixtures compared by a test of their own (by name, in this file) rather than through a case list.
+SINGLE_FIXTURES = {
+    "greeting", "query-commands", "qom-list-virtio-mem", "qom-list-balloon", "hmp-info-memory-devices",
+    "hmp-info-status", "query-status", "qom-get-no-such-property", "stop", "cont", "query-status-running",
+    "stop-again", "balloon-huge", "query-balloon-after-huge", "event-STOP", "event-RESUME", "event-SHUTDOWN",
+}  # fmt: skip
+
+
+def _case_name(case: Any) -> str:
+    return str(case.values[0] if hasattr(case, "values") else case[0])
+
+
+def test_every_fixture_is_compared() -> None:
+    """A recorded QEMU reply that no test compares is a difference nobody sees: each is in a case list or named
+    by a test of its own (and an intended difference is a strict xfail)."""
+    recorded = {path.name.removesuffix(".json") for path in FIXTURES.glob("*.json")}
+    cases = {_case_name(case) for case in [*SHAPE_CASES, *EXACT_CASES, *RAW_CASES, *BARE_CASES]}
+    source = Path(__file__).read_text()
+    for name in SINGLE_FIXTURES:
+        assert source.count(f'"{name}"') >= 2, f"{name} is named only in SINGLE_FIXTURES"
+    assert recorded - cases - SINGLE_FIXTURES == set(), "recorded but never compared"
+    assert (cases | SINGLE_FIXTURES) - recorded == set(), "compared but not recorded"

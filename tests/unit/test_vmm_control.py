@@ -474,30 +474,43 @@ def test_calls_after_detach_are_refused(rig: Rig) -> None:
 
 
 def test_detach_waits_for_a_call_in_flight(rig: Rig) -> None:
-    rig.machine.agent.delay = 0.3
-    worker = threading.Thread(target=rig.control.guest_exec, args=("true", 5))
+    entered, release = threading.Event(), threading.Event()
+    answer = ExecResult(0, b"from the call in flight\n", b"")
+
+    def exec_in_flight(command: str, timeout: float | None = None) -> ExecResult:
+        entered.set()
+        assert release.wait(5)
+        return answer
+
+    rig.machine.agent.exec = exec_in_flight  # type: ignore[method-assign]
+    results: list[Any] = []
+    worker = threading.Thread(target=lambda: results.append(rig.control.guest_exec("true", 5)))
     worker.start()
-    time.sleep(0.1)
-    started = time.monotonic()
-    rig.control.detach()
-    assert time.monotonic() - started > 0.1  # it waited for the exec to come back
-    worker.join()
+    assert entered.wait(5)  # the call is in flight now, inside the machine
+    detacher = threading.Thread(target=rig.control.detach)
+    detacher.start()
+    detacher.join(timeout=0.2)
+    assert detacher.is_alive(), "detach returned while a call was still using the machine"
+    release.set()
+    detacher.join(timeout=5)
+    worker.join(timeout=5)
+    assert not detacher.is_alive() and [result.stdout for result in results] == [answer.stdout]
 
 
 def test_commands_during_a_reboot_wait_for_the_next_machine(rig: Rig, tmp_path: Path) -> None:
     rig.control.reset()
     assert rig.control.run_state() is RunState.PRELAUNCH
     answers: list[Any] = []
-    worker = threading.Thread(target=lambda: answers.append(rig.control.memory_devices()))
+    worker = threading.Thread(target=lambda: answers.append(rig.control.vcpus()))
     worker.start()
-    time.sleep(0.2)
-    assert answers == []  # waiting, not touching the old machine
+    worker.join(timeout=0.2)
+    assert worker.is_alive() and answers == []  # waiting, not touching the old machine
     rig.control.detach()
     (tmp_path / "next").mkdir()
-    machine, balloon, _ = _make_machine(tmp_path / "next")
+    machine, balloon, _ = _make_machine(tmp_path / "next", vcpus=3)  # told apart from the old one (2 vCPUs)
     rig.control.attach(cast(Machine, machine))
     worker.join(timeout=5)
-    assert [dev.id for dev in answers[0]] == ["vm0", "pm0"]
+    assert [cpu.cpu_index for cpu in answers[0]] == [0, 1, 2]  # the next machine answered
     assert rig.control.run_state() is RunState.RUNNING
     rig.control.detach()
     machine.close()
@@ -517,7 +530,8 @@ def test_closing_releases_commands_waiting_for_a_reboot(rig: Rig) -> None:
 
     worker = threading.Thread(target=call)
     worker.start()
-    time.sleep(0.1)
+    worker.join(timeout=0.2)
+    assert worker.is_alive() and errors == []  # waiting for the next machine, not refused
     rig.control.close()
     worker.join(timeout=5)
     assert len(errors) == 1 and "shut down" in str(errors[0])
@@ -654,7 +668,7 @@ def test_machine_paused_before_start_parks_at_once() -> None:
     try:
         assert machine.pause(timeout=1)  # no threads yet
         machine.start()
-        time.sleep(0.05)
+        assert _wait_for(lambda: machine._parked == 1)  # the vCPU thread ran, and parked at once
         assert _runs(machine) == [0]
         machine.resume()
         deadline = time.monotonic() + 2
