@@ -212,16 +212,20 @@ class Vcpu:
         ioctl(self.fd, ioctls.KVM_GET_CPUID2, cpuid)
         return cpuid
 
-    def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        """Read `indices`; KVM stops at the first MSR it cannot read, which is an error here."""
+    def read_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Read `indices` in order; KVM stops at the first MSR it cannot read, so fewer may come back."""
+        if not indices:
+            return {}
         table = structs.kvm_msrs_type(len(indices))()
         table.nmsrs = len(indices)  # type: ignore[attr-defined]
         for position, index in enumerate(indices):
             table.entries[position].index = index  # type: ignore[attr-defined]
         done = ioctl(self.fd, ioctls.KVM_GET_MSRS, table)
-        if done != len(indices):
-            raise MemvisorError(f"KVM could not read MSR {indices[done]:#x} on vCPU {self.index}")
-        return {int(e.index): int(e.data) for e in table.entries[: len(indices)]}  # type: ignore[attr-defined]
+        return {int(e.index): int(e.data) for e in table.entries[:done]}  # type: ignore[attr-defined]
+
+    def write_msrs(self, msrs: list[tuple[int, int]]) -> None:
+        """Write the MSRs in the order given (order matters: the TSC before TSC_DEADLINE)."""
+        self.set_msrs(dict(msrs))
 
     def get_mp_state(self) -> int:
         state = structs.KvmMpState()

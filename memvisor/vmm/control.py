@@ -26,6 +26,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from memvisor.control import events as ev
 from memvisor.control.adapters import (
@@ -260,6 +261,32 @@ class VmmControl:
                 return
             machine.pause(PAUSE_TIMEOUT)  # a vCPU busy in a device parks at its next exit
             self._emit(*ev.stop())
+
+    # --- snapshots (memvisor/vmm/migration.py, memvisor/vmm/snapshot.py) -----------------------------------------
+
+    def migrate(self, uri: str) -> None:
+        """Save the machine to `file:PATH` in a worker thread (QEMU `migrate`); pauses it first, emitting STOP."""
+        from memvisor.vmm.migration import parse_file_uri
+
+        path = parse_file_uri(uri)
+        self.stop()
+        self._migration_job().start(lambda progress: self._save_snapshot(path, progress))
+
+    def _save_snapshot(self, path: Path, progress: Any) -> Any:
+        from memvisor.vmm.snapshot import save_snapshot
+
+        with self._use() as machine:
+            return save_snapshot(machine, path, progress)
+
+    def _migration_job(self) -> Any:
+        if getattr(self, "_migration", None) is None:
+            from memvisor.vmm.migration import MigrationJob
+
+            self._migration = MigrationJob(lambda: self._events.sink)
+        return self._migration
+
+    def migration_info(self) -> dict[str, Any]:
+        return dict(self._migration_job().info())
 
     def cont(self) -> None:
         """Release the vCPUs (QEMU `cont`); emits RESUME when the machine was paused."""

@@ -35,13 +35,19 @@ def _tail(path: Path | None, lines: int = 5) -> str:
     return f" (console {path}: ... {shown})" if shown else f" (console log: {path})"
 
 
-def build_machine(config: MachineConfig, console_fd: int) -> Machine:
+def build_machine(config: MachineConfig, console_fd: int, incoming: Path | None = None) -> Machine:
+    """Build and load the machine: boot it from its kernel, or restore the snapshot `incoming` into it."""
     from memvisor.vmm.devices import attach_devices
 
     machine = Machine(config, console_fd)
     try:
         attach_devices(machine)
-        machine.load()
+        if incoming is None:
+            machine.load()
+        else:
+            from memvisor.vmm.snapshot import restore_snapshot
+
+            restore_snapshot(machine, incoming)
     except BaseException:
         machine.close()
         raise
@@ -69,9 +75,11 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     server: VmmControlServer | None = None
+    incoming = _incoming_path(getattr(args, "incoming", None))
     try:
         while True:
-            machine = build_machine(config, console_fd)
+            machine = build_machine(config, console_fd, incoming)
+            incoming = None  # a reboot after a restore boots afresh
             current[:] = [machine]
             try:
                 if args.qmp is not None and server is None:
@@ -103,6 +111,15 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if console_fd > 2:
             os.close(console_fd)
+
+
+def _incoming_path(uri: str | None) -> Path | None:
+    """The snapshot of `--incoming file:PATH`, None without --incoming."""
+    if uri is None:
+        return None
+    if not uri.startswith("file:") or len(uri) == len("file:"):
+        raise MemvisorError(f"--incoming {uri}: memvisor restores from files only, give --incoming file:PATH")
+    return Path(uri[len("file:") :])
 
 
 def _status_of(outcome: Outcome, console_path: Path | None) -> int:

@@ -1,0 +1,81 @@
+"""Snapshot and restore of a running Debian guest: `stop`, `migrate file:`, then `memvisor run --incoming`.
+
+The guest is sleeping in `sleep 5` when it is saved; after the restore it must wake on time (its timers
+survive: the TSC before TSC_DEADLINE, the LAPIC before the MSRs, the VM clock before any vCPU runs), its
+processes and files are there, the agent answers, and a second snapshot of the restored guest works.
+"""
+
+import time
+from pathlib import Path
+
+from tests.guest.conftest import memvisor
+from tests.guest.vm import GuestVM, wait_until
+
+SLEEPER = (
+    "(s=$(cut -d' ' -f1 /proc/uptime); sleep 5; e=$(cut -d' ' -f1 /proc/uptime); echo \"$s $e\" > /tmp/woke)"
+    " >/dev/null 2>&1 </dev/null &"
+)
+
+
+def _save(vm: GuestVM, path: Path) -> dict:  # type: ignore[type-arg]
+    vm.cmd("stop")
+    vm.cmd("migrate", uri=f"file:{path}")
+
+    def finished() -> dict | None:  # type: ignore[type-arg]
+        info = vm.cmd("query-migrate")
+        return info if info.get("status") in ("completed", "failed") else None
+
+    info = wait_until(finished, timeout=300, interval=0.5, what="the snapshot to finish")
+    assert info["status"] == "completed", info
+    return info  # type: ignore[no-any-return]
+
+
+def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: Path) -> None:
+    snap = tmp_path / "vm.snap"
+    first = tmp_path / "first"
+    first.mkdir()
+    with GuestVM(first, memory="1G") as vm:
+        vm.check("echo kept > /tmp/marker")
+        vm.check(SLEEPER)
+        time.sleep(1)
+        info = _save(vm, snap)
+        assert vm.cmd("query-status")["status"] == "paused"
+        # The original carries on after `cont` as if nothing happened.
+        vm.cmd("cont")
+        assert vm.check("cat /tmp/marker").strip() == "kept"
+    allocated = snap.stat().st_blocks * 512
+    print(f"snapshot: {snap.stat().st_size} bytes, {allocated} allocated, ram {info['ram']}")
+    assert snap.stat().st_size > 1 << 30  # the file spans guest RAM ...
+    assert allocated < 600 << 20  # ... but only what the guest uses is written (holes for the rest)
+
+    second = tmp_path / "second"
+    second.mkdir()
+    restored_at = time.monotonic()
+    with GuestVM(second, memory="1G", extra=["--incoming", f"file:{snap}"]) as vm:
+        assert vm.check("cat /tmp/marker").strip() == "kept"
+        woke = wait_until(lambda: vm.exec("cat /tmp/woke").stdout.split(), timeout=60, interval=0.5,
+                          what="the guest's sleep 5 to end")  # fmt: skip
+        waited = time.monotonic() - restored_at
+        start, end = (float(v) for v in woke)
+        # By the guest's own clock the sleep took 5 s (not much more: no timer was lost) ...
+        assert 5.0 <= end - start < 7.0, woke
+        # ... and it ended soon after the restore, not after some timeout.
+        assert waited < 45, waited
+        console = vm.console_text()
+        assert "soft lockup" not in console and "BUG:" not in console, console[-2000:]
+        # A second snapshot of the restored guest works.
+        again = tmp_path / "again.snap"
+        _save(vm, again)
+        vm.cmd("cont")
+        assert vm.check("echo alive").strip() == "alive"
+
+
+def test_restore_refuses_a_snapshot_of_another_memory_size(tmp_path: Path) -> None:
+    snap = tmp_path / "vm.snap"
+    with GuestVM(tmp_path, memory="512M") as vm:
+        _save(vm, snap)
+    result = memvisor("run", "--lab", "off", "--memory", "1G", "--incoming", f"file:{snap}",
+                      "--console", str(tmp_path / "c2.log"), timeout=120)  # fmt: skip
+    assert result.returncode == 125
+    assert "--memory 512M" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
