@@ -269,14 +269,22 @@ class VmmControl:
         from memvisor.vmm.migration import parse_file_uri
 
         path = parse_file_uri(uri)
+        was_running = self.run_state() is RunState.RUNNING
         self.stop()
-        self._migration_job().start(lambda progress: self._save_snapshot(path, progress))
+        self._migration_job().start(lambda progress: self._save_snapshot(path, progress, was_running))
 
-    def _save_snapshot(self, path: Path, progress: Any) -> Any:
+    def _save_snapshot(self, path: Path, progress: Any, was_running: bool) -> Any:
+        """The save; a failure leaves the guest as it was before `migrate` (running again if it ran)."""
         from memvisor.vmm.snapshot import save_snapshot
 
-        with self._use() as machine:
-            return save_snapshot(machine, path, progress)
+        try:
+            with self._use() as machine:
+                return save_snapshot(machine, path, progress)
+        except BaseException:
+            if was_running:
+                with contextlib.suppress(MachineError):
+                    self.cont()
+            raise
 
     def _migration_job(self) -> Any:
         if getattr(self, "_migration", None) is None:
