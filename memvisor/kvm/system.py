@@ -223,9 +223,17 @@ class Vcpu:
         done = ioctl(self.fd, ioctls.KVM_GET_MSRS, table)
         return {int(e.index): int(e.data) for e in table.entries[:done]}  # type: ignore[attr-defined]
 
-    def write_msrs(self, msrs: list[tuple[int, int]]) -> None:
-        """Write the MSRs in the order given (order matters: the TSC before TSC_DEADLINE)."""
-        self.set_msrs(dict(msrs))
+    def write_msrs(self, msrs: list[tuple[int, int]]) -> int:
+        """Write the MSRs in the order given (order matters: the TSC before TSC_DEADLINE); KVM stops at the first
+        it refuses: returns how many it wrote."""
+        if not msrs:
+            return 0
+        table = structs.kvm_msrs_type(len(msrs))()
+        table.nmsrs = len(msrs)  # type: ignore[attr-defined]
+        for position, (index, value) in enumerate(msrs):
+            table.entries[position].index = index  # type: ignore[attr-defined]
+            table.entries[position].data = value  # type: ignore[attr-defined]
+        return ioctl(self.fd, ioctls.KVM_SET_MSRS, table)
 
     def get_mp_state(self) -> int:
         state = structs.KvmMpState()

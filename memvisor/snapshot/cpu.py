@@ -16,6 +16,7 @@ absolute TSC value. The VM clock (restore_vm) is set before any vCPU runs.
 from __future__ import annotations
 
 import ctypes
+import logging
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -31,6 +32,16 @@ MSR_KVM_WALL_CLOCK_NEW = 0x4B564D00
 MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
 MSR_STAR = 0xC0000081
 MSR_LSTAR = 0xC0000082
+
+# MSRs a restored guest cannot do without: a refusal of any of these fails the restore. Others KVM lists but
+# refuses to take back (it happens with MSRs of features the CPU model lacks) are skipped with a warning.
+CRITICAL_MSRS = frozenset({
+    MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_KVM_WALL_CLOCK_NEW, MSR_KVM_SYSTEM_TIME_NEW, MSR_STAR, MSR_LSTAR,
+    0xC0000083, 0xC0000084, 0xC0000102,  # CSTAR, SYSCALL_MASK, KERNEL_GS_BASE
+    0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP
+    0x277,  # PAT
+})  # fmt: skip
+log = logging.getLogger(__name__)
 
 _CPUID_ENTRY_SIZE = ctypes.sizeof(structs.KvmCpuidEntry2)
 S = TypeVar("S", bound=ctypes.Structure)
@@ -189,12 +200,28 @@ def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
         vcpu.set_xcrs(_from_raw(structs.KvmXcrs, state.xcrs))
     vcpu.set_debugregs(_from_raw(structs.KvmDebugregs, state.debugregs))
     vcpu.set_lapic(_from_raw(structs.KvmLapicState, state.lapic))
-    vcpu.write_msrs(ordered_msrs(state.msr_dict))
+    write_msrs(vcpu, ordered_msrs(state.msr_dict))
     events = _from_raw(structs.KvmVcpuEvents, state.events)
     events.flags |= structs.KVM_VCPUEVENT_VALID_NMI_PENDING | structs.KVM_VCPUEVENT_VALID_SIPI_VECTOR
     events.flags |= structs.KVM_VCPUEVENT_VALID_SHADOW
     vcpu.set_vcpu_events(events)
     vcpu.set_mp_state(state.mp_state)
+
+
+def write_msrs(vcpu: Vcpu, msrs: list[tuple[int, int]]) -> list[int]:
+    """Write `msrs` in order; an MSR KVM refuses fails the restore if critical, else is skipped (returned)."""
+    skipped: list[int] = []
+    while msrs:
+        done = vcpu.write_msrs(msrs)
+        if done >= len(msrs):
+            break
+        index, value = msrs[done]
+        if index in CRITICAL_MSRS:
+            raise StateError(f"vcpus[{vcpu.index}].msrs: KVM refused MSR {index:#x} = {value:#x}")
+        log.warning("vCPU %d: KVM refused MSR %#x = %#x; left at its reset value", vcpu.index, index, value)
+        skipped.append(index)
+        msrs = msrs[done + 1 :]
+    return skipped
 
 
 def capture_vm(vm: Vm) -> VmState:

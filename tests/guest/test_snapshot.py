@@ -79,3 +79,63 @@ def test_restore_refuses_a_snapshot_of_another_memory_size(tmp_path: Path) -> No
     assert result.returncode == 125
     assert "--memory 512M" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_kvm_vcpu_and_vm_state_save_restore_save_gives_equal_state() -> None:
+    """On real KVM, no guest booted: a vCPU set up for boot, saved, restored into a new VM, saved again."""
+    import dataclasses
+
+    from memvisor.boot import cpu
+    from memvisor.kvm.system import Kvm
+    from memvisor.memory.guest_memory import MemoryRegion
+    from memvisor.snapshot.cpu import (
+        MSR_IA32_TSC,
+        capture_vcpu,
+        capture_vm,
+        restore_vcpu,
+        restore_vm,
+        savable_msrs,
+    )
+
+    kvm = Kvm()
+    made = []
+
+    def new_vm():  # type: ignore[no-untyped-def]
+        vm = kvm.create_vm()
+        vm.set_tss_addr(0xFFFBD000)
+        vm.create_irqchip()
+        vm.create_pit2()
+        region = MemoryRegion.memfd(0, 64 << 20)
+        vm.set_memory_slot(0, 0, region.size, region.host_addr)
+        made.append((vm, region))
+        return vm
+
+    first = new_vm()
+    vcpu = first.create_vcpu(0)
+    cpu.setup_vcpu(vcpu, kvm.supported_cpuid(), 1, 0x100000)
+    msrs = savable_msrs(kvm, vcpu)
+    assert MSR_IA32_TSC in msrs and len(msrs) > 20, [hex(m) for m in msrs]
+    saved, saved_vm = capture_vcpu(vcpu, msrs), capture_vm(first)
+
+    second = new_vm()
+    restore_vm(second, saved_vm)
+    copy = second.create_vcpu(0)
+    restore_vcpu(copy, saved)
+    again, again_vm = capture_vcpu(copy, msrs), capture_vm(second)
+
+    tsc_before, tsc_after = saved.msr_dict.pop(MSR_IA32_TSC), again.msr_dict.pop(MSR_IA32_TSC)
+    assert 0 <= tsc_after - tsc_before < 10 * saved.tsc_khz * 1000  # the TSC carried over (within 10 s)
+    differing_msrs = {hex(i): (v, again.msr_dict.get(i)) for i, v in saved.msr_dict.items()
+                      if i != MSR_IA32_TSC and again.msr_dict.get(i) != v}  # fmt: skip
+    assert differing_msrs == {}
+    plain = dataclasses.replace(saved, msrs=()), dataclasses.replace(again, msrs=())
+    assert plain[0] == plain[1]
+    assert (again_vm.pic_master, again_vm.pic_slave, again_vm.ioapic) == (
+        saved_vm.pic_master, saved_vm.pic_slave, saved_vm.ioapic)  # fmt: skip
+    assert again_vm.clock >= saved_vm.clock
+    for vm, region in made:
+        vm.close()
+        region.close()
+    vcpu.close()
+    copy.close()
+    kvm.close()

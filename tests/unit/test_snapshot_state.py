@@ -140,9 +140,16 @@ class RecordingVcpu:
     def get_tsc_khz(self) -> int:
         return 2_000_000
 
-    def write_msrs(self, msrs: list[tuple[int, int]]) -> None:
+    refuse: frozenset[int] = frozenset()
+
+    def write_msrs(self, msrs: list[tuple[int, int]]) -> int:
+        """Like KVM: writes in order and stops at the first MSR it refuses."""
         self.calls.append("write_msrs")
-        self.msr_order = [index for index, _ in msrs]
+        for done, (index, _) in enumerate(msrs):
+            if index in self.refuse:
+                return done
+            self.msr_order.append(index)
+        return len(msrs)
 
 
 def test_restore_order_cpuid_first_lapic_before_msrs_events_and_mp_state_last() -> None:
@@ -160,3 +167,14 @@ def test_restore_order_cpuid_first_lapic_before_msrs_events_and_mp_state_last() 
 def test_restore_refuses_a_state_for_another_vcpu() -> None:
     with pytest.raises(StateError, match="index"):
         restore_vcpu(RecordingVcpu(), vcpu_state(index=1))  # type: ignore[arg-type]
+
+
+def test_a_refused_optional_msr_is_skipped_and_a_critical_one_fails() -> None:
+    vcpu = RecordingVcpu()
+    vcpu.refuse = frozenset({0x1A0})
+    restore_vcpu(vcpu, vcpu_state(msrs=((MSR_IA32_TSC, 1), (0x1A0, 1), (0x277, 6), (MSR_IA32_TSC_DEADLINE, 2))))  # type: ignore[arg-type]
+    assert vcpu.msr_order == [MSR_IA32_TSC, 0x277, MSR_IA32_TSC_DEADLINE]
+    vcpu = RecordingVcpu()
+    vcpu.refuse = frozenset({MSR_IA32_TSC_DEADLINE})
+    with pytest.raises(StateError, match=r"vcpus\[0\]\.msrs: KVM refused MSR 0x6e0"):
+        restore_vcpu(vcpu, vcpu_state())  # type: ignore[arg-type]
