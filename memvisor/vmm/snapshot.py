@@ -14,8 +14,9 @@ state that fails any check leaves no VM running. Restore order: interrupt contro
 (memvisor.snapshot.cpu gives its order: LAPIC before MSRs, TSC before TSC_DEADLINE), the devices, guest RAM,
 and last the VM clock, before any vCPU runs.
 
-Not yet covered: the --device virtio devices (balloon, virtio-mem, virtio-pmem) have no state types yet, so a
-machine with any is refused with a message saying so.
+Devices: virtio-pmem is covered (its contents are its backing file: restore needs the same file); the
+virtio-balloon and virtio-mem devices have no state types yet, so a machine with either is refused with a
+message saying so.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from memvisor.devices.console.state import ConsoleState, restore_console, save_console
 from memvisor.devices.legacy_state import (
@@ -39,6 +41,8 @@ from memvisor.devices.legacy_state import (
     save_rtc,
     save_serial,
 )
+from memvisor.devices.pmem.device import VirtioPmemDevice
+from memvisor.devices.pmem.state import PmemState, check_pmem, quiesce_pmem, restore_pmem, save_pmem
 from memvisor.errors import MemvisorError
 from memvisor.kvm.ioctls import KvmIoctlError
 from memvisor.memory.guest_memory import MemoryRegion
@@ -62,6 +66,23 @@ PAUSE_TIMEOUT = 10.0
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
+SUPPORTED_DEVICES = ("virtio-pmem",)
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """One --device: its transport and the device model's own state (one of the optional parts, by type)."""
+
+    id: str
+    type: str
+    transport: TransportState
+    pmem: PmemState | None
+
+    def validate(self) -> None:
+        require(self.type in SUPPORTED_DEVICES, "type", f"{self.type} has no snapshot support")
+        require((self.pmem is not None) == (self.type == "virtio-pmem"), "pmem", f"does not fit a {self.type}")
+
+
 @dataclass(frozen=True)
 class MachineState:
     """Everything a machine is, besides its RAM: what the command line built, and the state of each part."""
@@ -80,6 +101,7 @@ class MachineState:
     agent_transport: TransportState
     agent_ready: bool
     agent_on_com2: bool
+    devices_state: tuple[DeviceState, ...]
 
     def validate(self) -> None:
         require(1 <= self.vcpus <= MAX_VCPUS, "vcpus", f"{self.vcpus} is not 1 to {MAX_VCPUS}")
@@ -88,6 +110,8 @@ class MachineState:
             require(cpu.index == position, f"cpus[{position}].index", f"{cpu.index} is out of order")
         require(self.memory > 0, "memory", "is not positive")
         require(self.numa_nodes >= 1, "numa_nodes", "is below 1")
+        require(len(self.devices_state) == len(self.devices), "devices_state",
+                f"holds {len(self.devices_state)} devices, the command line {len(self.devices)}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -109,7 +133,12 @@ def quiesced(machine: Machine) -> Iterator[None]:
     if not machine.pause(PAUSE_TIMEOUT):
         raise MemvisorError(f"the vCPUs did not stop within {PAUSE_TIMEOUT:.0f} s: try the snapshot again")
     signal_paused(machine)
-    with machine.agent_console.lock:
+    with contextlib.ExitStack() as held:
+        held.enter_context(machine.agent_console.lock)
+        for attached in machine.devices:
+            if isinstance(attached.device, VirtioPmemDevice):
+                quiesce_pmem(attached.device)
+            held.enter_context(attached.device.lock)
         yield
 
 
@@ -121,7 +150,17 @@ def signal_paused(machine: Machine) -> None:
 
 
 def unsupported_devices(machine: Machine) -> list[str]:
-    return [f"{attached.spec.type} {attached.id}" for attached in machine.devices]
+    return [f"{a.spec.type} {a.id}" for a in machine.devices if a.spec.type not in SUPPORTED_DEVICES]
+
+
+def _device_state(attached: Any) -> DeviceState:
+    device = attached.device
+    return DeviceState(
+        id=attached.id,
+        type=attached.spec.type,
+        transport=save_transport(attached.transport),
+        pmem=save_pmem(device) if isinstance(device, VirtioPmemDevice) else None,
+    )
 
 
 def capture_machine(machine: Machine) -> MachineState:
@@ -142,6 +181,7 @@ def capture_machine(machine: Machine) -> MachineState:
         agent_transport=save_transport(machine.agent_transport),
         agent_ready=machine.agent.ready,
         agent_on_com2=machine._agent_on_com2,
+        devices_state=tuple(_device_state(attached) for attached in machine.devices),
     )
 
 
@@ -253,12 +293,22 @@ def _check_devices(machine: Machine, state: MachineState) -> None:
     from memvisor.virtio.state import check_queue
 
     transport = machine.agent_transport
-    if state.agent_transport.device_id != transport.device.device_id:
-        raise StateError("machine.agent_transport.device_id: not a virtio-console")
-    if len(state.agent_transport.queues) != len(transport.queues):
-        raise StateError("machine.agent_transport.queues: wrong number of queues")
-    for queue, queue_state in zip(transport.queues, state.agent_transport.queues, strict=True):
-        check_queue(queue, queue_state, f"machine.agent_transport.queues[{queue.index}]")
+    pairs = [(transport, state.agent_transport, "machine.agent_transport")]
+    for position, (attached, device_state) in enumerate(zip(machine.devices, state.devices_state, strict=True)):
+        where = f"machine.devices_state[{position}]"
+        if (device_state.id, device_state.type) != (attached.id, attached.spec.type):
+            raise StateError(f"{where}: the snapshot has {device_state.type} {device_state.id} here, the command "
+                             f"line {attached.spec.type} {attached.id}: give the same devices in the same order")  # fmt: skip
+        if device_state.pmem is not None:
+            check_pmem(attached.device, device_state.pmem, f"{where}.pmem")
+        pairs.append((attached.transport, device_state.transport, f"{where}.transport"))
+    for transport, transport_state, where in pairs:
+        if transport_state.device_id != transport.device.device_id:
+            raise StateError(f"{where}.device_id: {transport_state.device_id} is not this slot's device")
+        if len(transport_state.queues) != len(transport.queues):
+            raise StateError(f"{where}.queues: {len(transport_state.queues)} queues, the device has {len(transport.queues)}")
+        for queue, queue_state in zip(transport.queues, transport_state.queues, strict=True):
+            check_queue(queue, queue_state, f"{where}.queues[{queue.index}]")
 
 
 def _load_state(machine: Machine, state: MachineState) -> None:
@@ -273,6 +323,10 @@ def _load_state(machine: Machine, state: MachineState) -> None:
     restore_i8042(machine.i8042, state.i8042)
     restore_console(machine.agent_console, state.agent_console)
     restore_transport(machine.agent_transport, state.agent_transport, "machine.agent_transport")
+    for position, (attached, device_state) in enumerate(zip(machine.devices, state.devices_state, strict=True)):
+        if device_state.pmem is not None:
+            restore_pmem(attached.device, device_state.pmem)
+        restore_transport(attached.transport, device_state.transport, f"machine.devices_state[{position}].transport")
     machine._agent_on_com2 = state.agent_on_com2
     if state.agent_ready:
         machine.agent.mark_ready()
