@@ -39,3 +39,9 @@ def migrate(ctx: Context, args: dict[str, Any]) -> Any:
 def query_migrate(ctx: Context, args: dict[str, Any]) -> Any:
     info = getattr(ctx.machine, "migration_info", None)
     return info() if info is not None else {}
+
+
+@command("migrate-incoming", Arg("uri", Kind.STR))
+def migrate_incoming(ctx: Context, args: dict[str, Any]) -> Any:
+    _machine_method(ctx, "migrate_incoming")(args["uri"])
+    return {}

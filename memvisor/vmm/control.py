@@ -296,6 +296,14 @@ class VmmControl:
     def migration_info(self) -> dict[str, Any]:
         return dict(self._migration_job().info())
 
+    incoming: Any = None  # an IncomingSlot while `memvisor run --incoming defer` waits (memvisor/vmm/migration.py)
+
+    def migrate_incoming(self, uri: str) -> None:
+        slot = self.incoming
+        if slot is None:
+            raise MachineError("migrate-incoming is only for a machine started with --incoming defer")
+        slot.migrate_incoming(uri)
+
     def cont(self) -> None:
         """Release the vCPUs (QEMU `cont`); emits RESUME when the machine was paused."""
         with self._use() as machine, self._state_lock:

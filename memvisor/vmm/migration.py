@@ -116,3 +116,39 @@ class MigrationJob:
             if self._error:
                 reply["error-desc"] = self._error
             return reply
+
+
+class IncomingSlot:
+    """`memvisor run --incoming defer`: the machine waits, built and never started, until QMP `migrate-incoming`
+    names the snapshot; the load runs in the QMP call (its reply says whether it worked), then the session
+    starts the vCPUs. A refused snapshot ends memvisor (exit 125), as QEMU ends after a failed incoming migration.
+    """
+
+    def __init__(self, load: Callable[[Path], object]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._started = False
+        self.error: str | None = None
+
+    def migrate_incoming(self, uri: str) -> None:
+        if not uri.startswith(FILE_PREFIX) or len(uri) == len(FILE_PREFIX):
+            raise MachineError(f"migration URI {uri!r} is not supported: memvisor restores from files, give file:PATH")
+        with self._lock:
+            if self._started:
+                raise MachineError("The incoming migration has already been started")
+            self._started = True
+        try:
+            self._load(Path(uri[len(FILE_PREFIX) :]))
+        except MemvisorError as error:
+            self.error = str(error)
+            raise MachineError(self.error) from None
+        finally:
+            self._event.set()
+
+    def wait(self, give_up: Callable[[], bool], poll: float = 0.2) -> bool:
+        """Block until a migrate-incoming finished (True) or `give_up()` says the machine is ending (False)."""
+        while not self._event.wait(poll):
+            if give_up():
+                return False
+        return True

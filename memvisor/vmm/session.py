@@ -35,15 +35,17 @@ def _tail(path: Path | None, lines: int = 5) -> str:
     return f" (console {path}: ... {shown})" if shown else f" (console log: {path})"
 
 
-def build_machine(config: MachineConfig, console_fd: int, incoming: Path | None = None) -> Machine:
-    """Build and load the machine: boot it from its kernel, or restore the snapshot `incoming` into it."""
+def build_machine(config: MachineConfig, console_fd: int, incoming: Path | None = None, *, boot: bool = True) -> Machine:
+    """Build and load the machine: boot it from its kernel, or restore the snapshot `incoming` into it (or, with
+    `boot` False and no `incoming`, neither: --incoming defer loads it later)."""
     from memvisor.vmm.devices import attach_devices
 
     machine = Machine(config, console_fd)
     try:
         attach_devices(machine)
         if incoming is None:
-            machine.load()
+            if boot:
+                machine.load()
         else:
             from memvisor.vmm.snapshot import restore_snapshot
 
@@ -75,10 +77,13 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     server: VmmControlServer | None = None
-    incoming = _incoming_path(getattr(args, "incoming", None))
+    deferred = getattr(args, "incoming", None) == "defer"
+    if deferred and args.qmp is None:
+        raise MemvisorError("--incoming defer waits for QMP migrate-incoming: give --qmp SOCK too")
+    incoming = None if deferred else _incoming_path(getattr(args, "incoming", None))
     try:
         while True:
-            machine = build_machine(config, console_fd, incoming)
+            machine = build_machine(config, console_fd, incoming, boot=not deferred)
             incoming = None  # a reboot after a restore boots afresh
             current[:] = [machine]
             try:
@@ -88,6 +93,9 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
                     server = start_control_server(machine, args.qmp)
                 elif server is not None:
                     server.attach(machine)  # a rebooted guest keeps its QMP socket and clients
+                if deferred and server is not None:
+                    deferred = False
+                    _wait_for_incoming(machine, server)
                 machine.start()
                 if args.command is not None:
                     return _exec_and_poweroff(machine, args.command, args.timeout, console_path)
@@ -111,6 +119,21 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if console_fd > 2:
             os.close(console_fd)
+
+
+def _wait_for_incoming(machine: Machine, server: "VmmControlServer") -> None:
+    """--incoming defer: wait for QMP migrate-incoming to restore the machine (or for the machine to end)."""
+    from memvisor.vmm.migration import IncomingSlot
+    from memvisor.vmm.snapshot import restore_snapshot
+
+    slot = IncomingSlot(lambda path: restore_snapshot(machine, path))
+    server.control.incoming = slot
+    try:
+        slot.wait(lambda: machine.outcome is not None)
+    finally:
+        server.control.incoming = None
+    if slot.error is not None:
+        raise MemvisorError(f"the incoming snapshot was refused: {slot.error}")
 
 
 def _incoming_path(uri: str | None) -> Path | None:

@@ -139,3 +139,73 @@ def test_kvm_vcpu_and_vm_state_save_restore_save_gives_equal_state() -> None:
     vcpu.close()
     copy.close()
     kvm.close()
+
+
+def _first_present_page_offset(path: Path) -> int:
+    """The file offset of the first guest page the snapshot holds."""
+    import os
+
+    import numpy as np
+
+    from memvisor.snapshot import fileformat
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _, image = fileformat.read_header_and_state(fd)
+        region = image.regions[0]
+        bitmap = os.pread(fd, fileformat.bitmap_bytes(region.size), region.bitmap_offset)
+    finally:
+        os.close(fd)
+    page = int(np.flatnonzero(np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little"))[0])
+    return region.data_offset + page * fileformat.PAGE_SIZE
+
+
+def test_incoming_defer_then_migrate_incoming_and_a_corrupted_file_exits_125(tmp_path: Path) -> None:
+    import base64
+    import subprocess
+    import sys
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    from tests.guest.vm import REPO
+
+    snap = tmp_path / "vm.snap"
+    first = tmp_path / "first"
+    first.mkdir()
+    with GuestVM(first, memory="512M") as vm:
+        vm.check("echo deferred > /tmp/marker")
+        _save(vm, snap)
+    # A flipped byte in a data page: memvisor refuses it with one line and exit 125, running nothing.
+    bad = tmp_path / "bad.snap"
+    data = bytearray(snap.read_bytes())
+    data[_first_present_page_offset(snap) + 5] ^= 0x40
+    bad.write_bytes(bytes(data))
+    result = memvisor("run", "--lab", "off", "--memory", "512M", "--incoming", f"file:{bad}",
+                      "--console", str(tmp_path / "bad.log"), timeout=120)  # fmt: skip
+    assert result.returncode == 125, result.stderr
+    assert "corrupted" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+    second = tmp_path / "second"
+    second.mkdir()
+    sock = second / "qmp.sock"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memvisor", "run", "--lab", "off", "--memory", "512M", "--qmp", str(sock),
+         "--console", str(second / "console.log"), "--incoming", "defer"],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(sock.exists, timeout=120, interval=0.2, what="the QMP socket")
+        qmp = QEMUMonitorProtocol(str(sock))
+        qmp.connect(negotiate=True)
+        assert qmp.cmd_obj({"execute": "query-status"})["return"]["status"] == "prelaunch"
+        reply = qmp.cmd_obj({"execute": "migrate-incoming", "arguments": {"uri": f"file:{snap}"}})
+        assert reply == {"return": {}}, reply
+        out = qmp.cmd_obj({"execute": "x-guest-exec", "arguments": {"command": "cat /tmp/marker", "timeout": 60}})
+        assert base64.b64decode(out["return"]["out-data"]).decode().strip() == "deferred"
+        qmp.cmd_obj({"execute": "quit"})
+        qmp.close()
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -105,3 +105,42 @@ def test_qmp_commands_reach_the_machine() -> None:
 def test_progress_line() -> None:
     assert progress_line(0, 0).startswith("[" + "." * 30 + "]")
     assert progress_line(512 << 20, 1 << 30) == "[" + "#" * 15 + "." * 15 + "]  50%  512M/1024M"
+
+
+def test_incoming_slot_loads_once_and_wakes_the_waiter(tmp_path: Path) -> None:
+    from memvisor.vmm.migration import IncomingSlot
+
+    loaded: list[Path] = []
+    slot = IncomingSlot(loaded.append)
+    assert not slot.wait(lambda: True, poll=0.01)  # the machine ended while waiting
+    waiter = threading.Thread(target=lambda: slot.wait(lambda: False, poll=0.01))
+    waiter.start()
+    with pytest.raises(MachineError, match="give file:PATH"):
+        slot.migrate_incoming("tcp:0:4444")
+    slot.migrate_incoming(f"file:{tmp_path}/vm.snap")
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert loaded == [tmp_path / "vm.snap"] and slot.error is None
+    with pytest.raises(MachineError, match="already been started"):
+        slot.migrate_incoming(f"file:{tmp_path}/vm.snap")
+
+
+def test_incoming_slot_reports_a_refused_snapshot() -> None:
+    from memvisor.snapshot.codec import StateError
+    from memvisor.vmm.migration import IncomingSlot
+
+    def load(path: Path) -> None:
+        raise StateError("machine.vcpus: the snapshot has 2 vCPUs, this command line 1: give --vcpus 2")
+
+    slot = IncomingSlot(load)
+    with pytest.raises(MachineError, match="give --vcpus 2"):
+        slot.migrate_incoming("file:/x")
+    assert slot.wait(lambda: False, poll=0.01)
+    assert slot.error is not None and "--vcpus 2" in slot.error
+
+
+def test_migrate_incoming_without_defer_is_refused() -> None:
+    from memvisor.vmm.control import VmmControl
+
+    with pytest.raises(MachineError, match="--incoming defer"):
+        VmmControl().migrate_incoming("file:/x")
