@@ -14,9 +14,9 @@ state that fails any check leaves no VM running. Restore order: interrupt contro
 (memvisor.snapshot.cpu gives its order: LAPIC before MSRs, TSC before TSC_DEADLINE), the devices, guest RAM,
 and last the VM clock, before any vCPU runs.
 
-Devices: virtio-pmem is covered (its contents are its backing file: restore needs the same file); the
-virtio-balloon and virtio-mem devices have no state types yet, so a machine with either is refused with a
-message saying so.
+Devices: virtio-pmem (its contents are its backing file: restore needs the same file) and virtio-mem (its
+plugged blocks' contents are saved with RAM, unplugged blocks are holes). The virtio-balloon has no state
+type yet, so a machine with one is refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from memvisor.devices.legacy_state import (
     save_rtc,
     save_serial,
 )
+from memvisor.devices.mem.device import VirtioMemDevice
+from memvisor.devices.mem.state import MemState, check_mem, restore_mem, save_mem
 from memvisor.devices.pmem.device import VirtioPmemDevice
 from memvisor.devices.pmem.state import PmemState, check_pmem, quiesce_pmem, restore_pmem, save_pmem
 from memvisor.errors import MemvisorError
@@ -66,7 +68,7 @@ PAUSE_TIMEOUT = 10.0
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
-SUPPORTED_DEVICES = ("virtio-pmem",)
+SUPPORTED_DEVICES = ("virtio-pmem", "virtio-mem")
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,12 @@ class DeviceState:
     type: str
     transport: TransportState
     pmem: PmemState | None
+    mem: MemState | None
 
     def validate(self) -> None:
         require(self.type in SUPPORTED_DEVICES, "type", f"{self.type} has no snapshot support")
         require((self.pmem is not None) == (self.type == "virtio-pmem"), "pmem", f"does not fit a {self.type}")
+        require((self.mem is not None) == (self.type == "virtio-mem"), "mem", f"does not fit a {self.type}")
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ def _device_state(attached: Any) -> DeviceState:
         type=attached.spec.type,
         transport=save_transport(attached.transport),
         pmem=save_pmem(device) if isinstance(device, VirtioPmemDevice) else None,
+        mem=save_mem(device) if isinstance(device, VirtioMemDevice) else None,
     )
 
 
@@ -301,6 +306,8 @@ def _check_devices(machine: Machine, state: MachineState) -> None:
                              f"line {attached.spec.type} {attached.id}: give the same devices in the same order")  # fmt: skip
         if device_state.pmem is not None:
             check_pmem(attached.device, device_state.pmem, f"{where}.pmem")
+        if device_state.mem is not None:
+            check_mem(attached.device, device_state.mem, f"{where}.mem")
         pairs.append((attached.transport, device_state.transport, f"{where}.transport"))
     for transport, transport_state, where in pairs:
         if transport_state.device_id != transport.device.device_id:
@@ -326,6 +333,8 @@ def _load_state(machine: Machine, state: MachineState) -> None:
     for position, (attached, device_state) in enumerate(zip(machine.devices, state.devices_state, strict=True)):
         if device_state.pmem is not None:
             restore_pmem(attached.device, device_state.pmem)
+        if device_state.mem is not None:
+            restore_mem(attached.device, device_state.mem)
         restore_transport(attached.transport, device_state.transport, f"machine.devices_state[{position}].transport")
     machine._agent_on_com2 = state.agent_on_com2
     if state.agent_ready:
