@@ -37,6 +37,7 @@ def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: P
     with GuestVM(first, memory="1G") as vm:
         vm.check("echo kept > /tmp/marker")
         vm.check(SLEEPER)
+        meminfo = vm.meminfo()
         time.sleep(1)
         info = _save(vm, snap)
         assert vm.cmd("query-status")["status"] == "paused"
@@ -44,7 +45,9 @@ def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: P
         vm.cmd("cont")
         assert vm.check("cat /tmp/marker").strip() == "kept"
     allocated = snap.stat().st_blocks * 512
-    print(f"snapshot: {snap.stat().st_size} bytes, {allocated} allocated, ram {info['ram']}")
+    used = meminfo["MemTotal"] - meminfo["MemFree"]
+    print(f"snapshot: {snap.stat().st_size} bytes, {allocated >> 20} MiB allocated, guest uses {used >> 20} MiB "
+          f"(MemTotal - MemFree), {meminfo['Cached'] >> 20} MiB of it page cache; took {info['total-time']} ms")
     assert snap.stat().st_size > 1 << 30  # the file spans guest RAM ...
     assert allocated < 600 << 20  # ... but only what the guest uses is written (holes for the rest)
 
