@@ -34,7 +34,9 @@ def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: P
     snap = tmp_path / "vm.snap"
     first = tmp_path / "first"
     first.mkdir()
+    booted_at = time.monotonic()
     with GuestVM(first, memory="1G") as vm:
+        cold_boot = time.monotonic() - booted_at
         vm.check("echo kept > /tmp/marker")
         vm.check(SLEEPER)
         meminfo = vm.meminfo()
@@ -55,6 +57,9 @@ def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: P
     second.mkdir()
     restored_at = time.monotonic()
     with GuestVM(second, memory="1G", extra=["--incoming", f"file:{snap}"]) as vm:
+        restore = time.monotonic() - restored_at
+        print(f"cold boot to agent answering {cold_boot:.1f} s, restore to agent answering {restore:.1f} s "
+              f"({restore / cold_boot:.2f}x)")
         assert vm.check("cat /tmp/marker").strip() == "kept"
         woke = wait_until(lambda: vm.exec("cat /tmp/woke").stdout.split(), timeout=60, interval=0.5,
                           what="the guest's sleep 5 to end")  # fmt: skip
