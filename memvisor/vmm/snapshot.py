@@ -14,9 +14,9 @@ state that fails any check leaves no VM running. Restore order: interrupt contro
 (memvisor.snapshot.cpu gives its order: LAPIC before MSRs, TSC before TSC_DEADLINE), the devices, guest RAM,
 and last the VM clock, before any vCPU runs.
 
-Devices: virtio-pmem (its contents are its backing file: restore needs the same file) and virtio-mem (its
-plugged blocks' contents are saved with RAM, unplugged blocks are holes). The virtio-balloon has no state
-type yet, so a machine with one is refused with a message saying so.
+Devices: virtio-pmem (its contents are its backing file: restore needs the same file), virtio-mem (its
+plugged blocks' contents are saved with RAM, unplugged blocks are holes) and virtio-balloon (inflated pages
+are holes in RAM, so holes in the file; its stats timer is stopped while the state is read).
 """
 
 from __future__ import annotations
@@ -29,6 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memvisor.devices.balloon.device import BalloonDevice
+from memvisor.devices.balloon.state import (
+    BalloonState,
+    check_balloon,
+    quiesce_balloon,
+    restore_balloon,
+    resume_balloon,
+    save_balloon,
+    stats_queue_index,
+)
 from memvisor.devices.console.state import ConsoleState, restore_console, save_console
 from memvisor.devices.legacy_state import (
     I8042State,
@@ -60,6 +70,7 @@ from memvisor.snapshot.cpu import (
     savable_msrs,
 )
 from memvisor.snapshot.memory import load_region, save_region
+from memvisor.virtio.device import STATUS_DRIVER_OK
 from memvisor.virtio.state import TransportState, restore_transport, save_transport
 from memvisor.vmm.config import MAX_VCPUS
 from memvisor.vmm.machine import Machine
@@ -68,7 +79,7 @@ PAUSE_TIMEOUT = 10.0
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
-SUPPORTED_DEVICES = ("virtio-pmem", "virtio-mem")
+SUPPORTED_DEVICES = ("virtio-pmem", "virtio-mem", "virtio-balloon")
 
 
 @dataclass(frozen=True)
@@ -80,11 +91,13 @@ class DeviceState:
     transport: TransportState
     pmem: PmemState | None
     mem: MemState | None
+    balloon: BalloonState | None
 
     def validate(self) -> None:
         require(self.type in SUPPORTED_DEVICES, "type", f"{self.type} has no snapshot support")
         require((self.pmem is not None) == (self.type == "virtio-pmem"), "pmem", f"does not fit a {self.type}")
         require((self.mem is not None) == (self.type == "virtio-mem"), "mem", f"does not fit a {self.type}")
+        require((self.balloon is not None) == (self.type == "virtio-balloon"), "balloon", f"does not fit a {self.type}")
 
 
 @dataclass(frozen=True)
@@ -137,13 +150,20 @@ def quiesced(machine: Machine) -> Iterator[None]:
     if not machine.pause(PAUSE_TIMEOUT):
         raise MemvisorError(f"the vCPUs did not stop within {PAUSE_TIMEOUT:.0f} s: try the snapshot again")
     signal_paused(machine)
-    with contextlib.ExitStack() as held:
-        held.enter_context(machine.agent_console.lock)
-        for attached in machine.devices:
-            if isinstance(attached.device, VirtioPmemDevice):
-                quiesce_pmem(attached.device)
-            held.enter_context(attached.device.lock)
-        yield
+    balloons = [a.device for a in machine.devices if isinstance(a.device, BalloonDevice)]
+    try:
+        with contextlib.ExitStack() as held:
+            held.enter_context(machine.agent_console.lock)
+            for attached in machine.devices:
+                if isinstance(attached.device, VirtioPmemDevice):
+                    quiesce_pmem(attached.device)
+                held.enter_context(attached.device.lock)
+                if isinstance(attached.device, BalloonDevice):
+                    quiesce_balloon(attached.device)
+            yield
+    finally:
+        for balloon in balloons:  # its stats timer runs again (the guest sees its answers once resumed)
+            resume_balloon(balloon)
 
 
 def signal_paused(machine: Machine) -> None:
@@ -165,6 +185,7 @@ def _device_state(attached: Any) -> DeviceState:
         transport=save_transport(attached.transport),
         pmem=save_pmem(device) if isinstance(device, VirtioPmemDevice) else None,
         mem=save_mem(device) if isinstance(device, VirtioMemDevice) else None,
+        balloon=save_balloon(device) if isinstance(device, BalloonDevice) else None,
     )
 
 
@@ -308,6 +329,8 @@ def _check_devices(machine: Machine, state: MachineState) -> None:
             check_pmem(attached.device, device_state.pmem, f"{where}.pmem")
         if device_state.mem is not None:
             check_mem(attached.device, device_state.mem, f"{where}.mem")
+        if device_state.balloon is not None:
+            _check_balloon(machine, attached.device, device_state, f"{where}.balloon")
         pairs.append((attached.transport, device_state.transport, f"{where}.transport"))
     for transport, transport_state, where in pairs:
         if transport_state.device_id != transport.device.device_id:
@@ -316,6 +339,16 @@ def _check_devices(machine: Machine, state: MachineState) -> None:
             raise StateError(f"{where}.queues: {len(transport_state.queues)} queues, the device has {len(transport.queues)}")
         for queue, queue_state in zip(transport.queues, transport_state.queues, strict=True):
             check_queue(queue, queue_state, f"{where}.queues[{queue.index}]")
+
+
+def _check_balloon(machine: Machine, device: BalloonDevice, state: DeviceState, where: str) -> None:
+    assert state.balloon is not None
+    transport = state.transport
+    index = stats_queue_index(device, transport.driver_features)
+    in_flight = {head for head, _ in transport.queues[index].in_flight} if index is not None and index < len(
+        transport.queues) else set()  # fmt: skip
+    driver_ok = bool(transport.status & STATUS_DRIVER_OK) and not transport.needs_reset
+    check_balloon(device, machine.memory, state.balloon, driver_ok, in_flight, where)
 
 
 def _load_state(machine: Machine, state: MachineState) -> None:
@@ -336,6 +369,8 @@ def _load_state(machine: Machine, state: MachineState) -> None:
         if device_state.mem is not None:
             restore_mem(attached.device, device_state.mem)
         restore_transport(attached.transport, device_state.transport, f"machine.devices_state[{position}].transport")
+        if device_state.balloon is not None:
+            restore_balloon(attached.device, device_state.balloon)  # after activation sized its bitmaps
     machine._agent_on_com2 = state.agent_on_com2
     if state.agent_ready:
         machine.agent.mark_ready()
