@@ -217,3 +217,54 @@ def test_incoming_defer_then_migrate_incoming_and_a_corrupted_file_exits_125(tmp
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+MiB = 1 << 20
+
+
+def test_restored_devices_work_balloon_virtio_mem_and_pmem(tmp_path: Path) -> None:
+    """A guest with an inflated balloon, plugged virtio-mem holding data and a pmem file is saved, restored,
+    and each device still works: the data is intact, the balloon deflates and inflates, virtio-mem resizes."""
+    pmem = tmp_path / "pmem.img"
+    with pmem.open("wb") as file:
+        file.truncate(64 * MiB)
+    devices = ["virtio-balloon,id=balloon0", "virtio-mem,id=vm0,max-size=1G,requested-size=0",
+               f"virtio-pmem,id=pm0,file={pmem}"]  # fmt: skip
+    snap = tmp_path / "vm.snap"
+    first = tmp_path / "first"
+    first.mkdir()
+    with GuestVM(first, memory="1G", devices=devices) as vm:
+        boot_total = vm.meminfo()["MemTotal"]
+        vm.cmd("qom-set", path="vm0", property="requested-size", value=256 * MiB)
+        wait_until(lambda: vm.meminfo()["MemTotal"] == boot_total + 256 * MiB, timeout=120, what="+256M")
+        vm.check("mkdir -p /mnt/t && mount -t tmpfs -o size=400M tmpfs /mnt/t")
+        vm.check("dd if=/dev/urandom of=/mnt/t/data bs=1M count=150 2>&1", timeout=300)
+        data_sum = vm.check("sha256sum /mnt/t/data").split()[0]
+        vm.check("dd if=/dev/urandom of=/dev/pmem0 bs=1M count=8 2>&1 && sync", timeout=120)
+        pmem_sum = vm.check("head -c 8388608 /dev/pmem0 | sha256sum").split()[0]
+        vm.cmd("balloon", value=768 * MiB)
+        wait_until(lambda: vm.cmd("query-balloon")["actual"] <= 770 * MiB, timeout=120, what="balloon 768M")
+        info = _save(vm, snap)
+    print(f"snapshot with devices: {snap.stat().st_blocks * 512 >> 20} MiB allocated, ram {info['ram']}")
+
+    second = tmp_path / "second"
+    second.mkdir()
+    with GuestVM(second, memory="1G", devices=devices, extra=["--incoming", f"file:{snap}"]) as vm:
+        assert vm.check("sha256sum /mnt/t/data").split()[0] == data_sum
+        assert vm.check("head -c 8388608 /dev/pmem0 | sha256sum").split()[0] == pmem_sum
+        assert vm.cmd("query-balloon")["actual"] <= 770 * MiB
+        assert vm.cmd("qom-get", path="vm0", property="size") == 256 * MiB
+        # pmem flushes reach the host from the restored guest.
+        before = vm.cmd("x-query-pmem")[0]["counters"]["flushes-ok"]
+        vm.check("dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 seek=4096 2>&1 && sync")
+        assert vm.cmd("x-query-pmem")[0]["counters"]["flushes-ok"] > before
+        # The balloon deflates and inflates again.
+        vm.cmd("balloon", value=1024 * MiB)
+        wait_until(lambda: vm.cmd("query-balloon")["actual"] >= 1020 * MiB, timeout=120, what="balloon deflated")
+        vm.cmd("balloon", value=900 * MiB)
+        wait_until(lambda: vm.cmd("query-balloon")["actual"] <= 902 * MiB, timeout=120, what="balloon 900M")
+        # virtio-mem resizes with its plugged data intact.
+        vm.cmd("qom-set", path="vm0", property="requested-size", value=512 * MiB)
+        wait_until(lambda: vm.cmd("qom-get", path="vm0", property="size") == 512 * MiB, timeout=120,
+                   what="vm0 to 512M")  # fmt: skip
+        assert vm.check("sha256sum /mnt/t/data").split()[0] == data_sum
