@@ -126,10 +126,13 @@ class VmState:
         require_length(self.pit, ctypes.sizeof(structs.KvmPitState2), "pit")
 
 
+MSR_IA32_APICBASE = 0x1B  # saved in the special registers: written again after the LAPIC it would reset it
+
+
 def savable_msrs(kvm: Kvm, vcpu: Vcpu) -> list[int]:
     """The MSRs of KVM_GET_MSR_INDEX_LIST this vCPU can read (KVM lists some the CPU model does not have)."""
     readable: list[int] = []
-    remaining = kvm.msr_index_list()
+    remaining = [index for index in kvm.msr_index_list() if index != MSR_IA32_APICBASE]
     while remaining:
         values = vcpu.read_msrs(remaining)
         readable += list(values)
