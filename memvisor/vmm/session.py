@@ -84,6 +84,7 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
     try:
         while True:
             machine = build_machine(config, console_fd, incoming, boot=not deferred)
+            restoring = incoming is not None
             incoming = None  # a reboot after a restore boots afresh
             current[:] = [machine]
             try:
@@ -93,10 +94,15 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
                     server = start_control_server(machine, args.qmp)
                 elif server is not None:
                     server.attach(machine)  # a rebooted guest keeps its QMP socket and clients
+                restored = restoring
                 if deferred and server is not None:
                     deferred = False
-                    _wait_for_incoming(machine, server)
+                    restored = _wait_for_incoming(machine, server)
                 machine.start()
+                if restored:
+                    from memvisor.vmm.snapshot import correct_guest_clock
+
+                    correct_guest_clock(machine)
                 if args.command is not None:
                     return _exec_and_poweroff(machine, args.command, args.timeout, console_path)
                 _forward_stdin(machine)
@@ -121,7 +127,7 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
             os.close(console_fd)
 
 
-def _wait_for_incoming(machine: Machine, server: "VmmControlServer") -> None:
+def _wait_for_incoming(machine: Machine, server: "VmmControlServer") -> bool:
     """--incoming defer: wait for QMP migrate-incoming to restore the machine (or for the machine to end)."""
     from memvisor.vmm.migration import IncomingSlot
     from memvisor.vmm.snapshot import restore_snapshot
@@ -129,11 +135,12 @@ def _wait_for_incoming(machine: Machine, server: "VmmControlServer") -> None:
     slot = IncomingSlot(lambda path: restore_snapshot(machine, path))
     server.control.incoming = slot
     try:
-        slot.wait(lambda: machine.outcome is not None)
+        loaded = slot.wait(lambda: machine.outcome is not None)
     finally:
         server.control.incoming = None
     if slot.error is not None:
         raise MemvisorError(f"the incoming snapshot was refused: {slot.error}")
+    return loaded
 
 
 def _incoming_path(uri: str | None) -> Path | None:

@@ -22,7 +22,9 @@ are holes in RAM, so holes in the file; its stats timer is stopped while the sta
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -75,6 +77,7 @@ from memvisor.virtio.state import TransportState, restore_transport, save_transp
 from memvisor.vmm.config import MAX_VCPUS
 from memvisor.vmm.machine import Machine
 
+log = logging.getLogger(__name__)
 PAUSE_TIMEOUT = 10.0
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -376,3 +379,23 @@ def _load_state(machine: Machine, state: MachineState) -> None:
         machine.agent.mark_ready()
     machine.vm.set_clock(state.vm.clock)  # the VM clock last, right before the vCPUs run
     signal_paused(machine)
+
+
+def correct_guest_clock(machine: Machine, timeout: float = 60.0) -> threading.Thread:
+    """After a restore the guest's clocks resume where they stopped (kvmclock and the TSC are restored as
+    saved, as QEMU does, so timers keep their relative deadlines); its wall clock is then behind by the time
+    the snapshot sat on disk. Set it from the host through the guest agent, like QEMU's guest-set-time, in
+    a daemon thread (the first agent command of the restored guest)."""
+
+    def run() -> None:
+        try:
+            result = machine.agent.exec(f"date -u -s @{time.time():.3f} >/dev/null", timeout)
+        except MemvisorError as error:
+            log.warning("could not correct the restored guest's wall clock: %s", error)
+            return
+        if result.status != 0:
+            log.warning("the restored guest's `date -s` failed (%d): %s", result.status, result.stderr[:200])
+
+    thread = threading.Thread(target=run, name="clock-correction", daemon=True)
+    thread.start()
+    return thread

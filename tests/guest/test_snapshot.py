@@ -46,6 +46,7 @@ def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: P
         # The original carries on after `cont` as if nothing happened.
         vm.cmd("cont")
         assert vm.check("cat /tmp/marker").strip() == "kept"
+    time.sleep(10)  # the snapshot sits on disk a while: the restored guest's wall clock must catch up
     allocated = snap.stat().st_blocks * 512
     used = meminfo["MemTotal"] - meminfo["MemFree"]
     print(f"snapshot: {snap.stat().st_size} bytes, {allocated >> 20} MiB allocated, guest uses {used >> 20} MiB "
@@ -69,6 +70,10 @@ def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: P
         assert 5.0 <= end - start < 7.0, woke
         # ... and it ended soon after the restore, not after some timeout.
         assert waited < 45, waited
+        # The wall clock was corrected after the restore (the snapshot sat on disk meanwhile).
+        guest_now = wait_until(lambda: (abs(float(vm.check("date +%s.%N")) - time.time()) < 5) or None,
+                               timeout=60, interval=1, what="the guest's wall clock to be corrected")  # fmt: skip
+        assert guest_now
         console = vm.console_text()
         assert "soft lockup" not in console and "BUG:" not in console, console[-2000:]
         # A second snapshot of the restored guest works.
