@@ -299,6 +299,14 @@ class VmmControl:
     incoming: Any = None  # an IncomingSlot while `memvisor run --incoming defer` waits (memvisor/vmm/migration.py)
 
     def migrate_incoming(self, uri: str) -> None:
+        import time
+
+        deadline = time.monotonic() + 10.0  # a client may be quicker than the session's setting of the slot
+        while self.incoming is None and time.monotonic() < deadline:
+            machine = self._machine
+            if machine is None or machine.vcpu_threads():
+                break  # started (or gone): no incoming will ever be waited for
+            time.sleep(0.05)
         slot = self.incoming
         if slot is None:
             raise MachineError("migrate-incoming is only for a machine started with --incoming defer")

@@ -13,11 +13,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memvisor.control.machine_api import EventSink, MachineError
 from memvisor.errors import MemvisorError
-from memvisor.vmm.snapshot import Progress, SaveResult
+
+if TYPE_CHECKING:  # memvisor.vmm.snapshot imports every device model: not at start-up
+    from memvisor.vmm.snapshot import Progress, SaveResult
 
 FILE_PREFIX = "file:"
 

@@ -130,9 +130,13 @@ def run_session(config: MachineConfig, args: argparse.Namespace) -> int:
 def _wait_for_incoming(machine: Machine, server: "VmmControlServer") -> bool:
     """--incoming defer: wait for QMP migrate-incoming to restore the machine (or for the machine to end)."""
     from memvisor.vmm.migration import IncomingSlot
-    from memvisor.vmm.snapshot import restore_snapshot
 
-    slot = IncomingSlot(lambda path: restore_snapshot(machine, path))
+    def load(path: Path) -> None:
+        from memvisor.vmm.snapshot import restore_snapshot  # heavy: imported once the command is here
+
+        restore_snapshot(machine, path)
+
+    slot = IncomingSlot(load)
     server.control.incoming = slot
     try:
         loaded = slot.wait(lambda: machine.outcome is not None)

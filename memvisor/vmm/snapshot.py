@@ -389,7 +389,7 @@ def correct_guest_clock(machine: Machine, timeout: float = 60.0) -> threading.Th
 
     def run() -> None:
         try:
-            result = machine.agent.exec(f"date -u -s @{time.time():.3f} >/dev/null", timeout)
+            result = machine.agent.exec(f"date -u -s @{round(time.time())} >/dev/null", timeout)
         except MemvisorError as error:
             log.warning("could not correct the restored guest's wall clock: %s", error)
             return

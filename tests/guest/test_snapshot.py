@@ -264,7 +264,7 @@ def test_restored_devices_work_balloon_virtio_mem_and_pmem(tmp_path: Path) -> No
         assert vm.cmd("qom-get", path="vm0", property="size") == 256 * MiB
         # pmem flushes reach the host from the restored guest.
         before = vm.cmd("x-query-pmem")[0]["counters"]["flushes-ok"]
-        vm.check("dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 seek=4096 2>&1 && sync")
+        vm.check("dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 seek=4096 conv=fsync 2>&1")  # fsync: a flush
         assert vm.cmd("x-query-pmem")[0]["counters"]["flushes-ok"] > before
         # The balloon deflates and inflates again.
         vm.cmd("balloon", value=1024 * MiB)
