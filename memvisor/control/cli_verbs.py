@@ -6,6 +6,7 @@
     memvisor mem SOCK vm0 [--requested-size 4G]  show or resize a virtio-mem device
     memvisor info SOCK memory-devices|balloon|status
     memvisor stats SOCK [--poll S]               balloon statistics as a table
+    memvisor snapshot SOCK PATH [--resume]       save the VM to PATH (memvisor/control/snapshot_verb.py)
 
 Wiring into the CLI is one line: `cli_verbs.register(subparsers)`; each verb's parser gets
 `handler=<function(Namespace) -> int>` as a default, so the CLI runs `args.handler(args)`. Each verb is also a
@@ -276,6 +277,11 @@ _VERB_TABLE: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Han
     "info": ("show VM information as QEMU's monitor does", build_info, run_info),
     "stats": ("show the guest's balloon statistics", build_stats, run_stats),
 }
+
+
+from memvisor.control.snapshot_verb import build_snapshot, run_snapshot  # noqa: E402
+
+_VERB_TABLE["snapshot"] = ("save the VM to a snapshot file (stop, migrate file:)", build_snapshot, run_snapshot)
 
 
 def register(subparsers: Any) -> None:

@@ -313,3 +313,7 @@ def x_query_pmem(ctx: Context, args: dict[str, Any]) -> Any:
         for dev in ctx.machine.memory_devices()
         if isinstance(dev, VirtioPmemInfo)
     ]
+
+
+# Commands in their own modules register themselves on import.
+from memvisor.control import migration_commands  # noqa: E402, F401

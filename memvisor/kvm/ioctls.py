@@ -61,6 +61,29 @@ KVM_SET_FPU = _iow(0x8D, _sizeof(structs.KvmFpu))
 KVM_GET_LAPIC = _ior(0x8E, _sizeof(structs.KvmLapicState))
 KVM_SET_LAPIC = _iow(0x8F, _sizeof(structs.KvmLapicState))
 KVM_SET_CPUID2 = _iow(0x90, 8)
+KVM_GET_MSR_INDEX_LIST = _iowr(0x02, 4)
+KVM_GET_IRQCHIP = _iowr(0x62, _sizeof(structs.KvmIrqchip))
+KVM_SET_IRQCHIP = _ior(0x63, _sizeof(structs.KvmIrqchip))  # _IOR in <linux/kvm.h>, a historical slip kept for ABI
+KVM_SET_CLOCK = _iow(0x7B, _sizeof(structs.KvmClockData))
+KVM_GET_CLOCK = _ior(0x7C, _sizeof(structs.KvmClockData))
+KVM_GET_MSRS = _iowr(0x88, 8)
+KVM_GET_FPU = _ior(0x8C, _sizeof(structs.KvmFpu))
+KVM_GET_CPUID2 = _iowr(0x91, 8)
+KVM_GET_MP_STATE = _ior(0x98, _sizeof(structs.KvmMpState))
+KVM_SET_MP_STATE = _iow(0x99, _sizeof(structs.KvmMpState))
+KVM_GET_VCPU_EVENTS = _ior(0x9F, _sizeof(structs.KvmVcpuEvents))
+KVM_SET_VCPU_EVENTS = _iow(0xA0, _sizeof(structs.KvmVcpuEvents))
+KVM_GET_PIT2 = _ior(0x9F, _sizeof(structs.KvmPitState2))
+KVM_SET_PIT2 = _iow(0xA0, _sizeof(structs.KvmPitState2))
+KVM_GET_DEBUGREGS = _ior(0xA1, _sizeof(structs.KvmDebugregs))
+KVM_SET_DEBUGREGS = _iow(0xA2, _sizeof(structs.KvmDebugregs))
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_GET_XSAVE = _ior(0xA4, _sizeof(structs.KvmXsave))
+KVM_SET_XSAVE = _iow(0xA5, _sizeof(structs.KvmXsave))
+KVM_GET_XCRS = _ior(0xA6, _sizeof(structs.KvmXcrs))
+KVM_SET_XCRS = _iow(0xA7, _sizeof(structs.KvmXcrs))
+KVM_KVMCLOCK_CTRL = _io(0xAD)
 
 # Capabilities (KVM_CHECK_EXTENSION).
 KVM_CAP_IRQCHIP = 0
@@ -73,6 +96,16 @@ KVM_CAP_IRQFD = 32
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_READONLY_MEM = 81
+KVM_CAP_MP_STATE = 14
+KVM_CAP_ADJUST_CLOCK = 39
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
+KVM_CAP_GET_TSC_KHZ = 61
+KVM_CAP_KVMCLOCK_CTRL = 76
+KVM_CAP_TSC_CONTROL = 60
+KVM_CAP_XSAVE2 = 208
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]

@@ -287,3 +287,171 @@ KVM_EXIT_IO_OUT = 1
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
 KVM_SYSTEM_EVENT_CRASH = 3
+
+
+# --- Snapshot state: the structures behind the vCPU and VM state getters and setters (asm/kvm.h, linux/kvm.h).
+
+
+class KvmMpState(ctypes.Structure):
+    """struct kvm_mp_state (KVM_GET/SET_MP_STATE)."""
+
+    _fields_ = [("mp_state", u32)]
+
+
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
+# The x86 states KVM accepts in KVM_SET_MP_STATE (the others are s390 or SEV-ES only).
+X86_MP_STATES = (
+    KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_UNINITIALIZED,
+    KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_SIPI_RECEIVED,
+)
+
+XSAVE_REGION_SIZE = 4096
+
+
+class KvmXsave(ctypes.Structure):
+    """struct kvm_xsave (KVM_GET/SET_XSAVE): the 4 KiB legacy XSAVE image (the flexible `extra` left out)."""
+
+    _fields_ = [("region", u32 * (XSAVE_REGION_SIZE // 4))]
+
+
+KVM_MAX_XCRS = 16
+
+
+class KvmXcr(ctypes.Structure):
+    """struct kvm_xcr."""
+
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class KvmXcrs(ctypes.Structure):
+    """struct kvm_xcrs (KVM_GET/SET_XCRS): the extended control registers (XCR0)."""
+
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", KvmXcr * KVM_MAX_XCRS), ("padding", u64 * 16)]
+
+
+class KvmDebugregs(ctypes.Structure):
+    """struct kvm_debugregs (KVM_GET/SET_DEBUGREGS)."""
+
+    _fields_ = [
+        ("db", u64 * 4),
+        ("dr6", u64),
+        ("dr7", u64),
+        ("flags", u64),
+        ("reserved", u64 * 9),
+    ]
+
+
+class KvmVcpuEventsException(ctypes.Structure):
+    _fields_ = [("injected", u8), ("nr", u8), ("has_error_code", u8), ("pending", u8), ("error_code", u32)]
+
+
+class KvmVcpuEventsInterrupt(ctypes.Structure):
+    _fields_ = [("injected", u8), ("nr", u8), ("soft", u8), ("shadow", u8)]
+
+
+class KvmVcpuEventsNmi(ctypes.Structure):
+    _fields_ = [("injected", u8), ("pending", u8), ("masked", u8), ("pad", u8)]
+
+
+class KvmVcpuEventsSmi(ctypes.Structure):
+    _fields_ = [("smm", u8), ("pending", u8), ("smm_inside_nmi", u8), ("latched_init", u8)]
+
+
+class KvmVcpuEventsTripleFault(ctypes.Structure):
+    _fields_ = [("pending", u8)]
+
+
+class KvmVcpuEvents(ctypes.Structure):
+    """struct kvm_vcpu_events (KVM_GET/SET_VCPU_EVENTS): pending exceptions, interrupts, NMIs, SMIs."""
+
+    _fields_ = [
+        ("exception", KvmVcpuEventsException),
+        ("interrupt", KvmVcpuEventsInterrupt),
+        ("nmi", KvmVcpuEventsNmi),
+        ("sipi_vector", u32),
+        ("flags", u32),
+        ("smi", KvmVcpuEventsSmi),
+        ("triple_fault", KvmVcpuEventsTripleFault),
+        ("reserved", u8 * 26),
+        ("exception_has_payload", u8),
+        ("exception_payload", u64),
+    ]
+
+
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x00000001
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x00000002
+KVM_VCPUEVENT_VALID_SHADOW = 0x00000004
+KVM_VCPUEVENT_VALID_SMM = 0x00000008
+
+
+class KvmClockData(ctypes.Structure):
+    """struct kvm_clock_data (KVM_GET/SET_CLOCK): the VM's kvmclock in nanoseconds."""
+
+    _fields_ = [
+        ("clock", u64),
+        ("flags", u32),
+        ("pad0", u32),
+        ("realtime", u64),
+        ("host_tsc", u64),
+        ("pad", u32 * 4),
+    ]
+
+
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+IRQCHIP_STATE_SIZE = 512
+
+
+class KvmIrqchip(ctypes.Structure):
+    """struct kvm_irqchip (KVM_GET/SET_IRQCHIP): one of the in-kernel PICs or the IOAPIC, as its raw 512 bytes."""
+
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", u8 * IRQCHIP_STATE_SIZE)]
+
+
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class KvmPitChannelState(ctypes.Structure):
+    """struct kvm_pit_channel_state."""
+
+    _fields_ = [
+        ("count", u32),
+        ("latched_count", u16),
+        ("count_latched", u8),
+        ("status_latched", u8),
+        ("status", u8),
+        ("read_state", u8),
+        ("write_state", u8),
+        ("write_latch", u8),
+        ("rw_mode", u8),
+        ("mode", u8),
+        ("bcd", u8),
+        ("gate", u8),
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class KvmPitState2(ctypes.Structure):
+    """struct kvm_pit_state2 (KVM_GET/SET_PIT2)."""
+
+    _fields_ = [("channels", KvmPitChannelState * 3), ("flags", u32), ("reserved", u32 * 9)]
+
+
+def kvm_msr_list_type(count: int) -> type[ctypes.Structure]:
+    """struct kvm_msr_list followed by room for `count` indices (KVM_GET_MSR_INDEX_LIST)."""
+
+    class KvmMsrList(ctypes.Structure):
+        _fields_ = [("nmsrs", u32), ("indices", u32 * count)]
+
+    return KvmMsrList

@@ -44,6 +44,20 @@ class Kvm:
         ioctl(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID, cpuid)
         return cpuid
 
+    def msr_index_list(self) -> list[int]:
+        """The MSRs KVM can save and restore for a vCPU (KVM_GET_MSR_INDEX_LIST: asked once for the count, then filled)."""
+        probe = structs.kvm_msr_list_type(0)()
+        try:
+            ioctl(self.fd, ioctls.KVM_GET_MSR_INDEX_LIST, probe)
+        except KvmIoctlError as error:
+            if error.errno != errno.E2BIG:
+                raise
+        count = int(probe.nmsrs)  # type: ignore[attr-defined]
+        table = structs.kvm_msr_list_type(count)()
+        table.nmsrs = count  # type: ignore[attr-defined]
+        ioctl(self.fd, ioctls.KVM_GET_MSR_INDEX_LIST, table)
+        return [int(index) for index in table.indices[: table.nmsrs]]  # type: ignore[attr-defined]
+
     def create_vm(self) -> "Vm":
         return Vm(self, ioctl(self.fd, ioctls.KVM_CREATE_VM, 0))
 
@@ -103,6 +117,34 @@ class Vm:
     def irq_line(self, gsi: int, level: int) -> None:
         ioctl(self.fd, ioctls.KVM_IRQ_LINE, structs.KvmIrqLevel(irq=gsi, level=level))
 
+    # VM-wide state for snapshots: kvmclock, the in-kernel interrupt controllers and the PIT.
+    def get_clock(self) -> structs.KvmClockData:
+        data = structs.KvmClockData()
+        ioctl(self.fd, ioctls.KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, clock: int) -> None:
+        """Set kvmclock to `clock` ns (flags 0: KVM does not take a realtime or host TSC correction)."""
+        ioctl(self.fd, ioctls.KVM_SET_CLOCK, structs.KvmClockData(clock=clock))
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        chip = structs.KvmIrqchip(chip_id=chip_id)
+        ioctl(self.fd, ioctls.KVM_GET_IRQCHIP, chip)
+        return bytes(chip.chip)
+
+    def set_irqchip(self, chip_id: int, state: bytes) -> None:
+        chip = structs.KvmIrqchip(chip_id=chip_id)
+        ctypes.memmove(ctypes.addressof(chip.chip), state, min(len(state), structs.IRQCHIP_STATE_SIZE))
+        ioctl(self.fd, ioctls.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> structs.KvmPitState2:
+        state = structs.KvmPitState2()
+        ioctl(self.fd, ioctls.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state: structs.KvmPitState2) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_PIT2, state)
+
     def create_vcpu(self, index: int) -> "Vcpu":
         return Vcpu(self, index, ioctl(self.fd, ioctls.KVM_CREATE_VCPU, index))
 
@@ -156,8 +198,99 @@ class Vcpu:
     def set_fpu(self, fpu: structs.KvmFpu) -> None:
         ioctl(self.fd, ioctls.KVM_SET_FPU, fpu)
 
+    def get_fpu(self) -> structs.KvmFpu:
+        fpu = structs.KvmFpu()
+        ioctl(self.fd, ioctls.KVM_GET_FPU, fpu)
+        return fpu
+
     def set_cpuid2(self, cpuid: structs.KvmCpuid2) -> None:
         ioctl(self.fd, ioctls.KVM_SET_CPUID2, cpuid)
+
+    def get_cpuid2(self) -> structs.KvmCpuid2:
+        cpuid = structs.KvmCpuid2()
+        cpuid.nent = structs.MAX_CPUID_ENTRIES
+        ioctl(self.fd, ioctls.KVM_GET_CPUID2, cpuid)
+        return cpuid
+
+    def read_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Read `indices` in order; KVM stops at the first MSR it cannot read, so fewer may come back."""
+        if not indices:
+            return {}
+        table = structs.kvm_msrs_type(len(indices))()
+        table.nmsrs = len(indices)  # type: ignore[attr-defined]
+        for position, index in enumerate(indices):
+            table.entries[position].index = index  # type: ignore[attr-defined]
+        done = ioctl(self.fd, ioctls.KVM_GET_MSRS, table)
+        return {int(e.index): int(e.data) for e in table.entries[:done]}  # type: ignore[attr-defined]
+
+    def write_msrs(self, msrs: list[tuple[int, int]]) -> int:
+        """Write the MSRs in the order given (order matters: the TSC before TSC_DEADLINE); KVM stops at the first
+        it refuses: returns how many it wrote."""
+        if not msrs:
+            return 0
+        table = structs.kvm_msrs_type(len(msrs))()
+        table.nmsrs = len(msrs)  # type: ignore[attr-defined]
+        for position, (index, value) in enumerate(msrs):
+            table.entries[position].index = index  # type: ignore[attr-defined]
+            table.entries[position].data = value  # type: ignore[attr-defined]
+        return ioctl(self.fd, ioctls.KVM_SET_MSRS, table)
+
+    def get_mp_state(self) -> int:
+        state = structs.KvmMpState()
+        ioctl(self.fd, ioctls.KVM_GET_MP_STATE, state)
+        return int(state.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_MP_STATE, structs.KvmMpState(mp_state=mp_state))
+
+    def get_xsave(self) -> structs.KvmXsave:
+        state = structs.KvmXsave()
+        ioctl(self.fd, ioctls.KVM_GET_XSAVE, state)
+        return state
+
+    def set_xsave(self, state: structs.KvmXsave) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_XSAVE, state)
+
+    def get_xcrs(self) -> structs.KvmXcrs:
+        state = structs.KvmXcrs()
+        ioctl(self.fd, ioctls.KVM_GET_XCRS, state)
+        return state
+
+    def set_xcrs(self, state: structs.KvmXcrs) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_XCRS, state)
+
+    def get_debugregs(self) -> structs.KvmDebugregs:
+        state = structs.KvmDebugregs()
+        ioctl(self.fd, ioctls.KVM_GET_DEBUGREGS, state)
+        return state
+
+    def set_debugregs(self, state: structs.KvmDebugregs) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_DEBUGREGS, state)
+
+    def get_vcpu_events(self) -> structs.KvmVcpuEvents:
+        state = structs.KvmVcpuEvents()
+        ioctl(self.fd, ioctls.KVM_GET_VCPU_EVENTS, state)
+        return state
+
+    def set_vcpu_events(self, state: structs.KvmVcpuEvents) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_VCPU_EVENTS, state)
+
+    def get_tsc_khz(self) -> int:
+        return ioctl(self.fd, ioctls.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_TSC_KHZ, khz)
+
+    def kvmclock_ctrl(self) -> bool:
+        """Tell KVM the guest was paused by the host (KVM_KVMCLOCK_CTRL), so its watchdog does not report a soft
+        lockup; False when the guest has no kvmclock yet (EINVAL) and there is nothing to tell."""
+        try:
+            ioctl(self.fd, ioctls.KVM_KVMCLOCK_CTRL)
+        except KvmIoctlError as error:
+            if error.errno == errno.EINVAL:
+                return False
+            raise
+        return True
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
         table = structs.kvm_msrs_type(len(msrs))()

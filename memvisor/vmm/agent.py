@@ -101,6 +101,12 @@ class GuestAgent:
         except ValueError:
             return  # a garbled line from the guest is dropped, never raised
 
+    def mark_ready(self) -> None:
+        """The guest's agent is already running (a restored snapshot: it said READY before the save)."""
+        with self._lock:
+            self._ready = True
+            self._lock.notify_all()
+
     def reset(self) -> None:
         """The guest is rebooting: the agent is gone until it says READY again."""
         with self._lock:

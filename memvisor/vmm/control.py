@@ -26,6 +26,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from memvisor.control import events as ev
 from memvisor.control.adapters import (
@@ -260,6 +261,56 @@ class VmmControl:
                 return
             machine.pause(PAUSE_TIMEOUT)  # a vCPU busy in a device parks at its next exit
             self._emit(*ev.stop())
+
+    # --- snapshots (memvisor/vmm/migration.py, memvisor/vmm/snapshot.py) -----------------------------------------
+
+    def migrate(self, uri: str) -> None:
+        """Save the machine to `file:PATH` in a worker thread (QEMU `migrate`); pauses it first, emitting STOP."""
+        from memvisor.vmm.migration import parse_file_uri
+
+        path = parse_file_uri(uri)
+        was_running = self.run_state() is RunState.RUNNING
+        self.stop()
+        self._migration_job().start(lambda progress: self._save_snapshot(path, progress, was_running))
+
+    def _save_snapshot(self, path: Path, progress: Any, was_running: bool) -> Any:
+        """The save; a failure leaves the guest as it was before `migrate` (running again if it ran)."""
+        from memvisor.vmm.snapshot import save_snapshot
+
+        try:
+            with self._use() as machine:
+                return save_snapshot(machine, path, progress)
+        except BaseException:
+            if was_running:
+                with contextlib.suppress(MachineError):
+                    self.cont()
+            raise
+
+    def _migration_job(self) -> Any:
+        if getattr(self, "_migration", None) is None:
+            from memvisor.vmm.migration import MigrationJob
+
+            self._migration = MigrationJob(lambda: self._events.sink)
+        return self._migration
+
+    def migration_info(self) -> dict[str, Any]:
+        return dict(self._migration_job().info())
+
+    incoming: Any = None  # an IncomingSlot while `memvisor run --incoming defer` waits (memvisor/vmm/migration.py)
+
+    def migrate_incoming(self, uri: str) -> None:
+        import time
+
+        deadline = time.monotonic() + 10.0  # a client may be quicker than the session's setting of the slot
+        while self.incoming is None and time.monotonic() < deadline:
+            machine = self._machine
+            if machine is None or machine.vcpu_threads():
+                break  # started (or gone): no incoming will ever be waited for
+            time.sleep(0.05)
+        slot = self.incoming
+        if slot is None:
+            raise MachineError("migrate-incoming is only for a machine started with --incoming defer")
+        slot.migrate_incoming(uri)
 
     def cont(self) -> None:
         """Release the vCPUs (QEMU `cont`); emits RESUME when the machine was paused."""

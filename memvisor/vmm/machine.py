@@ -156,15 +156,18 @@ class Machine:
         self.agent_console = VirtioConsoleDevice(functools.partial(self._agent_output, False))
         base, gsi = self.allocate_virtio_slot()
         transport = VirtioMmioTransport(self.agent_console, self.memory, functools.partial(self.pulse_irq, gsi))
+        self.agent_transport = transport  # for snapshots (memvisor/vmm/snapshot.py)
         self.add_mmio(base, MMIO_WINDOW_SIZE, transport)
         self.com2 = Serial16550(
             functools.partial(self._agent_output, True), lambda level: self.vm.irq_line(layout.COM2_GSI, level)
         )
         self.ports.add(layout.COM1_PORT, 8, self.com1.read, self.com1.write)
         self.ports.add(layout.COM2_PORT, 8, self.com2.read, self.com2.write)
-        rtc = CmosRtc()
+        rtc = self.rtc = CmosRtc()
         self.ports.add(layout.RTC_PORT, 2, rtc.read, rtc.write)
-        i8042 = I8042(functools.partial(self.request_reset, "the guest pulsed the reset line (i8042 command 0xfe)"))
+        i8042 = self.i8042 = I8042(
+            functools.partial(self.request_reset, "the guest pulsed the reset line (i8042 command 0xfe)")
+        )
         self.ports.add(layout.I8042_DATA_PORT, 1, i8042.read, i8042.write)
         self.ports.add(layout.I8042_COMMAND_PORT, 1, lambda o: i8042.read(4), lambda o, v: i8042.write(4, v))
         pm = AcpiPowerManagement(
@@ -320,7 +323,12 @@ class Machine:
             self._pause_requested = True
         self._kick_all()
         with self._done:
-            return self._done.wait_for(lambda: self._parked >= len(self._threads) or self._stopping, timeout)
+            parked = self._done.wait_for(lambda: self._parked >= len(self._threads) or self._stopping, timeout)
+        if parked and not self._stopping:
+            for vcpu in self.vcpus:  # KVM_KVMCLOCK_CTRL: the guest will not take the pause for a soft lockup
+                with contextlib.suppress(KvmIoctlError):
+                    vcpu.kvmclock_ctrl()
+        return parked
 
     def resume(self) -> None:
         """Let the parked vCPUs run again."""

@@ -38,13 +38,21 @@ def _tail(path: Path | None, lines: int = 5) -> str:
     return f" (console {path}: ... {shown})" if shown else f" (console log: {path})"
 
 
-def build_machine(config: MachineConfig, console_fd: int) -> Machine:
+def build_machine(config: MachineConfig, console_fd: int, incoming: Path | None = None, *, boot: bool = True) -> Machine:
+    """Build and load the machine: boot it from its kernel, or restore the snapshot `incoming` into it (or, with
+    `boot` False and no `incoming`, neither: --incoming defer loads it later)."""
     from memvisor.vmm.devices import attach_devices
 
     machine = Machine(config, console_fd)
     try:
         attach_devices(machine)
-        machine.load()
+        if incoming is None:
+            if boot:
+                machine.load()
+        else:
+            from memvisor.vmm.snapshot import restore_snapshot
+
+            restore_snapshot(machine, incoming)
     except BaseException:
         machine.close()
         raise
@@ -92,9 +100,15 @@ def _serve(config: MachineConfig, args: argparse.Namespace, interrupted: list[in
     # SIGUSR2: every thread's Python stack to stderr (a hung memvisor explains itself; SIGUSR1 kicks vCPUs).
     faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
     server: VmmControlServer | None = None
+    deferred = getattr(args, "incoming", None) == "defer"
+    if deferred and args.qmp is None:
+        raise MemvisorError("--incoming defer waits for QMP migrate-incoming: give --qmp SOCK too")
+    incoming = None if deferred else _incoming_path(getattr(args, "incoming", None))
     try:
         while True:
-            machine = build_machine(config, console_fd)
+            machine = build_machine(config, console_fd, incoming, boot=not deferred)
+            restoring = incoming is not None
+            incoming = None  # a reboot after a restore boots afresh
             current[:] = [machine]
             try:
                 if args.qmp is not None and server is None:
@@ -103,7 +117,15 @@ def _serve(config: MachineConfig, args: argparse.Namespace, interrupted: list[in
                     server = start_control_server(machine, args.qmp)
                 elif server is not None:
                     server.attach(machine)  # a rebooted guest keeps its QMP socket and clients
+                restored = restoring
+                if deferred and server is not None:
+                    deferred = False
+                    restored = _wait_for_incoming(machine, server)
                 machine.start()
+                if restored:
+                    from memvisor.vmm.snapshot import correct_guest_clock
+
+                    correct_guest_clock(machine)
                 if args.command is not None:
                     return _exec_and_poweroff(machine, args.command, args.timeout, console_path)
                 _forward_stdin(machine)
@@ -145,6 +167,35 @@ def _report_reset(machine: Machine, console_fd: int) -> None:
     if console_fd > 2:
         with contextlib.suppress(OSError):
             os.write(console_fd, b"\r\n" + text.encode())
+
+
+def _wait_for_incoming(machine: Machine, server: "VmmControlServer") -> bool:
+    """--incoming defer: wait for QMP migrate-incoming to restore the machine (or for the machine to end)."""
+    from memvisor.vmm.migration import IncomingSlot
+
+    def load(path: Path) -> None:
+        from memvisor.vmm.snapshot import restore_snapshot  # heavy: imported once the command is here
+
+        restore_snapshot(machine, path)
+
+    slot = IncomingSlot(load)
+    server.control.incoming = slot
+    try:
+        loaded = slot.wait(lambda: machine.outcome is not None)
+    finally:
+        server.control.incoming = None
+    if slot.error is not None:
+        raise MemvisorError(f"the incoming snapshot was refused: {slot.error}")
+    return loaded
+
+
+def _incoming_path(uri: str | None) -> Path | None:
+    """The snapshot of `--incoming file:PATH`, None without --incoming."""
+    if uri is None:
+        return None
+    if not uri.startswith("file:") or len(uri) == len("file:"):
+        raise MemvisorError(f"--incoming {uri}: memvisor restores from files only, give --incoming file:PATH")
+    return Path(uri[len("file:") :])
 
 
 def _status_of(outcome: Outcome, console_path: Path | None) -> int:

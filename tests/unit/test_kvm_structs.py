@@ -37,9 +37,20 @@ STRUCTS: dict[type[ctypes.Structure], str] = {
     structs.KvmIoeventfd: "struct kvm_ioeventfd",
     structs.KvmDirtyLog: "struct kvm_dirty_log",
     structs.KvmRun: "struct kvm_run",
+    structs.KvmMpState: "struct kvm_mp_state",
+    structs.KvmXsave: "struct kvm_xsave",
+    structs.KvmXcr: "struct kvm_xcr",
+    structs.KvmXcrs: "struct kvm_xcrs",
+    structs.KvmDebugregs: "struct kvm_debugregs",
+    structs.KvmVcpuEvents: "struct kvm_vcpu_events",
+    structs.KvmClockData: "struct kvm_clock_data",
+    structs.KvmIrqchip: "struct kvm_irqchip",
+    structs.KvmPitChannelState: "struct kvm_pit_channel_state",
+    structs.KvmPitState2: "struct kvm_pit_state2",
+    structs.kvm_msr_list_type(4): "struct kvm_msr_list",
 }
 # C flexible array members: Python gives them a fixed count, so only their offset can be compared.
-FLEXIBLE = {("struct kvm_cpuid2", "entries"), ("struct kvm_msrs", "entries")}
+FLEXIBLE = {("struct kvm_cpuid2", "entries"), ("struct kvm_msrs", "entries"), ("struct kvm_msr_list", "indices")}
 # The kvm_run exit union is anonymous in C; two of its members sit inside one-field structs.
 RENAMES = {
     "exit.hardware_exit_reason": "hw.hardware_exit_reason",
@@ -87,6 +98,7 @@ def _field_checks() -> list[tuple[str, str, int]]:
     )
     msrs = structs.kvm_msrs_type(1)
     checks.append(("sizeof struct kvm_msrs head", "sizeof(struct kvm_msrs)", msrs.entries.offset))  # type: ignore[attr-defined]
+    checks.append(("sizeof struct kvm_msr_list head", "sizeof(struct kvm_msr_list)", 4))
     return checks
 
 

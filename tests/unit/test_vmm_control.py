@@ -596,6 +596,12 @@ class FakeVcpu:
         self.index = index
         self.run_struct = SimpleNamespace(immediate_exit=0, exit=None)
         self.runs = 0
+        self.kvmclock_signals = 0
+
+    def kvmclock_ctrl(self) -> bool:
+        """Machine.pause tells KVM each parked vCPU was stopped (KVM_KVMCLOCK_CTRL)."""
+        self.kvmclock_signals += 1
+        return True
 
     def run(self) -> int:
         self.runs += 1
@@ -642,6 +648,7 @@ def test_machine_pause_parks_every_vcpu_and_resume_releases_them(shell: Machine)
     for _ in range(3):  # pause and resume again: no kick may be lost
         assert shell.pause(timeout=2)
         assert shell.paused and shell._parked == 2
+        assert all(vcpu.kvmclock_signals for vcpu in shell.vcpus)  # type: ignore[attr-defined]
         frozen = _runs(shell)
         time.sleep(0.05)
         assert _runs(shell) == frozen  # parked vCPUs do not enter KVM_RUN

@@ -1,0 +1,72 @@
+"""`memvisor snapshot SOCK PATH [--resume]`: stop the VM, save it to PATH with QMP `migrate file:`, wait.
+
+The VM is left paused (as QEMU leaves it after a migrate) unless --resume is given; on a terminal a progress
+bar shows the bytes written. A failed save exits 125 with the reason; a VM that was running goes on running.
+Restore with `memvisor run --incoming file:PATH` and the same --memory, --vcpus and --device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from memvisor.errors import MemvisorError
+
+POLL = 0.2
+SAVE_TIMEOUT = 3600.0
+BAR_WIDTH = 30
+
+
+def build_snapshot(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("socket", metavar="SOCK", help="the VM's QMP socket (memvisor run --qmp SOCK)")
+    parser.add_argument("path", metavar="PATH", type=Path, help="the snapshot file to write")
+    parser.add_argument("--resume", action="store_true", help="let the VM run again once it is saved")
+
+
+def progress_line(done: int, total: int, width: int = BAR_WIDTH) -> str:
+    """`[#########.....]  45%  460M/1024M`."""
+    fraction = min(1.0, done / total) if total else 0.0
+    filled = int(fraction * width)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:3.0f}%  {done >> 20}M/{total >> 20}M"
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    from memvisor.control.cli_verbs import _connect, human_size
+
+    path = args.path.resolve()
+    bar: TextIO | None = sys.stderr if sys.stderr.isatty() else None
+    with _connect(args) as qmp:
+        was_running = qmp.execute("query-status").get("status") == "running"
+        qmp.execute("stop")
+        qmp.execute("migrate", {"uri": f"file:{path}"})
+        deadline = time.monotonic() + SAVE_TIMEOUT
+        info: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            info = qmp.execute("query-migrate")
+            ram = info.get("ram", {})
+            if bar is not None and ram:
+                bar.write("\r" + progress_line(ram.get("transferred", 0), ram.get("total", 0)))
+                bar.flush()
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(POLL)
+        if bar is not None:
+            bar.write("\n")
+        if info.get("status") != "completed":
+            if was_running:
+                qmp.execute("cont")
+            reason = info.get("error-desc") or f"status {info.get('status', 'unknown')}"
+            raise MemvisorError(f"the snapshot to {path} failed: {reason}")
+        if args.resume:
+            qmp.execute("cont")
+    ram = info.get("ram", {})
+    state = "running" if args.resume else "paused (cont resumes it, quit ends it)"
+    print(
+        f"snapshot: {path}: {human_size(ram.get('transferred', 0))} of {human_size(ram.get('total', 0))} RAM written, "
+        f"{human_size(info.get('x-file-allocated', 0))} on disk, in {info.get('total-time', 0) / 1000:.1f} s; "
+        f"the VM is {state}"
+    )
+    return 0

@@ -1,0 +1,127 @@
+"""virtio-balloon state: save, restore, save again gives equal state for states the driver reaches (inflate,
+deflate, stats, hinting); bitmaps of the wrong length and a stats head not in flight are refused; quiesce
+completes published buffers and stops the stats timer."""
+
+import dataclasses
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memvisor.devices.balloon.constants import QueueRole
+from memvisor.devices.balloon.device import BalloonDevice
+from memvisor.devices.balloon.state import (
+    BalloonState,
+    check_balloon,
+    quiesce_balloon,
+    restore_balloon,
+    save_balloon,
+    stats_queue_index,
+)
+from memvisor.devices.balloon.testing import RAM_PFN, TOTAL_RAM, BalloonDriver, balloon_memory, pfn_array
+from memvisor.snapshot.codec import StateError, decode, encode
+from memvisor.virtio.mmio import VirtioMmioTransport
+from memvisor.virtio.state import restore_transport, save_transport
+
+
+def _json(value: object) -> object:
+    return json.loads(json.dumps(encode(value)))
+
+
+def _device() -> BalloonDevice:
+    return BalloonDevice(TOTAL_RAM, stats=True, free_page_hint=True, free_page_reporting=True)
+
+
+def _restore(driver: BalloonDriver) -> tuple[BalloonDevice, VirtioMmioTransport, BalloonState]:
+    with driver.device.lock:
+        quiesce_balloon(driver.device)
+    state = decode(BalloonState, _json(save_balloon(driver.device)))
+    transport_state = save_transport(driver.virtio.transport)
+    fresh = _device()
+    transport = VirtioMmioTransport(fresh, driver.memory, lambda: None)
+    index = stats_queue_index(fresh, transport_state.driver_features)
+    in_flight = {h for h, _ in transport_state.queues[index].in_flight} if index is not None else set()
+    check_balloon(fresh, driver.memory, state, True, in_flight, "balloon")
+    restore_transport(transport, transport_state, "transport")
+    restore_balloon(fresh, state)
+    assert save_transport(transport) == transport_state
+    return fresh, transport, state
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.sampled_from(["inflate", "deflate", "stats", "hint"]), st.integers(0, 2000),
+                           st.integers(1, 64)), max_size=8),  # fmt: skip
+    num_pages=st.integers(0, 5000),
+)
+def test_balloon_save_restore_save(ops: list[tuple[str, int, int]], num_pages: int) -> None:
+    memory = balloon_memory()
+    device = _device()
+    driver = BalloonDriver(device, memory)
+    device.set_num_pages(num_pages)
+    for kind, first, count in ops:
+        pfns = range(RAM_PFN + first, RAM_PFN + first + count)
+        if kind == "inflate":
+            driver.inflate(pfns)
+            driver.set_actual(device.actual + count)
+        elif kind == "deflate":
+            driver.deflate(pfns)
+        elif kind == "stats":
+            device.request_stats()
+            driver.refill_stats([(4, first), (5, count)])
+        elif kind == "hint" and device.hint_state.value in ("idle", "done", "stopped"):
+            device.start_hinting()
+    fresh, _, state = _restore(driver)
+    assert save_balloon(fresh) == state
+    assert fresh.inflated_ranges() == device.inflated_ranges()
+    assert fresh.guest_stats() == device.guest_stats()
+    fresh.close()
+    device.close()
+    memory.close()
+
+
+def test_restored_balloon_returns_the_held_stats_buffer_to_the_same_driver() -> None:
+    memory = balloon_memory()
+    driver = BalloonDriver(_device(), memory)
+    fresh, transport, state = _restore(driver)
+    assert state.stats_head >= 0
+    driver.virtio.transport = transport
+    assert fresh.request_stats()  # the buffer held at save time goes back to the guest's driver
+    assert driver.queues[QueueRole.STATS].get_used()
+    memory.close()
+
+
+def test_quiesce_completes_a_published_buffer_not_yet_notified() -> None:
+    memory = balloon_memory()
+    device = _device()
+    driver = BalloonDriver(device, memory)
+    driver.queues[QueueRole.INFLATE].add_buffer([pfn_array(range(RAM_PFN, RAM_PFN + 8))], [])  # no kick
+    with device.lock:
+        quiesce_balloon(device)
+    assert device.inflated_pages() == 8
+    assert driver.queues[QueueRole.INFLATE].get_used()
+    memory.close()
+
+
+def test_untrusted_balloon_states_are_refused() -> None:
+    memory = balloon_memory()
+    driver = BalloonDriver(_device(), memory)
+    state = save_balloon(driver.device)
+    raw = _json(state)
+    assert isinstance(raw, dict)
+    raw["inflated"] = "AAAA"
+    with pytest.raises(StateError, match=r"^state\.inflated: is 3 bytes"):
+        decode(BalloonState, raw)
+    raw = _json(state)
+    assert isinstance(raw, dict)
+    raw["hint_state"] = "flying"
+    with pytest.raises(StateError, match=r"^state\.hint_state"):
+        decode(BalloonState, raw)
+    fresh = _device()
+    smaller = dataclasses.replace(state, page_count=8, inflated=bytes(1), hinted=bytes(1))
+    with pytest.raises(StateError, match=r"^balloon\.page_count: 8 pages"):
+        check_balloon(fresh, memory, smaller, True, set(), "balloon")
+    with pytest.raises(StateError, match=r"^balloon\.stats_head: buffer .* is not in flight"):
+        check_balloon(fresh, memory, state, True, set(), "balloon")
+    memory.close()

@@ -1,0 +1,130 @@
+"""The machine-level checks of a restore, before KVM is touched: a snapshot taken with another memory size,
+vCPU count or devices than the restore command line is refused with a message naming the field and the fix,
+and a corrupted file is refused; nothing of the machine is changed (no vCPU created)."""
+
+import dataclasses
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from memvisor.devices.console import VirtioConsoleDevice
+from memvisor.devices.console.state import save_console
+from memvisor.devices.i8042 import I8042
+from memvisor.devices.legacy_state import save_i8042, save_rtc, save_serial
+from memvisor.devices.rtc import CmosRtc
+from memvisor.devices.serial import Serial16550
+from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
+from memvisor.snapshot import fileformat
+from memvisor.snapshot.codec import StateError, encode
+from memvisor.snapshot.memory import save_region
+from memvisor.virtio.mmio import VirtioMmioTransport
+from memvisor.virtio.state import save_transport
+from memvisor.vmm.snapshot import MachineState, restore_snapshot
+from tests.unit.test_snapshot_state import vcpu_state, vm_state
+
+MiB = 1 << 20
+
+
+def _machine(memory: int = 64 * MiB, vcpus: int = 1, devices: tuple[str, ...] = ()) -> Any:
+    guest = GuestMemory([MemoryRegion.memfd(0, memory, "ram0")])
+    console = VirtioConsoleDevice(lambda data: None)
+    return SimpleNamespace(
+        config=SimpleNamespace(memory=memory, vcpus=vcpus, numa_nodes=1, extra_devices=list(devices)),
+        memory=guest,
+        vcpus=[],
+        devices=[],
+        agent_console=console,
+        agent_transport=VirtioMmioTransport(console, guest, lambda: None),
+    )
+
+
+def _state(machine: Any, **changes: Any) -> MachineState:
+    uart = save_serial(Serial16550(lambda d: None, lambda level: None))
+    fields: dict[str, Any] = dict(
+        memory=machine.config.memory, vcpus=machine.config.vcpus, numa_nodes=1, devices=(),
+        vm=vm_state(), cpus=tuple(vcpu_state(i) for i in range(machine.config.vcpus)), com1=uart, com2=uart,
+        rtc=save_rtc(CmosRtc()), i8042=save_i8042(I8042(lambda: None)),
+        agent_console=save_console(machine.agent_console), agent_transport=save_transport(machine.agent_transport),
+        agent_ready=True, agent_on_com2=False, devices_state=(),
+    )  # fmt: skip
+    fields.update(changes)
+    return MachineState(**fields)
+
+
+def _write(path: Path, machine: Any, state: MachineState) -> None:
+    region = machine.memory.regions[0]
+    region.view[0:5] = b"hello"
+    layout = fileformat.layout_regions([(region.name, region.gpa, region.size)])
+    state_offset = fileformat.align_up(layout[0][1] + region.size)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.ftruncate(fd, state_offset)
+        image = save_region(fd, region, region.name, *layout[0], lambda n: None)
+        fileformat.write_header_and_state(fd, state_offset, encode(state), fileformat.MemoryImage((image,)))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("saved", "restoring", "message"),
+    [
+        (dict(memory=64 * MiB), dict(memory=128 * MiB), r"^machine\.memory: .* give --memory 64M$"),
+        (dict(vcpus=2), dict(vcpus=1), r"^machine\.vcpus: .* give --vcpus 2$"),
+        (dict(), dict(devices=("virtio-balloon,id=b0",)), r"^machine\.devices: the snapshot was taken with no --device"),
+    ],
+)
+def test_a_snapshot_of_another_machine_is_refused(
+    tmp_path: Path, saved: dict[str, Any], restoring: dict[str, Any], message: str
+) -> None:
+    source = _machine(**saved)
+    path = tmp_path / "vm.snap"
+    _write(path, source, _state(source))
+    target = _machine(**restoring)
+    with pytest.raises(StateError, match=message):
+        restore_snapshot(target, path)
+    assert target.vcpus == []
+    assert target.memory.regions[0].allocated_bytes() == 0  # nothing was loaded
+
+
+def test_a_device_list_and_device_states_that_disagree_are_refused() -> None:
+    machine = _machine()
+    with pytest.raises(StateError, match="devices_state: holds 0 devices, the command line 1"):
+        _state(machine, devices=("virtio-balloon,id=b0",)).validate()
+
+
+def test_a_corrupted_state_is_refused_before_anything_is_loaded(tmp_path: Path) -> None:
+    machine = _machine()
+    path = tmp_path / "vm.snap"
+    _write(path, machine, _state(machine))
+    state_offset = fileformat.HEADER.unpack(path.read_bytes()[: fileformat.HEADER.size])[3]
+    with open(path, "r+b") as file:
+        file.seek(state_offset + 100)
+        byte = file.read(1)
+        file.seek(state_offset + 100)
+        file.write(bytes([byte[0] ^ 1]))
+    target = _machine()
+    with pytest.raises(StateError, match="checksum"):
+        restore_snapshot(target, path)
+    assert target.vcpus == [] and target.memory.regions[0].allocated_bytes() == 0
+
+
+def test_a_queue_outside_ram_in_the_file_is_refused_naming_it(tmp_path: Path) -> None:
+    machine = _machine()
+    state = _state(machine)
+    queues = list(state.agent_transport.queues)
+    queues[0] = dataclasses.replace(queues[0], ready=True, desc_addr=1 << 40)
+    state = dataclasses.replace(state, agent_transport=dataclasses.replace(state.agent_transport, queues=tuple(queues)))
+    path = tmp_path / "vm.snap"
+    _write(path, machine, state)
+    with pytest.raises(StateError, match=r"^machine\.agent_transport\.queues\[0\]: queue 0: descriptor table"):
+        restore_snapshot(_machine(), path)
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    from memvisor.errors import MemvisorError
+
+    with pytest.raises(MemvisorError, match="cannot open snapshot"):
+        restore_snapshot(_machine(), tmp_path / "nothing.snap")
