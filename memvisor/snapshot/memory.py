@@ -52,10 +52,27 @@ def data_extents(region: MemoryRegion) -> Iterator[tuple[int, int]]:
         position = end
 
 
-def present_pages(region: MemoryRegion) -> np.ndarray:
-    """A bool per page of the region: allocated by the host and not all zeros."""
-    present = np.zeros(region.size // PAGE_SIZE, dtype=bool)
+def accessible_extents(region: MemoryRegion) -> Iterator[tuple[int, int]]:
+    """The data extents cut to what the host mapping lets us read: an unplugged virtio-mem block is PROT_NONE
+    (normally a hole as well; never read it, whatever the backing holds), checked per 2 MiB (virtio-mem blocks
+    are 2 MiB multiples, aligned in their region)."""
+    step = 2 << 20
     for start, end in data_extents(region):
+        if region.accessible is None or region.accessible(start, end - start):
+            yield start, end
+            continue
+        piece = start
+        while piece < end:
+            stop = min((piece // step + 1) * step, end)
+            if region.accessible(piece, stop - piece):
+                yield piece, stop
+            piece = stop
+
+
+def present_pages(region: MemoryRegion) -> np.ndarray:
+    """A bool per page of the region: allocated by the host, readable and not all zeros."""
+    present = np.zeros(region.size // PAGE_SIZE, dtype=bool)
+    for start, end in accessible_extents(region):
         end = min(-(-end // PAGE_SIZE) * PAGE_SIZE, region.size)
         for piece in range(start, end, 64 << 20):  # a bounded slice at a time
             stop = min(piece + (64 << 20), end)

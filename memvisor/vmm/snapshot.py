@@ -309,12 +309,20 @@ def restore_snapshot(machine: Machine, path: Path, progress: Progress | None = N
             if progress is not None:
                 progress(done, total)
 
+        _restore_plugged_blocks(machine, state)  # virtio-mem: unplugged blocks are inaccessible until plugged
         for position, (region, region_image) in enumerate(zip(regions, image.regions, strict=True)):
             load_region(fd, region, region_image, f"memory.regions[{position}]", advance)
     finally:
         os.close(fd)
     _load_state(machine, state)
     return state
+
+
+def _restore_plugged_blocks(machine: Machine, state: MachineState) -> None:
+    """virtio-mem bitmaps (and with them the host mapping of plugged blocks) before RAM is loaded into them."""
+    for attached, device_state in zip(machine.devices, state.devices_state, strict=True):
+        if device_state.mem is not None:
+            restore_mem(attached.device, device_state.mem)
 
 
 def _check_devices(machine: Machine, state: MachineState) -> None:

@@ -70,3 +70,47 @@ def test_a_region_of_another_size_is_refused() -> None:
     with pytest.raises(StateError, match=r"^mem\.region_size: .*give the same max-size"):
         check_mem(setup.device, other, "mem")
     setup.region.close()
+
+
+def test_plugged_contents_round_trip_into_a_fresh_inaccessible_region(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Unplugged blocks are PROT_NONE on the host: saving never reads them (even with stray data in the
+    backing), and a restore opens the plugged blocks before their contents are loaded into them."""
+    import os
+
+    from memvisor.snapshot import fileformat
+    from memvisor.snapshot.fileformat import MemoryImage
+    from memvisor.snapshot.memory import load_region, save_region
+
+    setup = Setup(requested=REGION)
+    assert setup.request(VIRTIO_MEM_REQ_PLUG, VMEM_GPA + 2 * BLOCK, 3)[0] == VIRTIO_MEM_RESP_ACK
+    setup.region.view[2 * BLOCK : 2 * BLOCK + 5] = b"hello"
+    setup.region.view[5 * BLOCK - 4096 : 5 * BLOCK] = b"z" * 4096
+    os.pwrite(setup.region.fd, b"stray", 9 * BLOCK)  # data in an unplugged (inaccessible) block's backing
+    layout = fileformat.layout_regions([("vmem", VMEM_GPA, REGION)])
+    state_offset = fileformat.align_up(layout[-1][1] + REGION)
+    path = tmp_path / "snap"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.ftruncate(fd, state_offset)
+        image = save_region(fd, setup.region, "vmem", *layout[0], lambda n: None)
+        fileformat.write_header_and_state(fd, state_offset, {"x": 1}, MemoryImage((image,)))
+    finally:
+        os.close(fd)
+    assert image.pages == 2  # the two written pages of plugged blocks; the stray page was never read
+    state = decode(MemState, _json(save_mem(setup.device)))
+    region = MemoryRegion.memfd(VMEM_GPA, REGION, "vmem2")
+    try:
+        fresh = VirtioMemDevice(region, block_size=BLOCK, requested_size=REGION)
+        restore_mem(fresh, state)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _, loaded = fileformat.read_header_and_state(fd)
+            load_region(fd, region, loaded.regions[0], "memory.regions[0]", lambda n: None)
+        finally:
+            os.close(fd)
+        assert bytes(region.view[2 * BLOCK : 2 * BLOCK + 5]) == b"hello"
+        assert bytes(region.view[5 * BLOCK - 4096 : 5 * BLOCK]) == b"z" * 4096
+        assert fresh.plugged_ranges() == setup.device.plugged_ranges()
+    finally:
+        region.close()
+        setup.region.close()

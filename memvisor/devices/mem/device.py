@@ -384,6 +384,17 @@ class VirtioMemDevice(VirtioDevice):
             return False
         return True
 
+    def apply_plugged_access(self) -> None:
+        """Make the host mapping match the bitmap: plugged runs read-write, the rest inaccessible.
+
+        For a bitmap loaded from a snapshot (memvisor/devices/mem/state.py), before the memory image is read
+        into the plugged blocks. OSError when the kernel refuses the mprotect."""
+        if not self.unplugged_inaccessible:
+            return
+        self.region.protect(0, self.region.size, accessible=False)
+        for first, count in self._bitmap.plugged_runs():
+            self.region.protect(first * self.block_size, count * self.block_size, accessible=True)
+
     def _make_inaccessible(self, gpa: int, size: int) -> None:
         if not self.unplugged_inaccessible:
             return

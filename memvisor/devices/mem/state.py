@@ -74,4 +74,5 @@ def restore_mem(device: VirtioMemDevice, state: MemState) -> None:
         device._bitmap._bits[:] = state.plugged_blocks()
         device._requested_size = state.requested_size
         device._usable_region_size = state.usable_region_size
+        device.apply_plugged_access()  # plugged blocks readable before the memory image goes into them
         device.counters = {name: 0 for name in COUNTER_NAMES} | {n: v for n, v in state.counters if n in COUNTER_NAMES}
