@@ -4,7 +4,8 @@
     manager.run()              # until stop() or SIGTERM; SIGHUP reloads the config (CLI wires the signals)
 
 Each round (every `interval` s, at once when the host PSI trigger fires or on reload):
-1. sockets: each pattern is a path or a glob; a new socket joins (connected, stats polling turned on), a VM
+1. sockets: each pattern is a path or a glob; a VM is named after its socket (`web.sock`: web; two `qmp.sock`
+   in different folders: `dir/qmp`), the name its config table has; a new socket joins (connected, stats polling turned on), a VM
    whose connection fails leaves (logged, retried when its socket is there again);
 2. observe each VM (`VmLink.sample`) and the host (MemAvailable, PSI, swap-out rate);
 3. rates: major faults and swap-in per second from the guest's counters between two stats updates; stale
@@ -25,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from memvisor.errors import MemvisorError
@@ -141,12 +143,18 @@ class Manager:
         for path in list(self.vms):
             if path not in present:
                 self._leave(path, "its socket is gone")
+        stems = [vm_name(path) for path in present]
+        taken = {tracked.link.name for tracked in self.vms.values()}
         for path in present:
             if path in self.vms:
                 continue
-            cgroup = self.config.for_vm(vm_name(path)).cgroup
+            name = vm_name(path)
+            if stems.count(name) > 1 or name in taken:  # e.g. dir1/qmp.sock and dir2/qmp.sock
+                name = f"{Path(path).parent.name}/{name}"
+            cgroup = self.config.for_vm(name).cgroup
             try:
                 link = self.connect(path, self.config.interval, cgroup)
+                link.name = name
             except MemvisorError as err:
                 if self.failed.get(path) != str(err):
                     log.warning("%s: cannot manage it yet: %s", path, err)
@@ -154,6 +162,7 @@ class Manager:
                 continue
             self.failed.pop(path, None)
             self.vms[path] = Tracked(link)
+            taken.add(name)
             log.info("%s joined (%s, boot RAM %dM, host memory from %s, guest PSI %s)", link.name, link.kind,
                      link.boot_ram >> 20, "cgroup " + str(link.cgroup) if link.cgroup else
                      ("x-query-host-memory" if link.has_host_memory else "RSS"),

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 NOT_REPORTED = (1 << 64) - 1
 PSI_TIMEOUT = 3.0
+PSI_RETRY_ROUNDS = 6  # after the agent failed to answer (busy with a long command), ask again this many rounds later
 
 
 def vm_name(path: str) -> str:
@@ -79,7 +80,7 @@ class VmLink:
         self.boot_ram = int(qmp.execute("query-memory-size-summary")["base-memory"])
         self.pid = _peer_pid(qmp)
         self.cgroup: Path | None = Path(cgroup) if cgroup else (host.cgroup_of(self.pid) if self.pid else None)
-        self.agent_ok = self.has_agent
+        self.psi_skip = 0 if self.has_agent else -1  # rounds to skip guest PSI; -1: never (no agent or no PSI)
 
     @classmethod
     def connect(cls, path: str, interval: float, *, cgroup: str | None = None, timeout: float = 10.0) -> VmLink:
@@ -143,16 +144,20 @@ class VmLink:
         return host.process_rss(self.pid) if self.pid else None
 
     def _guest_psi(self) -> float | None:
-        if not self.agent_ok:
+        if self.psi_skip < 0:
+            return None
+        if self.psi_skip > 0:
+            self.psi_skip -= 1
             return None
         try:
             reply = self.qmp.execute("x-guest-exec", {"command": "cat /proc/pressure/memory", "timeout": PSI_TIMEOUT})
         except MemvisorError as err:
-            log.info("%s: no guest PSI (%s); going on without it", self.name, err)
-            self.agent_ok = False
+            log.info("%s: no guest PSI this time (%s); asking again in %d rounds", self.name, err, PSI_RETRY_ROUNDS)
+            self.psi_skip = PSI_RETRY_ROUNDS
             return None
         if reply.get("exitcode") != 0:
-            self.agent_ok = False  # a guest kernel without PSI
+            log.info("%s: the guest kernel has no memory PSI; going on without it", self.name)
+            self.psi_skip = -1
             return None
         text = base64.b64decode(reply.get("out-data", "")).decode(errors="replace")
         return parse_psi(text).get("some", {}).get("avg10")

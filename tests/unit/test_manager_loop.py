@@ -267,3 +267,18 @@ def test_qemu_72_is_detected_and_driven(sock_dir: str) -> None:
             mgr.close()
     finally:
         qemu.close()
+
+
+def test_sockets_with_the_same_name_get_their_folder_in_the_name(sock_dir: str) -> None:
+    os.mkdir(os.path.join(sock_dir, "x"))
+    os.mkdir(os.path.join(sock_dir, "y"))
+    a = FakeGuest(os.path.join(sock_dir, "x"), "qmp", used=100 * MiB)
+    b = FakeGuest(os.path.join(sock_dir, "y"), "qmp", used=100 * MiB)
+    mgr = manager([a.path, b.path], budget=4 * GiB)
+    try:
+        decision = mgr.round()
+        assert sorted(action.name for action in decision.actions) == ["x/qmp", "y/qmp"]
+    finally:
+        mgr.close()
+        a.stop()
+        b.stop()
