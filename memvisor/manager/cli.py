@@ -44,6 +44,7 @@ examples:
   memvisor manager --budget 6G --config manager.toml '/run/vms/*.sock'     VMs join and leave as sockets come and go
   memvisor manager --budget 2G --watch --log decisions.jsonl /tmp/vm1.sock
   memvisor manager --budget 2G --policy mom /tmp/vm1.sock                  oVirt MoM's rules, for comparison
+  memvisor manager --budget 2G --metrics 127.0.0.1:9101 --plot run.png /tmp/vm1.sock
   kill -HUP PID                                                            reload the config file
 
 config file (TOML), all keys optional:
@@ -76,6 +77,8 @@ def add_manager_command(subparsers: Any) -> None:
     parser.add_argument("--rounds", type=int, metavar="N", help="stop after N rounds (default: run until killed)")
     parser.add_argument("--log", metavar="FILE", help="append every decision with its reason as JSON lines")
     parser.add_argument("--watch", action="store_true", help="print a table of the VMs after every round")
+    parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    parser.add_argument("--plot", metavar="FILE", help="on exit, write a PNG: host memory against the budget, each VM")
     parser.add_argument("--quiet", action="store_true", help="log only warnings (events such as floors-exceed-budget)")
     parser.set_defaults(func=run_manager)
 
@@ -137,7 +140,13 @@ def run_manager(args: argparse.Namespace) -> int:
             decision_log = Path(args.log).open("a")  # noqa: SIM115 (closed in the finally below)
         except OSError as err:
             raise UsageError(f"cannot write the decision log {args.log}: {err.strerror}") from None
+    from memvisor.manager.metrics import MetricsServer, plot
+
+    metrics = MetricsServer(args.metrics) if args.metrics else None
     manager = Manager(args.sockets, config, budget, decision_log=decision_log)
+    if metrics is not None:
+        manager.listeners.append(metrics.update)
+        metrics.start()
     if args.watch:
         manager.listeners.append(lambda record, decision: print(watch_table(record, decision) + "\n", flush=True))
 
@@ -157,4 +166,8 @@ def run_manager(args: argparse.Namespace) -> int:
         manager.close()
         if decision_log is not None:
             decision_log.close()
+        if metrics is not None:
+            metrics.stop()
+    if args.plot:
+        plot(manager.history, args.plot)
     return 0

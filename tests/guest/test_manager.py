@@ -90,7 +90,7 @@ def test_manager_reclaims_idle_memory_and_gives_it_back_without_oom(
         took = time.monotonic() - start
         high_a = _actual(a)
         host_loaded = a.host_memory() + b.host_memory()
-        ooms = a.exec("dmesg | grep -ci 'out of memory\\|oom-kill\\|killed process'").stdout.strip()
+        ooms = a.exec("dmesg | grep -ciE 'out of memory|oom-kill|killed process'").stdout.strip()
         print(f"[manager] guest a wrote {WORK_MIB}M in {took:.0f} s (status {status}); its balloon went "
               f"{low_a >> 20}M -> {high_a >> 20}M; b at {_actual(b) >> 20}M; host holds {host_loaded >> 20}M; "
               f"OOM lines in a's kernel log: {ooms}")  # fmt: skip

@@ -282,3 +282,80 @@ def test_sockets_with_the_same_name_get_their_folder_in_the_name(sock_dir: str) 
         mgr.close()
         a.stop()
         b.stop()
+
+
+# --- the CLI verb, as a process --------------------------------------------------------------------------------
+
+
+def test_cli_runs_reloads_on_sighup_and_stops_on_sigterm(sock_dir: str, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    guest = FakeGuest(sock_dir, "g", used=100 * MiB)
+    config = tmp_path / "m.toml"
+    config.write_text('interval = 0.5\n[defaults]\nfloor = "300M"\n')
+    log = tmp_path / "d.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "memvisor", "manager", "--budget", "2G", "--config", str(config),
+                             "--log", str(log), guest.path], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not (log.exists() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+            guest.report()
+            time.sleep(0.2)
+        config.write_text('interval = 0.5\n[defaults]\nfloor = "700M"\n')
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            guest.report()
+            last = json.loads(log.read_text().splitlines()[-1])
+            if last["vms"]["g"]["floor"] == 700 * MiB:
+                break
+            time.sleep(0.2)
+        assert last["vms"]["g"]["floor"] == 700 * MiB
+        assert guest.actual >= 700 * MiB
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+        guest.stop()
+    assert proc.returncode == 0, stderr
+    assert "g joined (memvisor" in stderr and "config reloaded" in stderr
+
+
+def test_cli_without_budget_or_with_a_bad_config_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("interval = -1\n")
+    for args in (["/tmp/none.sock"], ["--budget", "2G", "--config", str(bad), "/tmp/none.sock"]):
+        done = subprocess.run([sys.executable, "-m", "memvisor", "manager", *args], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert done.returncode == 125
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("memvisor: error:")
+
+
+def test_metrics_endpoint_and_plot(sock_dir: str, tmp_path: Path) -> None:
+    import urllib.request
+
+    from memvisor.manager.metrics import MetricsServer, plot
+
+    guest = FakeGuest(sock_dir, "g", used=100 * MiB)
+    metrics = MetricsServer("127.0.0.1:0")
+    metrics.start()
+    mgr = manager([guest.path], budget=2 * GiB)
+    mgr.listeners.append(metrics.update)
+    try:
+        for _ in range(3):
+            guest.report()
+            mgr.round()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics", timeout=10).read().decode()
+        assert f"memvisor_manager_budget_bytes {2 * GiB}" in text
+        assert 'memvisor_manager_vm_target_bytes{vm="g"}' in text
+        assert "memvisor_manager_floors_fit 1" in text
+        plot(mgr.history, str(tmp_path / "run.png"))
+        assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        metrics.stop()
+        mgr.close()
+        guest.stop()
