@@ -39,6 +39,7 @@ log = logging.getLogger("memvisor.manager")
 
 MiB = 1 << 20
 STALE_INTERVALS = 3
+STUCK_TOLERANCE = MiB  # drivers move in pages and 1 MiB batches (Linux: 256 PFNs per request)
 Connect = Callable[[str, float, "str | None"], VmLink]
 
 
@@ -186,7 +187,8 @@ class Manager:
                 self._leave(path, str(err))
                 continue
             tracked.sample = sample
-            if tracked.target is not None and sample.actual != tracked.target and sample.actual == tracked.last_actual:
+            away = tracked.target is not None and abs(sample.actual - tracked.target) > STUCK_TOLERANCE
+            if away and sample.actual == tracked.last_actual:
                 tracked.stuck += 1
             else:
                 tracked.stuck = 0
