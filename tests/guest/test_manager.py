@@ -143,8 +143,13 @@ def test_manager_reclaims_idle_memory_and_gives_it_back_without_oom(
     try:
         # 1. reclaim: both guests come down to what they use plus headroom, inside the budget
         start = time.monotonic()
-        wait_until(lambda: _actual(a) + _actual(b) <= BUDGET and _actual(b) < 600 * MiB, timeout=300, interval=2,
-                   what="the manager to bring the idle guests inside the budget")  # fmt: skip
+        try:
+            wait_until(lambda: _actual(a) + _actual(b) <= BUDGET and _actual(b) < 600 * MiB, timeout=300,
+                       interval=2, what="the manager to bring the idle guests inside the budget")  # fmt: skip
+        except AssertionError as err:
+            last = _decisions(log)[-1:] or ["no decision"]
+            raise AssertionError(f"{err}; manager: {(tmp_path / 'manager.stderr').read_text()[-1500:]}; "
+                                 f"last round: {last[0]}") from None  # fmt: skip
         wait_until(lambda: _actual(a) < 400 * MiB and _actual(b) < 400 * MiB, timeout=300, interval=2,
                    what="both idle guests to come down to their demand")  # fmt: skip
         reclaimed_after = time.monotonic() - start
