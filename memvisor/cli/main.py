@@ -18,6 +18,7 @@ examples:
   memvisor run --memory 1G --vcpus 2 --exec 'nproc'     boot, run a command, power off
   memvisor run --memory 1G --qmp /tmp/vm.sock           run a guest with a control socket
   memvisor exec /tmp/vm.sock -- free -m                 run a command in that guest
+  memvisor manager --budget 2G /tmp/vm1.sock /tmp/vm2.sock   keep VMs inside a host memory budget
   memvisor lab -- pytest tests/guest                    run a command inside the lab"""
 
 
@@ -28,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     from memvisor.cli.run import add_run_command
     from memvisor.guest.cli import add_image_commands
+    from memvisor.manager.cli import add_manager_command
 
     add_run_command(subparsers)
     add_image_commands(subparsers)
+    add_manager_command(subparsers)
     lab = subparsers.add_parser("lab", help="run a command inside the lab (QEMU TCG guest with a working /dev/kvm)",
                                 add_help=False)  # fmt: skip
     lab.set_defaults(func=None)
