@@ -125,3 +125,28 @@ def test_untrusted_balloon_states_are_refused() -> None:
     with pytest.raises(StateError, match=r"^balloon\.stats_head: buffer .* is not in flight"):
         check_balloon(fresh, memory, state, True, set(), "balloon")
     memory.close()
+
+
+def test_hints_over_less_ram_than_the_balloon_round_trip() -> None:
+    """The balloon covers boot RAM and plugged virtio-mem, hints only boot RAM: the two bitmaps differ in
+    length, and each is saved, checked and restored with its own (a restore was refused before)."""
+    def device() -> BalloonDevice:
+        return BalloonDevice(TOTAL_RAM, stats=True, free_page_hint=True, free_page_reporting=True,
+                             hint_filter=lambda region: region.name == "rings")  # fmt: skip
+
+    memory = balloon_memory()
+    driver = BalloonDriver(device(), memory)
+    driver.inflate([RAM_PFN + 5, RAM_PFN + 9])
+    with driver.device.lock:
+        quiesce_balloon(driver.device)
+    state = decode(BalloonState, _json(save_balloon(driver.device)))
+    assert state.hint_page_count < state.page_count
+    fresh = device()
+    transport_state = save_transport(driver.virtio.transport)
+    transport = VirtioMmioTransport(fresh, memory, lambda: None)
+    index = stats_queue_index(fresh, transport_state.driver_features)
+    in_flight = {h for h, _ in transport_state.queues[index].in_flight} if index is not None else set()
+    check_balloon(fresh, memory, state, True, in_flight, "balloon")
+    restore_transport(transport, transport_state, "transport")
+    restore_balloon(fresh, state)
+    assert save_balloon(fresh) == state

@@ -52,6 +52,7 @@ class BalloonState:
     hint_next_id: int
     hint_current_id: int  # -1: no round yet
     hinted: bytes
+    hint_page_count: int  # bits in the hinted bitmap: hints cover boot RAM only, which may be less than page_count
     counters: tuple[tuple[str, int], ...]
 
     def validate(self) -> None:
@@ -62,10 +63,11 @@ class BalloonState:
         require(all(-1 <= v < 1 << 64 for v in self.stats_values), "stats_values", "holds a value outside 64 bits")
         require(-1 <= self.stats_head < 1 << 16, "stats_head", f"{self.stats_head} is not a queue head")
         require(self.page_count >= 0, "page_count", "is negative")
-        for name in ("inflated", "hinted"):
+        require(self.hint_page_count >= 0, "hint_page_count", "is negative")
+        for name, count in (("inflated", self.page_count), ("hinted", self.hint_page_count)):
             data = getattr(self, name)
-            require(len(data) == (self.page_count + 7) // 8, name,
-                    f"is {len(data)} bytes, {self.page_count} pages need {(self.page_count + 7) // 8}")  # fmt: skip
+            require(len(data) == (count + 7) // 8, name,
+                    f"is {len(data)} bytes, {count} pages need {(count + 7) // 8}")  # fmt: skip
         require(self.hint_state in HINT_STATES, "hint_state", f"{self.hint_state!r} is not one of {HINT_STATES}")
         require(-1 <= self.hint_current_id < 1 << 32, "hint_current_id", "does not fit 32 bits")
         for name, value in self.counters:
@@ -104,6 +106,7 @@ def save_balloon(device: BalloonDevice) -> BalloonState:
             hint_next_id=hinting._next_id,
             hint_current_id=-1 if hinting.current_id is None else hinting.current_id,
             hinted=_pack(hinting.bitmap.bits),
+            hint_page_count=hinting.bitmap.size,
             counters=tuple(sorted(device.counters.items())),
         )
 
@@ -115,6 +118,10 @@ def check_balloon(device: BalloonDevice, memory: GuestMemory, state: BalloonStat
     if state.page_count not in (0, expected):
         raise StateError(f"{where}.page_count: {state.page_count} pages, this machine's RAM has {expected}: give the "
                          "same --memory as when it was saved")  # fmt: skip
+    expected_hints = BalloonRam(memory, device.hint_filter).pfn_limit if driver_ok else 0
+    if state.hint_page_count not in (0, expected_hints):
+        raise StateError(f"{where}.hint_page_count: {state.hint_page_count} pages, this machine's RAM has "
+                         f"{expected_hints}: give the same --memory as when it was saved")  # fmt: skip
     if state.stats_head >= 0 and state.stats_head not in stats_in_flight:
         raise StateError(f"{where}.stats_head: buffer {state.stats_head} is not in flight on the stats queue")
 
@@ -132,7 +139,8 @@ def restore_balloon(device: BalloonDevice, state: BalloonState) -> None:
         device._stats_head = None if state.stats_head < 0 else state.stats_head
         if state.page_count and device._inflated.size == state.page_count:
             device._inflated.bits[:] = _unpack(state.inflated, state.page_count)
-            device.hinting.bitmap.bits[:] = _unpack(state.hinted, state.page_count)
+        if state.hint_page_count and device.hinting.bitmap.size == state.hint_page_count:
+            device.hinting.bitmap.bits[:] = _unpack(state.hinted, state.hint_page_count)
         hinting = device.hinting
         hinting.state = HintState(state.hint_state)
         hinting.config_cmd_id = state.hint_config_cmd_id
