@@ -82,6 +82,18 @@ PAUSE_TIMEOUT = 10.0
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
+class _ByteCounter:
+    """Turns per-chunk byte counts (what snapshot.memory reports) into running totals for `progress`."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
 SUPPORTED_DEVICES = ("virtio-pmem", "virtio-mem", "virtio-balloon")
 
 
@@ -234,14 +246,7 @@ def save_snapshot(machine: Machine, path: Path, progress: Progress | None = None
         total = sum(region.size for region in regions)
         layout = fileformat.layout_regions([(r.name, r.gpa, r.size) for r in regions])
         state_offset = fileformat.align_up(layout[-1][1] + regions[-1].size)
-        written = 0
-
-        def advance(count: int) -> None:
-            nonlocal written
-            written += count
-            if progress is not None:
-                progress(written, total)
-
+        advance = _ByteCounter(progress, total)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as error:
@@ -260,7 +265,7 @@ def save_snapshot(machine: Machine, path: Path, progress: Progress | None = None
                 os.unlink(path)
             raise MemvisorError(f"writing snapshot {path} failed: {error.strerror}; the guest was not changed") from None
         os.close(fd)
-    return SaveResult(path, written, total, stat.st_size, stat.st_blocks * 512, time.monotonic() - started)
+    return SaveResult(path, advance.done, total, stat.st_size, stat.st_blocks * 512, time.monotonic() - started)
 
 
 def check_fits(state: MachineState, machine: Machine) -> None:
@@ -301,14 +306,7 @@ def restore_snapshot(machine: Machine, path: Path, progress: Progress | None = N
                              "same --memory and devices as when it was saved")  # fmt: skip
         _check_devices(machine, state)
         total = sum(region.pages for region in image.regions) * fileformat.PAGE_SIZE
-        done = 0
-
-        def advance(count: int) -> None:
-            nonlocal done
-            done += count
-            if progress is not None:
-                progress(done, total)
-
+        advance = _ByteCounter(progress, total)
         _restore_plugged_blocks(machine, state)  # virtio-mem: unplugged blocks are inaccessible until plugged
         for position, (region, region_image) in enumerate(zip(regions, image.regions, strict=True)):
             load_region(fd, region, region_image, f"memory.regions[{position}]", advance)
