@@ -16,11 +16,11 @@ import pytest
 from memvisor.devices.pmem import VirtioPmemDevice
 from memvisor.devices.pmem.device import QUEUE_SIZE as PMEM_QUEUE_SIZE
 from memvisor.devices.pmem.protocol import REQUEST, RESPONSE, VIRTIO_PMEM_REQ_TYPE_FLUSH
-from memvisor.memory.guest_memory import MemoryRegion
+from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
 from memvisor.virtio import mmio
 from memvisor.virtio.device import STATUS_DEVICE_NEEDS_RESET
 from memvisor.virtio.queue import VirtqueueError
-from memvisor.virtio.testing import attach, standalone_queue, test_memory
+from memvisor.virtio.testing import VirtioDriver, attach, standalone_queue, test_memory
 
 MIB = 1 << 20
 PMEM_GPA = 1 << 30
@@ -60,7 +60,8 @@ class _GatedFsync:
         assert self.gate.wait(30)
 
 
-def test_pmem_republishing_one_head_is_bounded_and_breaks_the_device(tmp_path: Path) -> None:
+def _gated_pmem(tmp_path: Path) -> tuple[GuestMemory, _GatedFsync, VirtioPmemDevice, VirtioDriver]:
+    """A pmem device over a 4 MiB file whose fsync blocks until the test opens the gate, with its driver."""
     path = tmp_path / "pmem.img"
     path.write_bytes(bytes(4 * MIB))
     memory = test_memory()
@@ -68,6 +69,11 @@ def test_pmem_republishing_one_head_is_bounded_and_breaks_the_device(tmp_path: P
     fsync = _GatedFsync()
     device = VirtioPmemDevice(memory.region_at(PMEM_GPA), fsync=fsync)
     driver = attach(device, memory)
+    return memory, fsync, device, driver
+
+
+def test_pmem_republishing_one_head_is_bounded_and_breaks_the_device(tmp_path: Path) -> None:
+    memory, fsync, device, driver = _gated_pmem(tmp_path)
     queue = driver.queues[0]
     head = queue.add_buffer([REQUEST.pack(VIRTIO_PMEM_REQ_TYPE_FLUSH)], [RESPONSE.size])
     queue.kick()
@@ -88,13 +94,7 @@ def test_pmem_republishing_one_head_is_bounded_and_breaks_the_device(tmp_path: P
 
 
 def test_no_used_ring_write_after_queue_ready_cleared(tmp_path: Path) -> None:
-    path = tmp_path / "pmem.img"
-    path.write_bytes(bytes(4 * MIB))
-    memory = test_memory()
-    memory.add(MemoryRegion.file(PMEM_GPA, path, 4 * MIB, name="pmem"))
-    fsync = _GatedFsync()
-    device = VirtioPmemDevice(memory.region_at(PMEM_GPA), fsync=fsync)
-    driver = attach(device, memory)
+    memory, fsync, device, driver = _gated_pmem(tmp_path)
     queue = driver.queues[0]
     try:
         queue.add_buffer([REQUEST.pack(VIRTIO_PMEM_REQ_TYPE_FLUSH)], [RESPONSE.size])
