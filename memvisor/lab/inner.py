@@ -1,7 +1,9 @@
 """The agent inside the lab: runs one command for the host runner and bridges its streams and sockets.
 
 `init.sh` starts it as `python -m memvisor.lab.inner`, as root, chrooted into the host's own root (read-only
-9p). It opens the virtio-serial port named `memvisor.lab`, says READY, waits for START, then:
+9p). It first opens one KVM VM that it keeps until the lab powers off (kvm_keys: without it, starting and stopping
+guests rewrites kernel text and can wedge the lab), opens the virtio-serial port named `memvisor.lab`, says READY,
+waits for START, then:
 
 1. mounts each read-write share (9p, `cache=mmap` so that shared writable mappings work) over the same path
    as on the host, creating the mount point first when it lies in one of the lab's tmpfs folders;
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 
+from memvisor.lab.kvm_keys import hold_kvm_static_keys
 from memvisor.lab.mux import (
     CONTROL,
     PORT_NAME,
@@ -317,6 +320,11 @@ def _uptime() -> str:
 
 def main() -> int:
     print(f"mvlab: agent running at uptime {_uptime()} s", file=sys.stderr, flush=True)
+    try:
+        held = hold_kvm_static_keys()  # kept open until the lab powers off: see kvm_keys
+        print(f"mvlab: holding KVM's static keys ({len(held)} fds)", file=sys.stderr, flush=True)
+    except OSError as error:
+        print(f"mvlab: cannot hold KVM's static keys ({error}): guests may wedge the lab", file=sys.stderr, flush=True)
     port = find_port()
     fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     print(f"mvlab: port {port} open at uptime {_uptime()} s", file=sys.stderr, flush=True)
