@@ -2,7 +2,7 @@
 
 Linux reads the wall clock once at boot and the rtc_cmos driver probes a few registers. Without an RTC
 every read returns 0xff, which reads as "update in progress" forever, and the guest spins through tens of
-thousands of exits (FACTS.md). This one reports the host's UTC time in BCD, never an update in progress, and
+thousands of exits (docs/LAB.md). This one reports the host's UTC time in BCD, never an update in progress, and
 ignores writes except the index and the few control registers.
 """
 

@@ -1,4 +1,4 @@
-"""The lab: hardware-speed-enough KVM on machines without it (FACTS.md "The lab").
+"""The lab: hardware-speed-enough KVM on machines without it (docs/LAB.md).
 
 `memvisor lab -- COMMAND...` (or `runner.run_in_lab`) boots a QEMU TCG guest whose emulated AMD SVM lets
 its kernel load kvm_amd with nested paging; the guest sees this machine's files read-only over 9p and runs

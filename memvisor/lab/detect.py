@@ -5,7 +5,7 @@
 
 - "missing": no /dev/kvm, or it cannot be opened read-write;
 - "software": the `kvm_pvm` module is loaded (a page-table based virtualizer without VMX/SVM; its
-  capabilities look like real KVM's, so only the module gives it away: FACTS.md);
+  capabilities look like real KVM's, so only the module gives it away: docs/LAB.md);
 - "hardware": otherwise, including inside memvisor's lab (kvm_amd on QEMU TCG's emulated SVM, nested).
 
 A calibration run (time a short guest loop) could be added later to catch other slow implementations.

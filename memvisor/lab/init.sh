@@ -4,7 +4,7 @@
 # It turns a bare kernel into "the host's own files, read-only, with a working /dev/kvm":
 #   1. mounts /proc, /sys, /dev;
 #   2. loads kvm_amd with nested=1 (QEMU TCG's `-cpu max` offers SVM with nested paging), then the virtio
-#      drivers: virtio_pci first, or 9pnet_virtio finds no channel (FACTS.md "The lab");
+#      drivers: virtio_pci first, or 9pnet_virtio finds no channel (docs/LAB.md);
 #   3. mounts the host's root (9p tag `hostroot`, read-only) at /host, with /proc, /sys, /dev and
 #      tmpfs folders for the places programs expect to write (/run, /tmp, /var/tmp, /dev/shm);
 #   4. runs `python -m memvisor.lab.inner` chrooted into /host: the host's own Python and checkout.

@@ -194,7 +194,7 @@ def share_tag(index: int) -> str:
 
 
 def qemu_command(machine: LabMachine) -> list[str]:
-    """The qemu-system-x86_64 argv for the lab (FACTS.md "The lab": TCG, `-cpu max` for nested SVM)."""
+    """The qemu-system-x86_64 argv for the lab (docs/LAB.md: TCG, `-cpu max` for nested SVM)."""
     if machine.cpus < 1:
         raise UsageError(f"the lab needs at least one vCPU, got {machine.cpus}")
     append = " ".join(

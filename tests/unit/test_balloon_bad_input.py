@@ -1,4 +1,4 @@
-"""Every balloon bad-input case of ANCHORS.md, and property tests feeding random buffers to each queue.
+"""Every balloon bad-input case of docs/HOSTILE-INPUT.md, and property tests feeding random buffers to each queue.
 
 The promises: the device completes the request or marks itself broken (DEVICE_NEEDS_RESET), never raises
 out of the transport, never discards memory outside the balloon's RAM, never leaks a descriptor head.

@@ -60,7 +60,7 @@ def _expected_here() -> str:
 
 
 def test_this_machine() -> None:
-    # FACTS.md: the project's machines load kvm_pvm (software); the lab and real hosts are hardware.
+    # docs/LAB.md: the project's machines load kvm_pvm (software); the lab and real hosts are hardware.
     status = kvm_status()
     assert status.kind == _expected_here(), status.reason
     assert status.hardware == (status.kind == "hardware")

@@ -436,7 +436,7 @@ def test_system_reset_before_activation_and_block_state_bounds() -> None:
     region.close()
 
 
-# --- hostile input (ANCHORS.md) ----------------------------------------------------------------------
+# --- hostile input (docs/HOSTILE-INPUT.md) ----------------------------------------------------------------------
 
 @pytest.mark.parametrize(("addr", "nb_blocks"), [
     (VMEM_GPA + 4096, 1),                 # unaligned

@@ -187,7 +187,7 @@ def test_read_only_region_implies_read_only_device(tmp_path: Path) -> None:
     region.close()
 
 
-# --- hostile input (ANCHORS.md) ----------------------------------------------------------------------
+# --- hostile input (docs/HOSTILE-INPUT.md) ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("out", [
     [b"\0\0\0"],                 # too short

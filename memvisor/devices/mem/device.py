@@ -92,7 +92,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
-REGION_ALIGNMENT = 128 * MIB  # a Linux memory block on x86 (FACTS.md): the driver hot-adds whole ones
+REGION_ALIGNMENT = 128 * MIB  # a Linux memory block on x86 (docs/LAB.md): the driver hot-adds whole ones
 MIN_BLOCK_SIZE = 2 * MIB  # a transparent huge page on x86
 USABLE_EXTENT = 256 * MIB  # headroom of the usable region past requested_size (QEMU's value on x86)
 QUEUE_SIZE = 128
