@@ -357,11 +357,15 @@ class VmmControl:
         with self._use() as machine:
             threads = machine.vcpu_threads()
             nodes = machine.config.numa_nodes
+            # QEMU 7.2 makes one implicit NUMA node as soon as memory hotplug is on (a memory device needs
+            # maxmem), and then names every vCPU's node: so node-id appears with a virtio-mem or virtio-pmem
+            # device even on one node.
+            hotplug = any(isinstance(a.device, (VirtioMemDevice, VirtioPmemDevice)) for a in machine.devices)
             infos = []
             for index in range(machine.config.vcpus):
                 native = threads[index].native_id if index < len(threads) else None
                 props = {"socket-id": index, "core-id": 0, "thread-id": 0}
-                if nodes > 1:
+                if nodes > 1 or hotplug:
                     props["node-id"] = index % nodes  # the SRAT puts vCPU i on node i % nodes
                 infos.append(VcpuInfo(index, native or 0, props=props))
             return infos

@@ -275,12 +275,7 @@ def test_reply_has_qemu_shape(
 
 # Where the real control path differs from QEMU's shape (the fake does not): found by running the comparisons
 # against VmmControl. Each is a strict xfail, so it shows in every run until fixed.
-VMM_SHAPE_DIFFERENCES = {
-    "query-cpus-fast": (
-        "QEMU 7.2 gives every vCPU props.node-id once memory hotplug is on (maxmem or a virtio-mem device "
-        "makes one implicit NUMA node); VmmControl.vcpus adds node-id only with more than one NUMA node"
-    ),
-}
+VMM_SHAPE_DIFFERENCES: dict[str, str] = {}
 
 
 def test_query_commands_lists_every_command_we_answer(server: QmpServer) -> None:

@@ -329,7 +329,19 @@ def test_vcpus_carry_their_threads_native_ids(rig: Rig) -> None:
     assert [cpu.cpu_index for cpu in cpus] == [0, 1]
     assert [cpu.thread_id for cpu in cpus] == [t.native_id for t in rig.machine.vcpu_threads()]
     assert all(cpu.thread_id > 0 for cpu in cpus)
-    assert "node-id" not in cpus[0].props
+
+
+def test_vcpus_name_node_0_once_a_memory_device_makes_memory_hotplug_on(rig: Rig, tmp_path: Path) -> None:
+    # QEMU 7.2: a memory device needs maxmem, maxmem makes one implicit NUMA node, and then every vCPU has one.
+    assert [cpu.props.get("node-id") for cpu in rig.control.vcpus()] == [0, 0]
+    machine, balloon, _ = _make_machine(tmp_path)
+    machine.devices[:] = [attached for attached in machine.devices if attached.id == "balloon0"]
+    control = VmmControl()
+    control.attach(cast(Machine, machine))
+    assert all("node-id" not in cpu.props for cpu in control.vcpus())
+    control.detach()
+    machine.close()
+    balloon.close()
 
 
 def test_vcpus_name_their_numa_node(tmp_path: Path) -> None:
