@@ -69,9 +69,12 @@ def test_a_wedged_lab_is_caught_by_the_heartbeat_and_explained() -> None:
 
 
 def test_sigterm_ends_the_lab_within_seconds_and_leaves_nothing() -> None:
-    before = set(Path(tempfile.gettempdir()).glob("memvisor-lab-*"))
+    # A temp folder of its own: other processes on the machine (unit tests, other labs) make memvisor-lab-*
+    # folders in /tmp too. Short, for the lab's UNIX socket paths.
+    private = Path(tempfile.mkdtemp(prefix="mvsig-", dir="/tmp"))
     process = subprocess.Popen([sys.executable, "-m", "memvisor", "lab", "-v", "--memory", "2G", "--", "sleep", "600"],
-                               cwd=REPO, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               cwd=REPO, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(private)})  # fmt: skip
     assert process.stderr is not None
     lines = []
     for line in process.stderr:
@@ -88,7 +91,9 @@ def test_sigterm_ends_the_lab_within_seconds_and_leaves_nothing() -> None:
     assert took < 8, rest
     assert status == 128 + signal.SIGTERM
     assert "SIGTERM: stopping `sleep 600` in the lab" in rest
-    assert set(Path(tempfile.gettempdir()).glob("memvisor-lab-*")) == before
+    left = sorted(path.name for path in private.iterdir())
+    assert left == [], "the lab left these behind in its temp folder"
+    private.rmdir()
 
 
 def test_a_wedged_guest_ends_memvisor_run_on_time() -> None:
