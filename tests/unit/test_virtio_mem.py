@@ -552,6 +552,7 @@ def test_guest_memory_is_separate() -> None:
     assert memory.regions == []
 
 
+@pytest.mark.may_skip
 @pytest.mark.skipif(not Path("/sys/kernel/mm/hugepages/hugepages-2048kB").is_dir(), reason="no 2 MiB hugetlbfs")
 def test_on_hugetlbfs_a_plug_the_pool_cannot_back_is_busy_not_a_sigbus() -> None:
     """virtio-mem on hugetlbfs preallocates plugged blocks: beyond the host's free 2 MiB pages, BUSY."""
