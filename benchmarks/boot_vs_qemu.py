@@ -23,6 +23,7 @@ in QEMU's memory): their sizes are printed under the table, to be read against t
 
 import argparse
 import collections
+import contextlib
 import importlib.util
 import json
 import re
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MARKER_LINE = re.compile(rb"memvisor-init: started at uptime ([0-9.]+)\s*\n")
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from memvisor.guest.image import find_guest_image  # noqa: E402
+from memvisor.memory.backend import HUGEPAGES_2M, THP_SHMEM_CONTROL  # noqa: E402
 from memvisor.vmm.config import BASE_CMDLINE  # noqa: E402
 
 Argv = Callable[[Path, Path, int, Path], list[str]]
@@ -105,8 +107,15 @@ def boot_once(
     return reached - started, uptime, rss, exits
 
 
+# --memory-backend: memvisor's choice, and QEMU's memory backend object for the same host pages. QEMU advises
+# MADV_HUGEPAGE on all its RAM itself, so the host's shmem THP setting decides 4k against thp for both (set here).
+QEMU_BACKENDS = {"4k": "", "thp": "", "hugetlb": ",hugetlb=on,hugetlbsize=2M"}
+BACKEND = "4k"
+
+
 def memvisor_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path) -> list[str]:
     return [sys.executable, "-m", "memvisor", "run", "--lab", "off", "--memory", f"{memory_mib}M",
+            "--memory-backend", BACKEND,
             "--kernel", str(kernel), "--initrd", str(initrd), "--console", str(console),
             "--qmp", str(console.with_suffix(".qmp"))]  # fmt: skip
 
@@ -115,7 +124,8 @@ def qemu_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path, machin
     return [
         "qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-smp", "1", "-nodefaults", "-no-user-config",
         "-display", "none", "-m", f"{memory_mib}M",
-        "-object", f"memory-backend-memfd,id=ram,size={memory_mib}M", "-machine", f"{machine},memory-backend=ram",
+        "-object", f"memory-backend-memfd,id=ram,size={memory_mib}M{QEMU_BACKENDS[BACKEND]}",
+        "-machine", f"{machine},memory-backend=ram",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", BASE_CMDLINE,
         "-serial", f"file:{console}", "-serial", "null",
     ]  # fmt: skip
@@ -135,7 +145,33 @@ def main() -> int:
     parser.add_argument("--memory", type=int, default=1024, help="guest memory in MiB")
     parser.add_argument("--microvm", action="store_true", help="also boot QEMU -machine microvm (qboot)")
     parser.add_argument("--json", help="also write the raw numbers to this file ('-': print them)")
+    parser.add_argument("--memory-backend", choices=list(QEMU_BACKENDS), default="4k",
+                        help="host pages behind guest RAM, for both VMMs (sets the host's shmem THP and hugetlbfs "
+                        "pool for the run and puts them back: needs root)")  # fmt: skip
     args = parser.parse_args()
+    global BACKEND
+    BACKEND = args.memory_backend
+    with host_pages(args.memory_backend, args.memory):
+        return _benchmark(args)
+
+
+@contextlib.contextmanager
+def host_pages(backend: str, memory_mib: int) -> Iterator[None]:
+    """The host set for `backend`: shmem THP never (4k) or advise (thp); enough 2 MiB pages (hugetlb)."""
+    shmem = THP_SHMEM_CONTROL.read_text().split("[")[1].split("]")[0]
+    nr = HUGEPAGES_2M / "nr_hugepages"
+    pages = int(nr.read_text())
+    try:
+        THP_SHMEM_CONTROL.write_text("advise" if backend == "thp" else "never")
+        if backend == "hugetlb":  # one VMM at a time holds the guest's RAM
+            nr.write_text(str(pages + memory_mib // 2 + 8))
+        yield
+    finally:
+        THP_SHMEM_CONTROL.write_text(shmem)
+        nr.write_text(str(pages))
+
+
+def _benchmark(args: argparse.Namespace) -> int:
     image = find_guest_image("default")
     if image is None:
         sys.exit("no guest image: run `memvisor image build` on the host first")
@@ -175,7 +211,7 @@ def main() -> int:
     medians = {name: {key: _median(values) for key, values in numbers.items()} for name, numbers in results.items()}
     totals = [sum(exits.values()) for exits in exits_per_boot]
     print()
-    print(f"| median ({args.memory} MiB, 1 vCPU; {args.runs} runs, first VMM rotating) | " + " | ".join(names) + " |")
+    print(f"| median ({args.memory} MiB on {BACKEND} pages, 1 vCPU; {args.runs} runs, first VMM rotating) | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for key, label, fmt in (("boot", "spawn to /init (s)", "{:.2f}"), ("uptime", "guest uptime at /init (s)", "{:.2f}"),
                             ("vmm_rss", "VMM memory, RSS less guest RAM (MiB)", "{:.1f}")):  # fmt: skip

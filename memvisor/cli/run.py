@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from memvisor.errors import UsageError
+from memvisor.memory.backend import parse_memory_backend
 from memvisor.units import parse_size
 from memvisor.vmm.config import MAX_VCPUS, MachineConfig
 
@@ -36,6 +37,10 @@ def add_run_command(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--memory", "-m", default="512M", help="guest RAM, e.g. 512M or 4G (default 512M; at least 128M)")
+    parser.add_argument("--memory-backend", default="4k", metavar="4k|thp|hugetlb[,prealloc=on]",
+                        help="host pages behind guest RAM and virtio-mem: 4k (default), thp (memfd with transparent "
+                        "huge pages; shmem_enabled must allow them) or hugetlb (2 MiB hugetlbfs pages from the "
+                        "pool in /proc/sys/vm/nr_hugepages); prealloc=on allocates all of boot RAM at start")  # fmt: skip
     parser.add_argument("--vcpus", "--smp", type=int, default=1, help=f"number of vCPUs, 1 to {MAX_VCPUS} (default 1)")
     parser.add_argument("--kernel", type=Path, help="a bzImage to boot instead of the built Debian kernel")
     parser.add_argument("--initrd", type=Path, help="an initramfs to use instead of the built one")
@@ -62,6 +67,7 @@ def add_run_command(subparsers: Any) -> None:
 
 def _machine_config(args: argparse.Namespace) -> MachineConfig:
     memory = parse_size(args.memory, "--memory")
+    backend = parse_memory_backend(args.memory_backend)
     if not 1 <= args.vcpus <= MAX_VCPUS:
         raise UsageError(f"--vcpus {args.vcpus} is out of range: give 1 to {MAX_VCPUS}")
     from memvisor.vmm.device_specs import parse_device_specs
@@ -87,6 +93,7 @@ def _machine_config(args: argparse.Namespace) -> MachineConfig:
         console_path=console,
         extra_devices=list(args.device),
         numa_nodes=args.numa_nodes,
+        memory_backend=backend,
     )
     config.validate()
     return config
@@ -94,7 +101,8 @@ def _machine_config(args: argparse.Namespace) -> MachineConfig:
 
 def _check_before_image(memory: int, args: argparse.Namespace) -> None:
     """Check the sizes the image does not change before a first run downloads and builds it."""
-    probe = MachineConfig(memory=memory, vcpus=args.vcpus, kernel=Path("/"), initrd=None, numa_nodes=args.numa_nodes)
+    probe = MachineConfig(memory=memory, vcpus=args.vcpus, kernel=Path("/"), initrd=None, numa_nodes=args.numa_nodes,
+                          memory_backend=parse_memory_backend(args.memory_backend))
     probe.validate_resources()
 
 

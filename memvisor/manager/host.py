@@ -159,7 +159,10 @@ def cgroup_memory(path: str | Path) -> int | None:
 
 
 def process_rss(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """What process `pid` holds: VmRSS plus its hugetlbfs pages (HugetlbPages), which VmRSS leaves out."""
     text = _read(proc / str(pid) / "status")
     if not text:
         return None
-    return parse_meminfo(text).get("VmRSS")
+    fields = parse_meminfo(text)
+    rss = fields.get("VmRSS")
+    return None if rss is None else rss + fields.get("HugetlbPages", 0)

@@ -2,7 +2,8 @@
 
 A `MemoryRegion` is one contiguous range of guest physical addresses (GPA) backed by a host mapping:
 
-- `MemoryRegion.memfd`: guest RAM in a memfd mapped MAP_SHARED (what KVM, migration and discard want),
+- `MemoryRegion.memfd`: guest RAM in a memfd mapped MAP_SHARED (what KVM, migration and discard want), of
+  4 KiB pages, transparent huge pages or hugetlbfs 2 MiB pages (`memvisor/memory/backend.py`),
 - `MemoryRegion.file`: a file mapped MAP_SHARED, read-write or read-only (virtio-pmem),
 - `MemoryRegion.anonymous`: MAP_PRIVATE|MAP_ANONYMOUS memory.
 
@@ -14,7 +15,9 @@ these explicit checks a must).
 
 Giving memory back to the host (`discard`) depends on the backing: a shared mapping keeps its pages in the
 memfd or file, so MADV_DONTNEED would only unmap them; the hole must be punched in the file
-(fallocate PUNCH_HOLE). Private anonymous memory is freed by MADV_DONTNEED. `allocated_bytes` measures what
+(fallocate PUNCH_HOLE). Private anonymous memory is freed by MADV_DONTNEED. A region's `page_size` is the
+host page it gives memory back in: a discard not aligned to it is refused (on hugetlbfs a hole punched in part
+of a 2 MiB page frees nothing, it only zeroes that part). `allocated_bytes` measures what
 the host really holds: allocated blocks of the fd, resident pages of a private mapping.
 
 A region may hold ranges nobody may touch (unplugged virtio-mem blocks): its owner makes them PROT_NONE
@@ -35,13 +38,15 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from memvisor.errors import GuestFault, HostFailure, MemvisorError
+from memvisor.errors import GuestFault, HostFailure, MemvisorError, UsageError
 from memvisor.memory import libc
+from memvisor.memory.backend import DEFAULT_BACKEND, MemoryBackend, check_thp, hugepage_shortage_message
 from memvisor.memory.libc import PAGE_SIZE
 
 ADDRESS_LIMIT = 1 << 64
@@ -60,11 +65,11 @@ class DiscardError(HostFailure):
     """The host could not give back memory it should have (fallocate or madvise failed)."""
 
 
-def _check_layout(gpa: int, size: int, name: str) -> None:
-    if size <= 0 or size % PAGE_SIZE:
-        raise MemvisorError(f"memory region {name!r}: size {size} is not a positive multiple of {PAGE_SIZE}")
-    if gpa < 0 or gpa % PAGE_SIZE or gpa + size > ADDRESS_LIMIT:
-        raise MemvisorError(f"memory region {name!r}: address {gpa:#x} is not page aligned inside 2**64")
+def _check_layout(gpa: int, size: int, name: str, page: int = PAGE_SIZE) -> None:
+    if size <= 0 or size % page:
+        raise MemvisorError(f"memory region {name!r}: size {size} is not a positive multiple of {page}")
+    if gpa < 0 or gpa % page or gpa + size > ADDRESS_LIMIT:
+        raise MemvisorError(f"memory region {name!r}: address {gpa:#x} is not aligned to {page} inside 2**64")
 
 
 class MemoryRegion:
@@ -83,6 +88,9 @@ class MemoryRegion:
         self.host_addr = host_addr
         self.fd = fd
         self.closed = False
+        # The host page size: memory goes back to the host in whole pages of it (2 MiB on hugetlbfs).
+        self.page_size = PAGE_SIZE
+        self.backend = DEFAULT_BACKEND if fd is not None else None
         # The KVM memslot number, set by the VMM when it registers the region (dirty logging is per slot).
         self.slot: int | None = None
         # (offset, length) -> whether the range may be touched; None: all of it may (see the module docstring).
@@ -97,17 +105,49 @@ class MemoryRegion:
         return self.gpa + self.size
 
     @classmethod
-    def memfd(cls, gpa: int, size: int, name: str = "ram") -> MemoryRegion:
-        """RAM in a new memfd of `size` bytes mapped MAP_SHARED (zero-filled, allocated on first touch)."""
-        _check_layout(gpa, size, name)
-        fd = os.memfd_create(f"memvisor-{name}", os.MFD_CLOEXEC)
+    def memfd(
+        cls, gpa: int, size: int, name: str = "ram", backend: MemoryBackend = DEFAULT_BACKEND, *, reserve: bool = True
+    ) -> MemoryRegion:
+        """RAM in a new memfd of `size` bytes mapped MAP_SHARED (zero-filled), backed as `backend` says
+        (memvisor/memory/backend.py). hugetlb memory is reserved from the host's pool when mapped unless
+        `reserve` is False (virtio-mem, which allocates its blocks when they are plugged)."""
+        _check_layout(gpa, size, name, backend.page_size)
+        flags = os.MFD_CLOEXEC
+        if backend.kind == "hugetlb":
+            flags |= os.MFD_HUGETLB | os.MFD_HUGE_2MB
+        elif backend.kind == "thp":
+            check_thp()
+        try:
+            fd = os.memfd_create(f"memvisor-{name}", flags)
+        except OSError as err:
+            raise MemvisorError(f"cannot create guest RAM {name!r} ({backend.kind}): {err.strerror}") from err
+        map_flags = libc.MAP_SHARED
+        if not (reserve and backend.kind == "hugetlb"):  # reserved hugetlb memory never SIGBUSes for lack of pages
+            map_flags |= libc.MAP_NORESERVE
         try:
             os.ftruncate(fd, size)
-            addr = libc.mmap(size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED | libc.MAP_NORESERVE, fd)
+            addr = libc.mmap_aligned(size, libc.PROT_READ | libc.PROT_WRITE, map_flags, fd, backend.alignment)
         except OSError as err:
             os.close(fd)
+            if backend.kind == "hugetlb" and err.errno == errno.ENOMEM:
+                raise UsageError(hugepage_shortage_message(size, f"guest RAM {name!r}")) from err
             raise MemvisorError(f"cannot create {size} bytes of guest RAM {name!r}: {err}; lower the size") from err
-        return cls(gpa, size, name, readonly=False, host_addr=addr, fd=fd)
+        region = cls(gpa, size, name, readonly=False, host_addr=addr, fd=fd)
+        region.page_size = backend.page_size
+        region.backend = backend
+        try:
+            if backend.kind == "thp":
+                libc.madvise(addr, size, libc.MADV_HUGEPAGE)
+            if backend.prealloc:
+                libc.madvise(addr, size, libc.MADV_POPULATE_WRITE)
+        except OSError as err:
+            region.close()
+            if backend.kind == "hugetlb" and err.errno in (errno.ENOMEM, errno.EFAULT):
+                raise UsageError(hugepage_shortage_message(size, f"guest RAM {name!r}")) from err
+            what = "advise huge pages for" if not backend.prealloc else "preallocate"
+            raise MemvisorError(f"cannot {what} guest RAM {name!r} ({backend.spec()}): {err.strerror}; "
+                                "try without prealloc=on or with --memory-backend 4k") from err
+        return region
 
     @classmethod
     def file(
@@ -318,6 +358,9 @@ class GuestMemory:
         if gpa % PAGE_SIZE or length % PAGE_SIZE:
             raise GuestMemoryError(f"discard of {gpa:#x}+{length:#x} is not aligned to the {PAGE_SIZE}-byte page")
         region, offset = self._locate(gpa, length)
+        if offset % region.page_size or length % region.page_size:  # on hugetlbfs a partial punch only zeroes
+            raise GuestMemoryError(f"discard of {gpa:#x}+{length:#x} is not aligned to the {region.page_size}-byte "
+                                   f"host pages of region {region.name!r}")
         if region.readonly:
             raise GuestMemoryError(f"cannot discard {gpa:#x}+{length:#x}: region {region.name!r} is read-only")
         if length == 0:

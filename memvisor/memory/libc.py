@@ -18,9 +18,12 @@ PROT_WRITE = 0x2
 MAP_SHARED = 0x01
 MAP_PRIVATE = 0x02
 MAP_ANONYMOUS = 0x20
+MAP_FIXED = 0x10
 MAP_NORESERVE = 0x4000
 MAP_FAILED = ctypes.c_void_p(-1).value
 MADV_DONTNEED = 4
+MADV_HUGEPAGE = 14
+MADV_POPULATE_WRITE = 23  # Linux 5.14
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -67,6 +70,30 @@ def mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> i
         _raise_errno("mmap")
     assert addr is not None
     return int(addr)
+
+
+def mmap_aligned(length: int, prot: int, flags: int, fd: int, alignment: int) -> int:
+    """Map `length` bytes of `fd` at an address that is a multiple of `alignment` (a power of two).
+
+    A huge page can back a mapping only where the address is aligned to it: reserve `length + alignment`
+    bytes of nothing (PROT_NONE), map the file over the aligned part (MAP_FIXED), unmap the rest."""
+    if alignment <= PAGE_SIZE:
+        return mmap(length, prot, flags, fd)
+    span = length + alignment
+    base = mmap(span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+    start = (base + alignment - 1) & ~(alignment - 1)
+    try:
+        addr = _mmap(start, length, prot, flags | MAP_FIXED, fd, 0)
+        if addr is None or addr == MAP_FAILED:
+            _raise_errno("mmap")
+    except OSError:
+        munmap(base, span)
+        raise
+    if start > base:
+        munmap(base, start - base)
+    if base + span > start + length:
+        munmap(start + length, base + span - start - length)
+    return start
 
 
 def munmap(addr: int, length: int) -> None:

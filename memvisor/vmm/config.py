@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 from memvisor.errors import UsageError
+from memvisor.memory.backend import DEFAULT_BACKEND, MemoryBackend
 from memvisor.units import format_size
 
 MIN_MEMORY = 128 << 20
@@ -26,6 +27,7 @@ class MachineConfig:
     console_path: Path | None = None  # None: the console goes to standard output
     extra_devices: list[str] = field(default_factory=list)
     numa_nodes: int = 1
+    memory_backend: MemoryBackend = DEFAULT_BACKEND
 
     def validate(self) -> None:
         self.validate_resources()
@@ -45,7 +47,8 @@ class MachineConfig:
         if not 1 <= self.numa_nodes <= 8:
             raise UsageError(f"--numa-nodes {self.numa_nodes} is out of range: give 1 to 8")
         available = host_memory_available()
-        if available is not None and self.memory > available:
+        # hugetlbfs pages come from their own pool, outside MemAvailable: mapping the RAM checks the pool.
+        if available is not None and self.memory > available and self.memory_backend.kind != "hugetlb":
             raise UsageError(
                 f"--memory {format_size(self.memory)} is more than the host can give "
                 f"({format_size(available // (1 << 20) * (1 << 20))} available): ask for less"

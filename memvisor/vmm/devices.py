@@ -12,7 +12,7 @@ Python imports run at emulation speed and are most of the start-up).
 
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from memvisor.boot import layout
@@ -105,13 +105,17 @@ def _make_device(machine: Machine, spec: DeviceSpec, next_gpa: int) -> tuple[Vir
             )
         from memvisor.devices.mem import VirtioMemDevice
 
-        region = MemoryRegion.memfd(next_gpa, max_size, f"mem-{spec.id}")
+        # The machine's backing, without reserving or preallocating: blocks are allocated when plugged, and on
+        # hugetlbfs always preallocated then (a plugged block whose page the pool cannot give is refused, BUSY,
+        # instead of a SIGBUS when the guest touches it).
+        backend = replace(machine.config.memory_backend, prealloc=False)
+        region = MemoryRegion.memfd(next_gpa, max_size, f"mem-{spec.id}", backend, reserve=False)
         device = VirtioMemDevice(
             region,
             block_size=block,
             requested_size=int(props["requested-size"]),
             node_id=int(props["node"]) if machine.config.numa_nodes > 1 else None,
-            prealloc=bool(props["prealloc"]),
+            prealloc=bool(props["prealloc"]) or backend.kind == "hugetlb",
             unplugged_inaccessible=bool(props["unplugged-inaccessible"]),
         )
         return device, region

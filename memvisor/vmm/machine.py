@@ -141,7 +141,7 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
         for index, (gpa, size) in enumerate(layout.ram_ranges(config.memory)):
-            region = MemoryRegion.memfd(gpa, size, f"ram{index}")
+            region = MemoryRegion.memfd(gpa, size, f"ram{index}", config.memory_backend)
             self.memory.add(region)
             self.vm.set_memory_slot(index, gpa, size, region.host_addr)
         self._next_memslot = len(self.memory.regions)

@@ -166,3 +166,8 @@ def test_in_process_main_prints_one_line(capsys: pytest.CaptureFixture[str], fil
     assert captured.err.count("\n") == 1
     assert main(["--help"]) == 0
     assert "examples:" in capsys.readouterr().out
+
+
+def test_memory_backend_not_a_kind(files: tuple[str, str]) -> None:
+    assert_one_line_error(memvisor(*run_args(files, "--memory-backend", "huge")), "--memory-backend 'huge'",
+                          "4k, thp, hugetlb")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -549,3 +550,20 @@ def test_notify_of_another_queue_is_ignored(s: Setup) -> None:
 def test_guest_memory_is_separate() -> None:
     memory = GuestMemory()
     assert memory.regions == []
+
+
+@pytest.mark.may_skip
+@pytest.mark.skipif(not Path("/sys/kernel/mm/hugepages/hugepages-2048kB").is_dir(), reason="no 2 MiB hugetlbfs")
+def test_on_hugetlbfs_a_plug_the_pool_cannot_back_is_busy_not_a_sigbus() -> None:
+    """virtio-mem on hugetlbfs preallocates plugged blocks: beyond the host's free 2 MiB pages, BUSY."""
+    from memvisor.memory.backend import MemoryBackend, hugepage_pool
+
+    pool = hugepage_pool()
+    assert pool is not None
+    blocks = pool.available + 1  # one block more than the pool can give
+    region = MemoryRegion.memfd(VMEM_GPA, -(-blocks * BLOCK // (128 * MIB)) * 128 * MIB, "vmem",
+                                MemoryBackend("hugetlb"), reserve=False)  # fmt: skip
+    s = Setup(requested=blocks * BLOCK, region=region, prealloc=True)
+    assert s.request(VIRTIO_MEM_REQ_PLUG, VMEM_GPA, blocks)[0] == VIRTIO_MEM_RESP_BUSY
+    assert s.device.plugged_size == 0 and region.allocated_bytes() == 0  # rolled back: nothing kept
+    s.memory.close()

@@ -16,6 +16,10 @@ exist only when their feature is negotiated, and count only those):
 - free page reporting: the guest names free blocks (>= 2 MiB) it will not touch until it allocates them
   again; the device discards them, unless the guest poisons free pages with a non-zero value (PAGE_POISON):
   a discarded page reads as zeros, which would break the poison check.
+- guest RAM on host pages bigger than 4 KiB (`--memory-backend hugetlb`: 2 MiB): an inflated page goes back to
+  the host only with the other 511 of its host page (the bitmap of inflated pages tells when all are in);
+  a partly inflated host page stays whole, deflate and reset only clear bits (nothing of a partial page was
+  given back); a reported range gives back the whole host pages inside it.
 
 Guest input is hostile and never raises out of the device for a bad buffer: write-only or odd-length
 inflate buffers, more than 256 PFNs (the rest is ignored), PFNs outside guest RAM (ignored, counted in
@@ -446,7 +450,7 @@ class BalloonDevice(VirtioDevice):
         return page_runs
 
     def _inflate(self, chain: DescriptorChain) -> int:
-        assert self._memory is not None
+        assert self._memory is not None and self._ram is not None
         self.count("inflate_requests")
         runs = self._page_runs(self._pfns(chain))
         if self._guarded:  # virtio-mem memory: leave out pages in unplugged blocks
@@ -454,6 +458,8 @@ class BalloonDevice(VirtioDevice):
         for first, count in runs:
             self._inflated.set_run(first, count)
             self.count("pages_inflated", count)
+        # On 2 MiB host pages only those whose 512 guest pages are all inflated (pages.py, whole_host_pages).
+        for first, count in self._ram.whole_host_pages(runs, self._inflated):
             if self._discard(first, count):
                 self.count("bytes_discarded", count << BALLOON_PAGE_SHIFT)
         return 0
@@ -568,8 +574,9 @@ class BalloonDevice(VirtioDevice):
                 continue
             for first, count in self._accessible_runs(*clipped):
                 self.count("pages_reported", count)
-                if not keep and self._discard(first, count):
-                    self.count("bytes_discarded", count << BALLOON_PAGE_SHIFT)
+                whole = self._ram.inward(first, count)  # only whole host pages (hugetlbfs: 2 MiB aligned)
+                if not keep and whole is not None and self._discard(*whole):
+                    self.count("bytes_discarded", whole[1] << BALLOON_PAGE_SHIFT)
         return 0
 
     # --- helpers ------------------------------------------------------------------------------------------

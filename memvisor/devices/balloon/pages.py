@@ -5,7 +5,8 @@ guest, so both are hostile. `BalloonRam` keeps the regions the balloon may act o
 including virtio-mem regions, whose unplugged blocks `GuestMemory` refuses; a pmem file, read-only memory or a
 region the VMM excludes is never discarded), turns a batch of PFNs into sorted
 runs of contiguous pages inside one region (one hole punch per run instead of one per page), and clips a
-range inward to whole pages inside one region. `PageBitmap` is one byte per PFN over that RAM.
+range inward to whole pages inside one region. `PageBitmap` is one byte per PFN over that RAM. On RAM backed
+by bigger host pages (hugetlbfs 2 MiB) only whole host pages are given back (`BalloonRam.whole_host_pages`).
 
 Nothing here imports numpy at start-up (it costs seconds of Python start-up in the lab): a buffer holds at
 most 256 PFNs, and bytearray's own `count` and `find` do the bitmap work at C speed. Only the migration
@@ -45,19 +46,63 @@ def runs(pfns: Sequence[int]) -> list[tuple[int, int]]:
 
 
 class BalloonRam:
-    """The page-aligned spans of guest memory the balloon may act on, as PFN ranges [first, end)."""
+    """The page-aligned spans of guest memory the balloon may act on, as PFN ranges [first, end).
+
+    `host_pages[i]` is how many 4 KiB guest pages make one host page of span i (512 on hugetlbfs 2 MiB pages,
+    else 1): memory goes back to the host only in whole host pages (`whole_host_pages`, `inward`). A region on
+    bigger host pages is aligned to them (MemoryRegion.memfd checks), so host pages start at multiples of it.
+    """
 
     def __init__(self, memory: GuestMemory, region_filter: RegionFilter = writable_region):
-        self.spans: list[tuple[int, int]] = []
+        spans: list[tuple[int, int, int]] = []
         for region in memory.regions:
             if not region_filter(region):
                 continue
             first = -(-region.gpa // BALLOON_PAGE_SIZE)
             end = (region.gpa + region.size) // BALLOON_PAGE_SIZE
             if end > first:
-                self.spans.append((first, end))
-        self.spans.sort()
+                spans.append((first, end, max(region.page_size // BALLOON_PAGE_SIZE, 1)))
+        spans.sort()
+        self.spans: list[tuple[int, int]] = [(first, end) for first, end, _ in spans]
+        self.host_pages: list[int] = [pages for _, _, pages in spans]
         self.pfn_limit = max((end for _, end in self.spans), default=0)
+
+    def host_page_pages(self, pfn: int) -> int:
+        """How many 4 KiB pages make the host page holding `pfn` (1 outside the balloon's RAM)."""
+        for (first, end), pages in zip(self.spans, self.host_pages, strict=True):
+            if first <= pfn < end:
+                return pages
+        return 1
+
+    def whole_host_pages(self, page_runs: Iterable[tuple[int, int]], held: PageBitmap) -> list[tuple[int, int]]:
+        """The host pages that hold a page of `page_runs` and whose every 4 KiB page is set in `held`, as runs.
+
+        On 4 KiB host pages that is `page_runs` itself; on 2 MiB pages a host page is given back only once all 512
+        of its guest pages are in the balloon, so nothing the guest still uses is freed (QEMU keeps a tracker of
+        partially ballooned pages for this; the balloon's bitmap of inflated pages is that tracker, exact for
+        any order of inflates and deflates)."""
+        result: list[tuple[int, int]] = []
+        for first, count in page_runs:
+            pages = self.host_page_pages(first)
+            if pages == 1:
+                result.append((first, count))
+                continue
+            bits = held.bits
+            for page in range(first - first % pages, first + count, pages):
+                if bits.count(1, page, page + pages) != pages:
+                    continue
+                if result and result[-1][0] + result[-1][1] == page:
+                    result[-1] = (result[-1][0], result[-1][1] + pages)
+                else:
+                    result.append((page, pages))
+        return result
+
+    def inward(self, first: int, count: int) -> tuple[int, int] | None:
+        """The whole host pages inside the run [first, first+count) of one span, as a run; None if none."""
+        pages = self.host_page_pages(first)
+        start = -(-first // pages) * pages
+        end = (first + count) // pages * pages
+        return (start, end - start) if end > start else None
 
     def page_runs(self, pfns: Iterable[int]) -> tuple[list[tuple[int, int]], int]:
         """Split guest PFNs into runs inside the balloon's RAM and a count of PFNs outside it.

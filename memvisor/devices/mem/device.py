@@ -117,6 +117,10 @@ def _validate(region: MemoryRegion, block_size: int, requested_size: int, node_i
     if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
         raise UsageError(f"virtio-mem block size {format_size(block_size)} is not a power of two of at least "
                          f"{format_size(MIN_BLOCK_SIZE)}; use e.g. 2M or 4M")
+    if block_size < region.page_size:  # a block must be given back whole host pages (hugetlbfs: 2M and more)
+        raise UsageError(f"virtio-mem block size {format_size(block_size)} is smaller than the "
+                         f"{format_size(region.page_size)} host pages behind region {region.name!r}; use "
+                         f"block-size={format_size(region.page_size)} or more")
     if region.gpa % REGION_ALIGNMENT:
         raise UsageError(f"virtio-mem region at {region.gpa:#x} is not aligned to "
                          f"{format_size(REGION_ALIGNMENT)}; place it at a multiple of 128M")
