@@ -174,7 +174,7 @@ class DirtyTracker:
             if buffer is None:
                 continue
             self._vm.get_dirty_log(info.slot, buffer)
-            words = np.frombuffer(buffer, dtype=np.uint64)
+            words = np.frombuffer(memoryview(buffer).cast("B"), dtype=np.uint64)
             nonzero = np.flatnonzero(words)
             if not nonzero.size:
                 continue
