@@ -277,3 +277,31 @@ def test_the_job_completes_and_cancel_stops_a_running_one(no_kvm_state: None, tm
     assert job.info()["status"] == "cancelled" and resumed == [True]
     with pytest.raises(MachineError, match="Capability 'xbzrle' is not supported"):
         job.set_capabilities([{"capability": "xbzrle", "state": True}])
+
+
+@pytest.mark.parametrize("cut_after", ["config", "pages"])
+def test_a_connection_cut_fails_the_source_and_resumes_its_guest(no_kvm_state: None, tmp_path: Any,
+                                                                 cut_after: str) -> None:  # fmt: skip
+    src = FakeMachine()
+    for pfn in range(200):
+        src.guest_write(pfn, bytes([pfn % 200 + 1]) * PAGE_SIZE)
+    path = str(tmp_path / "mig.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    job = LiveMigrationJob(lambda: None, MigrationParameters(max_bandwidth=0))
+    resumed: list[bool] = []
+    job.start(src, f"unix:{path}", SourceHooks(), True, lambda: resumed.append(True))
+    conn, _ = listener.accept()
+    stream.read_stream_header(conn)
+    stream.read_record(conn, (stream.CONFIG,))
+    if cut_after == "pages":
+        conn.sendall(stream.json_record(stream.ACK, {"ok": True}))
+        stream.read_record(conn)  # PASS
+        stream.read_record(conn)  # the first PAGES
+    conn.close()
+    listener.close()
+    job.wait(10)
+    info = job.info()
+    assert info["status"] == "failed", info
+    assert "destination" in info["error-desc"] and resumed == [True]
