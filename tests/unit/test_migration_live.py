@@ -305,3 +305,39 @@ def test_a_connection_cut_fails_the_source_and_resumes_its_guest(no_kvm_state: N
     info = job.info()
     assert info["status"] == "failed", info
     assert "destination" in info["error-desc"] and resumed == [True]
+
+
+class _QmpMachine:
+    def __init__(self) -> None:
+        self.job = LiveMigrationJob(lambda: None)
+        self.cancelled = 0
+
+    def live_job(self) -> LiveMigrationJob:
+        return self.job
+
+    def migrate_cancel(self) -> None:
+        self.cancelled += 1
+
+
+def test_qmp_parameters_capabilities_and_cancel_reach_the_job() -> None:
+    from memvisor.control.commands import Context, execute
+    from memvisor.control.errors import QmpError
+
+    machine = _QmpMachine()
+    ctx = Context(machine, lambda name, data: None)  # type: ignore[arg-type]
+    assert execute(ctx, "migrate-set-parameters", {"downtime-limit": 100, "max-bandwidth": 0}) == {}
+    assert execute(ctx, "query-migrate-parameters", {}) == {"downtime-limit": 100, "max-bandwidth": 0,
+                                                            "x-max-passes": 30}  # fmt: skip
+    with pytest.raises(QmpError):
+        execute(ctx, "migrate-set-parameters", {"downtime-limit": "fast"})
+    assert {"capability": "events", "state": True} in execute(ctx, "query-migrate-capabilities", {})
+    assert execute(ctx, "migrate-set-capabilities", {"capabilities": [{"capability": "zero-blocks", "state": True}]}) == {}
+    assert execute(ctx, "migrate_cancel", {}) == {} and machine.cancelled == 1
+
+
+def test_the_cli_progress_line_shows_pass_bytes_dirty_rate_and_downtime() -> None:
+    from memvisor.migration.verb import progress_line
+
+    line = progress_line({"status": "active", "expected-downtime": 40, "ram": {"dirty-sync-count": 3,
+                          "transferred": 412 << 20, "total": 1 << 30, "dirty-pages-rate": 1200, "mbps": 850.12}})  # fmt: skip
+    assert line == "active     pass 3  412M/1024M sent  dirty 1200 pages/s  expected downtime 40 ms  850.1 Mbps"
