@@ -192,4 +192,8 @@ def receive_live(machine: Machine, uri: str, give_up: Callable[[], bool]) -> boo
         raise MemvisorError(f"the incoming migration failed: {error}") from None
     except OSError as error:
         raise MemvisorError(f"the incoming migration failed: the connection broke ({error.strerror or error})") from None
+    except MemvisorError:
+        raise
+    except Exception as error:  # e.g. KVM refusing a state that passed every check: still one line, exit 125
+        raise MemvisorError(f"the incoming migration failed: {type(error).__name__}: {error}") from None
     return True

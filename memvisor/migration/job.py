@@ -92,7 +92,7 @@ class LiveMigrationJob:
             precopy.on_active = lambda: self._set("active")
             precopy.on_pass = self._pass
             precopy.run()
-        except (MemvisorError, MachineError, OSError) as error:
+        except Exception as error:  # noqa: BLE001 - any failure: report it, and the source runs on
             cancelled = self._cancel.is_set() or isinstance(error, MigrationCancelled)
             with contextlib.suppress(Exception):
                 if sock is not None:
@@ -107,7 +107,9 @@ class LiveMigrationJob:
                     self._set("cancelled")
                 else:
                     text = getattr(error, "strerror", None) if isinstance(error, OSError) else None
-                    self.error = f"the connection to the destination broke: {text}" if text else str(error)
+                    known = isinstance(error, (MemvisorError, MachineError, OSError))
+                    self.error = (f"the connection to the destination broke: {text}" if text else str(error)
+                                  if known else f"{type(error).__name__}: {error}")  # fmt: skip
                     self._set("failed")
             return
         with contextlib.suppress(OSError):

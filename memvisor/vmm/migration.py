@@ -164,8 +164,8 @@ class IncomingSlot:
         def run() -> None:
             try:
                 receive(uri)
-            except MemvisorError as error:
-                self.error = str(error)
+            except Exception as error:  # any failure ends memvisor (125), never a half-loaded guest that runs
+                self.error = str(error) or type(error).__name__
             finally:
                 self._event.set()
 
