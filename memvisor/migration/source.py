@@ -47,6 +47,7 @@ ACK_TIMEOUT = 120.0
 DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's defaults
 DEFAULT_MAX_BANDWIDTH = 128 << 20  # bytes per second
 DEFAULT_MAX_PASSES = 30
+CHUNK_PAGES = 16384  # 64 MiB: the hinted set is read again before each chunk of a pass
 
 
 class MigrationCancelled(MemvisorError):
@@ -165,29 +166,30 @@ class Sender:
             if time.monotonic() - self._window_start > 1.0:
                 self._window_start, self._window_bytes = time.monotonic(), 0
 
-    def send_region_pages(self, region: MemoryRegion, wanted: np.ndarray, *, first_pass: bool) -> None:
-        """Send the pages of `region` set in `wanted` (bool per page of the region): data, or ZERO runs."""
+    def send_region_pages(self, region: MemoryRegion, start: int, wanted: np.ndarray, backed: np.ndarray, *,
+                          first_pass: bool) -> None:  # fmt: skip
+        """Send the pages `start + i` of `region` for which `wanted[i]`: data, or ZERO runs (`backed[i]` False:
+        a hole, zero without reading it; a read of a memfd hole would allocate it)."""
         import numpy as np
 
-        backed = data_mask(region)
         unbacked = wanted & ~backed
         if first_pass:
             self.stats.skipped["unbacked"] += int(np.count_nonzero(unbacked))
         else:
-            for first, count in _runs(np.flatnonzero(unbacked), stream.MAX_ZERO_RUN):
+            for first, count in _runs(np.flatnonzero(unbacked) + start, stream.MAX_ZERO_RUN):
                 self.send(stream.zero_record(region.gpa + first * PAGE_SIZE, count))
                 self.stats.duplicate += count
-                self.stats.remaining = max(0, self.stats.remaining - count * PAGE_SIZE)
-        for first, count in _runs(np.flatnonzero(wanted & backed), stream.MAX_PAGES_PER_RECORD):
+        self.stats.remaining = max(0, self.stats.remaining - int(np.count_nonzero(unbacked)) * PAGE_SIZE)
+        for first, count in _runs(np.flatnonzero(wanted & backed) + start, stream.MAX_PAGES_PER_RECORD):
             offset = first * PAGE_SIZE
             view = region.view[offset : offset + count * PAGE_SIZE]
             nonzero = np.asarray(np.frombuffer(view, dtype=np.uint64).reshape(count, PAGE_SIZE // 8).any(axis=1))
             edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
             for part in np.split(np.arange(count), edges):
-                start, size = int(part[0]), int(part.size)
-                gpa = region.gpa + (first + start) * PAGE_SIZE
-                if nonzero[start]:
-                    self.send(*stream.pages_record(gpa, view[start * PAGE_SIZE : (start + size) * PAGE_SIZE]))
+                first_page, size = int(part[0]), int(part.size)
+                gpa = region.gpa + (first + first_page) * PAGE_SIZE
+                if nonzero[first_page]:
+                    self.send(*stream.pages_record(gpa, view[first_page * PAGE_SIZE : (first_page + size) * PAGE_SIZE]))
                     self.stats.normal += size
                 else:
                     self.send(stream.zero_record(gpa, size))
@@ -241,13 +243,16 @@ class PreCopy:
                 mask[first : first + plugged.size * per_block] = ~np.repeat(plugged, per_block)
         return mask
 
-    def _skips(self) -> list[tuple[str, np.ndarray]]:
+    def _skip_masks(self) -> dict[str, np.ndarray]:
         hooks = self.hooks
-        return [
-            ("virtio-mem-unplugged", self._unplugged()),
-            ("balloon", self._fit(hooks.inflated() if hooks.inflated else None)),
-            ("free-page-hint", self._fit(hooks.hinted() if hooks.hinted else None)),
-        ]
+        return {
+            "virtio-mem-unplugged": self._unplugged(),
+            "balloon": self._fit(hooks.inflated() if hooks.inflated else None),
+        }
+
+    def _hinted(self) -> np.ndarray:
+        """Pages hinted free and not written since: read again for every chunk (hints arrive during a pass)."""
+        return self._fit(self.hooks.hinted() if self.hooks.hinted else None)
 
     # --- records --------------------------------------------------------------------------------------------
 
@@ -268,16 +273,23 @@ class PreCopy:
         self.on_pass(self.stats.passes)
         self.sender.send(stream.pass_record(self.stats.passes))
         self._send_plugged()
-        for reason, skip in self._skips():
-            hit = wanted & skip
-            self.stats.skipped[reason] += int(np.count_nonzero(hit))
-            wanted &= ~skip
+        skips = self._skip_masks()
         self.stats.remaining = int(np.count_nonzero(wanted)) * PAGE_SIZE
         for region in self.regions:
-            first = region.gpa // PAGE_SIZE
-            part = wanted[first : first + region.size // PAGE_SIZE]
-            if part.any():
-                self.sender.send_region_pages(region, part, first_pass=first_pass)
+            base, pages = region.gpa // PAGE_SIZE, region.size // PAGE_SIZE
+            backed = data_mask(region)
+            for start in range(0, pages, CHUNK_PAGES):
+                end = min(start + CHUNK_PAGES, pages)
+                part = wanted[base + start : base + end].copy()
+                if not part.any():
+                    continue
+                before = int(np.count_nonzero(part))
+                for reason, skip in [*skips.items(), ("free-page-hint", self._hinted())]:
+                    hit = part & skip[base + start : base + end]
+                    self.stats.skipped[reason] += int(np.count_nonzero(hit))
+                    part &= ~hit
+                self.stats.remaining = max(0, self.stats.remaining - (before - int(np.count_nonzero(part))) * PAGE_SIZE)
+                self.sender.send_region_pages(region, start, part, backed[start:end], first_pass=first_pass)
         self.stats.remaining = 0
 
     def _wait_ack(self, what: str) -> None:

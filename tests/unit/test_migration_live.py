@@ -341,3 +341,25 @@ def test_the_cli_progress_line_shows_pass_bytes_dirty_rate_and_downtime() -> Non
     line = progress_line({"status": "active", "expected-downtime": 40, "ram": {"dirty-sync-count": 3,
                           "transferred": 412 << 20, "total": 1 << 30, "dirty-pages-rate": 1200, "mbps": 850.12}})  # fmt: skip
     assert line == "active     pass 3  412M/1024M sent  dirty 1200 pages/s  expected downtime 40 ms  850.1 Mbps"
+
+
+def test_hints_that_arrive_during_a_pass_still_spare_the_pages_not_sent_yet(
+    no_kvm_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source, "CHUNK_PAGES", 64)
+    src, dst = FakeMachine(), FakeMachine()
+    for pfn in range(0, 512):
+        src.guest_write(pfn, b"h" * PAGE_SIZE)
+    calls: list[int] = []
+
+    def hinted() -> np.ndarray:  # the guest reports pages 256..511 free once the pass is under way
+        calls.append(1)
+        mask = np.zeros(PAGES, dtype=bool)
+        if len(calls) > 2:
+            mask[256:512] = True
+        return mask
+
+    stats = migrate(src, dst, SourceHooks(hinted=hinted))
+    assert stats.skipped["free-page-hint"] == 256
+    assert all(dst.page(pfn) == src.page(pfn) for pfn in range(256))
+    assert dst.page(300) == bytes(PAGE_SIZE)
