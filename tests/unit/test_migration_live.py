@@ -363,3 +363,23 @@ def test_hints_that_arrive_during_a_pass_still_spare_the_pages_not_sent_yet(
     assert stats.skipped["free-page-hint"] == 256
     assert all(dst.page(pfn) == src.page(pfn) for pfn in range(256))
     assert dst.page(300) == bytes(PAGE_SIZE)
+
+
+def test_migrate_incoming_with_a_stream_uri_answers_at_once_and_reports_a_failure() -> None:
+    from memvisor.vmm.migration import IncomingSlot
+
+    release = threading.Event()
+    seen: list[str] = []
+
+    def receive(uri: str) -> None:
+        seen.append(uri)
+        release.wait(5)
+        raise StreamError("CONFIG.vcpus: the source has 2, this command line 1: start the destination with --vcpus 2")
+
+    slot = IncomingSlot(lambda path: None, receive)
+    slot.migrate_incoming("tcp:127.0.0.1:4444")  # returns while the receive runs
+    with pytest.raises(MachineError, match="already been started"):
+        slot.migrate_incoming("tcp:127.0.0.1:4444")
+    release.set()
+    assert slot.wait(lambda: False) is True
+    assert seen == ["tcp:127.0.0.1:4444"] and slot.error is not None and "--vcpus 2" in slot.error
