@@ -50,6 +50,7 @@ class DirtyConsumer:
         self.name = name
         self._tracker = tracker
         self.bits = np.zeros(limit, dtype=bool)
+        self.marked = False  # any bit set since the last take (a take of nothing then costs no scan of RAM)
         self.closed = False
 
     def _grow(self, limit: int) -> None:
@@ -68,13 +69,18 @@ class DirtyConsumer:
             self._tracker.sync_locked()
             taken = self.bits
             self.bits = np.zeros(taken.size, dtype=bool)
+            self.marked = False
             return taken
 
     def take_pfns(self) -> np.ndarray:
-        """`take_mask()` as a sorted int64 array of guest PFNs."""
+        """`take_mask()` as a sorted int64 array of guest PFNs (nothing written: no scan of the bitmap)."""
         import numpy as np
 
-        return np.flatnonzero(self.take_mask()).astype(np.int64)
+        with self._tracker.lock:
+            self._tracker.sync_locked()
+            if not self.marked:
+                return np.zeros(0, dtype=np.int64)
+            return np.flatnonzero(self.take_mask()).astype(np.int64)
 
     def close(self) -> None:
         self._tracker.unsubscribe(self)
@@ -158,6 +164,7 @@ class DirtyTracker:
                 first = info.guest_phys_addr >> PAGE_SHIFT
                 for consumer in self._consumers:
                     consumer.bits[first : first + (info.size >> PAGE_SHIFT)] = True
+                    consumer.marked = True
         for slot in [slot for slot in self._logged if slot not in self._vm.slots]:
             del self._logged[slot]
             self._buffers.pop(slot, None)
@@ -184,6 +191,7 @@ class DirtyTracker:
             pfns = pfns[pfns < (info.size >> PAGE_SHIFT)] + (info.guest_phys_addr >> PAGE_SHIFT)
             for consumer in self._consumers:
                 consumer.bits[pfns] = True
+                consumer.marked = True
 
     def sync(self) -> None:
         with self.lock:
@@ -199,3 +207,4 @@ class DirtyTracker:
             for consumer in self._consumers:
                 if first < consumer.bits.size:
                     consumer.bits[first : min(end, consumer.bits.size)] = True
+                    consumer.marked = True
