@@ -169,6 +169,8 @@ class LiveMigrationJob:
             elapsed = int((end - self._started) * 1000)
             if self.running:
                 reply["expected-downtime"] = stats.expected_downtime_ms
+                if stats.throttle_percent:
+                    reply["cpu-throttle-percentage"] = stats.throttle_percent
             else:
                 reply["total-time"] = elapsed
             if self.status == "completed":

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from memvisor.errors import MemvisorError
 from memvisor.migration import stream
 from memvisor.migration.stream import PAGE_SIZE
+from memvisor.migration.throttle import Throttle
 
 if TYPE_CHECKING:
     import socket
@@ -76,6 +77,7 @@ class MigrationStats:
     expected_downtime_ms: int = 0
     setup_ms: int = 0
     downtime_ms: int = 0
+    throttle_percent: int = 0  # share of time the vCPUs are held (throttle.py)
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
 
 
@@ -317,6 +319,7 @@ class PreCopy:
         from memvisor.vmm.snapshot import capture_machine, quiesced
 
         started = time.monotonic()
+        throttle = Throttle(self.machine, enabled=not getattr(self.machine, "paused", True))
         consumer = self.machine.dirty_tracker.subscribe("migration")
         hinting = False
         try:
@@ -342,10 +345,12 @@ class PreCopy:
                 self.stats.dirty_pages_rate = int(dirty / elapsed)
                 self.stats.expected_downtime_ms = int(dirty * PAGE_SIZE / bandwidth * 1000)
                 self.stats.remaining = dirty * PAGE_SIZE
-                if self.stats.expected_downtime_ms <= self.params.downtime_limit_ms:
+                converged = self.stats.expected_downtime_ms <= self.params.downtime_limit_ms
+                if converged or self.stats.passes >= self.params.max_passes:
                     break
-                if self.stats.passes >= self.params.max_passes:
-                    break
+                throttle.after_pass(self.stats.passes, converged)
+                self.stats.throttle_percent = throttle.percent
+            throttle.stop()
             if hinting and self.hooks.hint_stop is not None:
                 with contextlib.suppress(MemvisorError):
                     self.hooks.hint_stop()
@@ -358,4 +363,5 @@ class PreCopy:
                 self._wait_ack("the end of the stream")
             self.stats.downtime_ms = int((time.monotonic() - stop_start) * 1000)
         finally:
+            throttle.stop()
             consumer.close()

@@ -383,3 +383,35 @@ def test_migrate_incoming_with_a_stream_uri_answers_at_once_and_reports_a_failur
     release.set()
     assert slot.wait(lambda: False) is True
     assert seen == ["tcp:127.0.0.1:4444"] and slot.error is not None and "--vcpus 2" in slot.error
+
+
+def test_the_throttle_holds_the_vcpus_more_with_each_pass_that_does_not_converge() -> None:
+    import time
+
+    from memvisor.migration.throttle import Throttle
+
+    class Machine:
+        def __init__(self) -> None:
+            self.paused, self.pauses, self.resumes = False, 0, 0
+
+        def pause(self, timeout: float = 5.0) -> bool:
+            self.paused, self.pauses = True, self.pauses + 1
+            return True
+
+        def resume(self) -> None:
+            self.paused, self.resumes = False, self.resumes + 1
+
+    machine = Machine()
+    throttle = Throttle(machine, period=0.01)
+    throttle.after_pass(1, converged=False)
+    assert throttle.percent == 0  # not before pass 4
+    throttle.after_pass(4, converged=False)
+    throttle.after_pass(5, converged=False)
+    assert throttle.percent == 30
+    time.sleep(0.1)
+    throttle.stop()
+    assert machine.pauses >= 2 and machine.resumes == machine.pauses and not machine.paused
+    idle = Throttle(machine, enabled=False)  # a machine the user had paused is never released by a throttle
+    idle.after_pass(9, converged=False)
+    assert idle.percent == 0
+    idle.stop()
