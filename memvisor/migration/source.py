@@ -281,6 +281,10 @@ class PreCopy:
             base, pages = region.gpa // PAGE_SIZE, region.size // PAGE_SIZE
             backed = data_mask(region)
             for start in range(0, pages, CHUNK_PAGES):
+                outcome = getattr(self.machine, "outcome", None)
+                if outcome is not None:
+                    what = f"{outcome.reason.name.lower()}: {outcome.cause or outcome.message}".rstrip(": ")
+                    raise MemvisorError(f"the guest stopped during the migration ({what}): nothing was moved")
                 end = min(start + CHUNK_PAGES, pages)
                 part = wanted[base + start : base + end].copy()
                 if not part.any():

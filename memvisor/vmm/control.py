@@ -170,6 +170,10 @@ class VmmControl:
 
     def detach(self, timeout: float = DETACH_TIMEOUT) -> None:
         """Stop serving the machine; wait up to `timeout` s for the calls in flight to return."""
+        live = getattr(self, "_live", None)
+        if live is not None and live.running:  # the machine is going: its migration ends before its memory does
+            live.cancel()
+            live.wait(timeout)
         with self._lock:
             self._machine = None
             self._lock.wait_for(lambda: self._active == 0, timeout)
