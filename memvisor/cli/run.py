@@ -53,10 +53,10 @@ def add_run_command(subparsers: Any) -> None:
     parser.add_argument("--qmp", metavar="SOCK", type=Path, help="open the QMP control socket at SOCK")
     parser.add_argument("--device", action="append", default=[], metavar="SPEC",
                         help="add a device, e.g. virtio-balloon,id=balloon0 (repeatable)")  # fmt: skip
-    parser.add_argument("--incoming", metavar="file:PATH|defer",
-                        help="restore the snapshot at PATH (saved by QMP migrate) instead of booting, or with defer "
-                        "wait for QMP migrate-incoming to name it; give the same --memory, --vcpus and --device as "
-                        "when it was saved")  # fmt: skip
+    parser.add_argument("--incoming", metavar="file:PATH|tcp:HOST:PORT|unix:PATH|defer",
+                        help="restore the snapshot at PATH (saved by QMP migrate) instead of booting, receive a live "
+                        "migration on tcp:/unix:, or with defer wait for QMP migrate-incoming to name it; give the same "
+                        "--memory, --vcpus and --device as the source")  # fmt: skip
     parser.add_argument("--numa-nodes", type=int, default=1, help="number of NUMA nodes (ACPI SRAT)")
     parser.add_argument("--reboot", choices=["restart", "exit"], default="restart",
                         help="what a guest reboot does: restart the guest (default) or end memvisor")  # fmt: skip

@@ -7,6 +7,7 @@
     memvisor info SOCK memory-devices|balloon|status
     memvisor stats SOCK [--poll S]               balloon statistics as a table
     memvisor snapshot SOCK PATH [--resume]       save the VM to PATH (memvisor/control/snapshot_verb.py)
+    memvisor migrate SOCK URI                    live migration to tcp:HOST:PORT or unix:PATH (migration/verb.py)
 
 Wiring into the CLI is one line: `cli_verbs.register(subparsers)`; each verb's parser gets
 `handler=<function(Namespace) -> int>` as a default, so the CLI runs `args.handler(args)`. Each verb is also a
@@ -304,3 +305,6 @@ def _verb(name: str) -> Callable[[Sequence[str]], int]:
 
 
 VERBS: dict[str, Callable[[Sequence[str]], int]] = {name: _verb(name) for name in _VERB_TABLE}
+from memvisor.migration.verb import build_migrate, run_migrate  # noqa: E402
+
+_VERB_TABLE["migrate"] = ("live-migrate the VM to tcp:HOST:PORT or unix:PATH", build_migrate, run_migrate)

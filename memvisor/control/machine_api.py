@@ -43,6 +43,7 @@ class RunState(enum.StrEnum):
     PRELAUNCH = "prelaunch"  # created, vCPUs never started
     RUNNING = "running"
     PAUSED = "paused"  # stopped by `stop`
+    POSTMIGRATE = "postmigrate"  # paused after a completed live migration (the destination runs the guest)
     SHUTDOWN = "shutdown"  # the guest powered off (or `quit` is under way)
     INTERNAL_ERROR = "internal-error"  # a vCPU hit an error memvisor cannot continue from
     GUEST_PANICKED = "guest-panicked"

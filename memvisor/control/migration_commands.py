@@ -1,4 +1,5 @@
-"""QMP `migrate` to a file and `query-migrate` (QEMU's names and shapes; memvisor saves only to `file:PATH`).
+"""QMP `migrate` to a file and `query-migrate` (QEMU's names and shapes): `file:PATH` snapshots and live migration
+over `tcp:`/`unix:` (memvisor/migration/), with migrate_cancel, the parameters and capabilities.
 
 The machine side is optional in MachineControl: a machine without `migrate` (the fake) answers with QEMU's
 CommandNotFound-like GenericError.
@@ -45,3 +46,46 @@ def query_migrate(ctx: Context, args: dict[str, Any]) -> Any:
 def migrate_incoming(ctx: Context, args: dict[str, Any]) -> Any:
     _machine_method(ctx, "migrate_incoming")(args["uri"])
     return {}
+
+
+# --- live migration (memvisor/migration/job.py) --------------------------------------------------------------
+
+
+def _live_job(ctx: Context) -> Any:
+    return _machine_method(ctx, "live_job")()
+
+
+@command("migrate_cancel")
+def migrate_cancel(ctx: Context, args: dict[str, Any]) -> Any:
+    _machine_method(ctx, "migrate_cancel")()
+    return {}
+
+
+@command(
+    "migrate-set-parameters",
+    Arg("downtime-limit", Kind.UINT, required=False),
+    Arg("max-bandwidth", Kind.UINT, required=False),
+    Arg("x-max-passes", Kind.UINT, required=False),
+)
+def migrate_set_parameters(ctx: Context, args: dict[str, Any]) -> Any:
+    _live_job(ctx).set_parameters(args)
+    return {}
+
+
+@command("query-migrate-parameters")
+def query_migrate_parameters(ctx: Context, args: dict[str, Any]) -> Any:
+    return _live_job(ctx).parameters()
+
+
+@command("migrate-set-capabilities", Arg("capabilities", Kind.ARRAY))
+def migrate_set_capabilities(ctx: Context, args: dict[str, Any]) -> Any:
+    items = args["capabilities"]
+    if not all(isinstance(item, dict) for item in items):
+        raise QmpError("Invalid parameter type for 'capabilities[0]', expected: object")
+    _live_job(ctx).set_capabilities(items)
+    return {}
+
+
+@command("query-migrate-capabilities")
+def query_migrate_capabilities(ctx: Context, args: dict[str, Any]) -> Any:
+    return _live_job(ctx).capability_list()

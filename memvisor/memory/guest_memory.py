@@ -243,6 +243,10 @@ class MemoryRegion:
 class GuestMemory:
     """The guest physical address space: non-overlapping regions and checked access to them."""
 
+    # Called with (gpa, length) after every write through `write` (and the write_uN helpers): the dirty tracker
+    # (memvisor/vmm/dirty_tracker.py) marks the pages, since KVM logs only the guest's own writes.
+    on_write: Callable[[int, int], None] | None = None
+
     def __init__(self, regions: list[MemoryRegion] | None = None):
         self.regions: list[MemoryRegion] = []
         self._starts: list[int] = []
@@ -319,6 +323,9 @@ class GuestMemory:
         if region.readonly:
             raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is in read-only region {region.name!r}")
         region.view[offset:offset + length] = data
+        hook = self.on_write
+        if hook is not None:
+            hook(gpa, length)
 
     def read_u8(self, gpa: int) -> int:
         region, offset = self._locate(gpa, 1)

@@ -170,6 +170,10 @@ class VmmControl:
 
     def detach(self, timeout: float = DETACH_TIMEOUT) -> None:
         """Stop serving the machine; wait up to `timeout` s for the calls in flight to return."""
+        live = getattr(self, "_live", None)
+        if live is not None and live.running:  # the machine is going: its migration ends before its memory does
+            live.cancel()
+            live.wait(timeout)
         with self._lock:
             self._machine = None
             self._lock.wait_for(lambda: self._active == 0, timeout)
@@ -251,6 +255,9 @@ class VmmControl:
                 return RunState.INTERNAL_ERROR
             return RunState.SHUTDOWN
         if machine.paused:
+            live = getattr(self, "_live", None)
+            if live is not None and live.status == "completed" and not self._postmigrate_left:
+                return RunState.POSTMIGRATE
             return RunState.PAUSED
         return RunState.RUNNING if machine.vcpu_threads() else RunState.PRELAUNCH
 
@@ -266,8 +273,12 @@ class VmmControl:
 
     def migrate(self, uri: str) -> None:
         """Save the machine to `file:PATH` in a worker thread (QEMU `migrate`); pauses it first, emitting STOP."""
+        from memvisor.migration.transport import is_stream_uri
         from memvisor.vmm.migration import parse_file_uri
 
+        if is_stream_uri(uri):
+            self._migrate_live(uri)
+            return
         path = parse_file_uri(uri)
         was_running = self.run_state() is RunState.RUNNING
         self.stop()
@@ -285,6 +296,35 @@ class VmmControl:
                 with contextlib.suppress(MachineError):
                     self.cont()
             raise
+
+    # --- live migration (memvisor/migration/) ----------------------------------------------------------------
+
+    def live_job(self) -> Any:
+        """The live migration job (made on first use; it keeps the parameters between migrations)."""
+        if getattr(self, "_live", None) is None:
+            from memvisor.migration.job import LiveMigrationJob
+
+            self._live = LiveMigrationJob(lambda: self._events.sink)
+        return self._live
+
+    def _migrate_live(self, uri: str) -> None:
+        from memvisor.migration.job import balloon_hooks
+
+        job = self.live_job()
+        with self._use() as machine:
+            if machine.outcome is not None or not machine.vcpu_threads():
+                raise MachineError("the guest is not running: there is nothing to migrate")
+            was_running = not machine.paused
+            hooks = balloon_hooks(self._balloon)
+            self._postmigrate_left = False
+            job.start(machine, uri, hooks, was_running, self.cont)
+        self._migration = job
+
+    def migrate_cancel(self) -> None:
+        if getattr(self, "_live", None) is not None:
+            self._live.cancel()
+
+    _postmigrate_left = True  # False from a completed live migration until `cont`
 
     def _migration_job(self) -> Any:
         if getattr(self, "_migration", None) is None:
@@ -319,6 +359,7 @@ class VmmControl:
                 raise MachineError("Resetting the Virtual Machine is required")
             if not machine.paused:
                 return
+            self._postmigrate_left = True
             machine.resume()
             self._emit(*ev.resume())
 

@@ -12,6 +12,9 @@ it is simply least-significant-bit first: `numpy.unpackbits(..., bitorder="littl
     dirty = log.fetch()                    # bool array by guest PFN: written since start() / the last fetch
     log.stop()
 
+DirtyLog hands each written page to one caller: memvisor's Machine reads KVM through
+memvisor/vmm/dirty_tracker.py instead, which gives every consumer (free page hinting, migration) every page.
+
 Only the guest's own writes (through its page tables) are logged; the VMM's writes into guest memory through
 its host mapping (virtio rings, device buffers) are not. numpy is imported on first use, not at start-up.
 """

@@ -31,13 +31,14 @@ from memvisor.devices.serial import Serial16550
 from memvisor.errors import MemvisorError
 from memvisor.kvm import structs
 from memvisor.kvm.ioctls import KvmIoctlError
-from memvisor.kvm.system import Kvm, Vcpu, Vm
+from memvisor.kvm.system import Kvm, MemorySlot, Vcpu, Vm
 from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
 from memvisor.virtio.mmio import MMIO_WINDOW_SIZE, VirtioMmioTransport
 from memvisor.vmm.agent import GuestAgent
 from memvisor.vmm.config import MachineConfig
 from memvisor.vmm.console import Console
-from memvisor.vmm.dirty_log import DirtyLog, PageMask
+from memvisor.vmm.dirty_log import PageMask
+from memvisor.vmm.dirty_tracker import DirtyConsumer, DirtyTracker
 from memvisor.vmm.loader import load_kernel
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -364,37 +365,55 @@ class Machine:
         self.kvm.close()
         self.memory.close()
 
-    # Dirty page logging over boot RAM (free page hinting now, migration later); see memvisor/vmm/dirty_log.py.
-    _dirty_log: DirtyLog | None = None
+    # Dirty page logging: one tracker, a bitmap per consumer (free page hinting, migration); see
+    # memvisor/vmm/dirty_tracker.py.
+    _dirty_tracker: DirtyTracker | None = None
+    _hint_log: DirtyConsumer | None = None
 
-    def _ram_dirty_log(self) -> DirtyLog:
-        """The DirtyLog over the memslots of the boot RAM regions (ram0, ram1), made on first use."""
-        if self._dirty_log is None:
-            ram = [(r.gpa, r.host_addr) for r in self.memory.regions if r.name.startswith("ram")]
-            slots = [s.slot for s in self.vm.slots.values() if (s.guest_phys_addr, s.userspace_addr) in ram]
-            self._dirty_log = DirtyLog(self.vm, slots)
-        return self._dirty_log
+    @property
+    def dirty_tracker(self) -> DirtyTracker:
+        """The tracker over every RAM and virtio-mem memslot (not pmem), made on first use; it also sees the
+        VMM's own writes to guest memory (GuestMemory.on_write)."""
+        if self._dirty_tracker is None:
+            self._dirty_tracker = DirtyTracker(self.vm, self._tracks_slot)
+            self.memory.on_write = self._dirty_tracker.mark
+        return self._dirty_tracker
+
+    def _tracks_slot(self, slot: MemorySlot) -> bool:
+        return any(region.host_addr == slot.userspace_addr and not region.name.startswith("pmem-")
+                   and not region.readonly for region in self.memory.regions)  # fmt: skip
 
     @property
     def dirty_logging(self) -> bool:
-        """True while KVM logs the guest's writes to RAM."""
-        return self._dirty_log is not None and self._dirty_log.active
+        """True while free page hinting's consumer of the dirty log is subscribed."""
+        return self._hint_log is not None
 
     def start_dirty_log(self) -> None:
-        """Make KVM log the guest's writes to RAM (KVM_MEM_LOG_DIRTY_PAGES); a no-op if it does already."""
-        self._ram_dirty_log().start()
+        """Subscribe free page hinting to the dirty log (KVM logs writes); a no-op if it is already."""
+        if self._hint_log is None:
+            self._hint_log = self.dirty_tracker.subscribe("free-page-hinting")
 
     def dirty_pages(self) -> PageMask:
-        """RAM pages the guest wrote since the previous call (or `start_dirty_log()`): bool array by guest PFN."""
-        return self._ram_dirty_log().fetch()
+        """Pages written since the previous call (or `start_dirty_log()`): bool array by guest PFN."""
+        if self._hint_log is None:
+            import numpy as np
+
+            return np.zeros(self.dirty_tracker.pfn_limit, dtype=bool)
+        return self._hint_log.take_mask()
 
     def dirty_pfns(self) -> PageMask:
-        """The same as `dirty_pages()` as a sorted array of PFNs: cost in proportion to the writes, not RAM."""
-        return self._ram_dirty_log().fetch_pfns()
+        """The same as `dirty_pages()` as a sorted array of PFNs."""
+        if self._hint_log is None:
+            import numpy as np
+
+            return np.zeros(0, dtype=np.int64)
+        return self._hint_log.take_pfns()
 
     def stop_dirty_log(self) -> None:
-        """Stop logging (the RAM memslots are registered again without KVM_MEM_LOG_DIRTY_PAGES)."""
-        self._ram_dirty_log().stop()
+        """Unsubscribe free page hinting (KVM stops logging when no other consumer remains)."""
+        if self._hint_log is not None:
+            self._hint_log.close()
+            self._hint_log = None
 
     # The vCPU loop: the hot path; every exit here costs a trip through Python.
     def _vcpu_loop(self, vcpu: Vcpu) -> None:

@@ -126,14 +126,20 @@ class IncomingSlot:
     starts the vCPUs. A refused snapshot ends memvisor (exit 125), as QEMU ends after a failed incoming migration.
     """
 
-    def __init__(self, load: Callable[[Path], object]) -> None:
+    def __init__(self, load: Callable[[Path], object], receive: Callable[[str], object] | None = None) -> None:
         self._load = load
+        self._receive = receive  # tcp:/unix: live migration (memvisor/migration/incoming.py), in a thread
         self._lock = threading.Lock()
         self._event = threading.Event()
         self._started = False
         self.error: str | None = None
 
     def migrate_incoming(self, uri: str) -> None:
+        from memvisor.migration.transport import is_stream_uri
+
+        if self._receive is not None and is_stream_uri(uri):
+            self._migrate_live(uri, self._receive)
+            return
         if not uri.startswith(FILE_PREFIX) or len(uri) == len(FILE_PREFIX):
             raise MachineError(f"migration URI {uri!r} is not supported: memvisor restores from files, give file:PATH")
         with self._lock:
@@ -147,6 +153,23 @@ class IncomingSlot:
             raise MachineError(self.error) from None
         finally:
             self._event.set()
+
+    def _migrate_live(self, uri: str, receive: Callable[[str], object]) -> None:
+        """Listen now (the reply says whether that worked), receive in a thread (QEMU answers at once too)."""
+        with self._lock:
+            if self._started:
+                raise MachineError("The incoming migration has already been started")
+            self._started = True
+
+        def run() -> None:
+            try:
+                receive(uri)
+            except Exception as error:  # any failure ends memvisor (125), never a half-loaded guest that runs
+                self.error = str(error) or type(error).__name__
+            finally:
+                self._event.set()
+
+        threading.Thread(target=run, name="migrate-incoming", daemon=True).start()
 
     def wait(self, give_up: Callable[[], bool], poll: float = 0.2) -> bool:
         """Block until a migrate-incoming finished (True) or `give_up()` says the machine is ending (False)."""

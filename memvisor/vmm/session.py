@@ -103,10 +103,11 @@ def _serve(config: MachineConfig, args: argparse.Namespace, interrupted: list[in
     deferred = getattr(args, "incoming", None) == "defer"
     if deferred and args.qmp is None:
         raise MemvisorError("--incoming defer waits for QMP migrate-incoming: give --qmp SOCK too")
-    incoming = None if deferred else _incoming_path(getattr(args, "incoming", None))
+    live_uri = _live_uri(getattr(args, "incoming", None))  # tcp:/unix: (memvisor/migration/incoming.py)
+    incoming = None if deferred or live_uri else _incoming_path(getattr(args, "incoming", None))
     try:
         while True:
-            machine = build_machine(config, console_fd, incoming, boot=not deferred)
+            machine = build_machine(config, console_fd, incoming, boot=not (deferred or live_uri))
             restoring = incoming is not None
             incoming = None  # a reboot after a restore boots afresh
             current[:] = [machine]
@@ -118,6 +119,11 @@ def _serve(config: MachineConfig, args: argparse.Namespace, interrupted: list[in
                 elif server is not None:
                     server.attach(machine)  # a rebooted guest keeps its QMP socket and clients
                 restored = restoring
+                if live_uri is not None:
+                    from memvisor.migration.incoming import receive_live
+
+                    restored = receive_live(machine, live_uri, stop_requested.is_set)
+                    live_uri = None
                 if deferred and server is not None:
                     deferred = False
                     restored = _wait_for_incoming(machine, server)
@@ -178,15 +184,25 @@ def _wait_for_incoming(machine: Machine, server: "VmmControlServer") -> bool:
 
         restore_snapshot(machine, path)
 
-    slot = IncomingSlot(load)
+    def receive(uri: str) -> None:
+        from memvisor.migration.incoming import receive_live
+
+        receive_live(machine, uri, lambda: machine.outcome is not None)
+
+    slot = IncomingSlot(load, receive)
     server.control.incoming = slot
     try:
         loaded = slot.wait(lambda: machine.outcome is not None)
     finally:
         server.control.incoming = None
     if slot.error is not None:
-        raise MemvisorError(f"the incoming snapshot was refused: {slot.error}")
+        raise MemvisorError(f"the incoming migration failed: {slot.error}")
     return loaded
+
+
+def _live_uri(uri: str | None) -> str | None:
+    """--incoming tcp:HOST:PORT or unix:PATH (a live migration), else None."""
+    return uri if uri is not None and uri.startswith(("tcp:", "unix:")) else None
 
 
 def _incoming_path(uri: str | None) -> Path | None:
@@ -194,7 +210,7 @@ def _incoming_path(uri: str | None) -> Path | None:
     if uri is None:
         return None
     if not uri.startswith("file:") or len(uri) == len("file:"):
-        raise MemvisorError(f"--incoming {uri}: memvisor restores from files only, give --incoming file:PATH")
+        raise MemvisorError(f"--incoming {uri}: give --incoming file:PATH, tcp:HOST:PORT, unix:PATH or defer")
     return Path(uri[len("file:") :])
 
 

@@ -1,0 +1,199 @@
+"""The destination of a live migration: receive the stream into a machine built and never started.
+
+    state = receive_migration(machine, conn)   # then machine.start()
+
+Everything from the socket is untrusted: the stream's header and each record are checked (stream.py), CONFIG
+must match this machine's command line (refused with an ACK naming the difference, before any RAM moves),
+each page range must lie inside one migrated RAM region and inside plugged memory, PLUGGED and STATE go
+through the snapshot state types and their validation (memvisor/snapshot/codec.py, vmm/snapshot.py). Any
+failure raises StreamError (or StateError) naming the record and field; the caller ends memvisor with 125.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from memvisor.migration import stream
+from memvisor.migration.stream import PAGE_SIZE, StreamError
+
+if TYPE_CHECKING:
+    from memvisor.memory.guest_memory import MemoryRegion
+    from memvisor.vmm.machine import Machine
+    from memvisor.vmm.snapshot import MachineState
+
+Progress = Callable[[int], None]  # bytes received so far
+
+
+def check_config(config: dict[str, Any], machine: Machine) -> None:
+    """CONFIG against this machine; StreamError naming the option to give."""
+    from memvisor.migration.source import machine_config
+
+    mine = machine_config(machine)
+    hints = {"memory": lambda v: f"--memory {int(v) >> 20}M", "vcpus": lambda v: f"--vcpus {v}",
+             "numa_nodes": lambda v: f"--numa-nodes {v}",
+             "devices": lambda v: " ".join(f"--device {d}" for d in v) or "no --device",
+             "regions": lambda v: "the same --memory and devices", "page_size": lambda v: f"{v}-byte pages"}  # fmt: skip
+    for key in ("memory", "vcpus", "numa_nodes", "devices", "regions", "page_size"):
+        if key not in config:
+            raise StreamError(f"CONFIG.{key}: missing")
+        theirs = config[key]
+        if theirs != mine[key]:
+            try:
+                fix = hints[key](theirs)
+            except (TypeError, ValueError):
+                fix = "the source's configuration"
+            raise StreamError(f"CONFIG.{key}: the source has {theirs!r}, this command line {mine[key]!r}: "
+                              f"start the destination with {fix}")  # fmt: skip
+
+
+class Receiver:
+    """Applies records to the machine's memory and devices."""
+
+    def __init__(self, machine: Machine, progress: Progress | None = None) -> None:
+        from memvisor.vmm.snapshot import saved_regions
+
+        self.machine = machine
+        self.regions = saved_regions(machine)
+        self.progress = progress
+        self.received = 0
+
+    def _region(self, record: stream.Record, gpa: int, count: int) -> tuple[MemoryRegion, int]:
+        length = count * PAGE_SIZE
+        for region in self.regions:
+            if region.gpa <= gpa and gpa + length <= region.gpa + region.size:
+                offset = gpa - region.gpa
+                accessible = region.accessible
+                if record.type == stream.PAGES and accessible is not None and not accessible(offset, length):
+                    raise StreamError(f"{record.name}.gpa: {gpa:#x}+{length:#x} lies in unplugged virtio-mem memory "
+                                      f"of {region.name!r} (no PLUGGED record made it accessible)")  # fmt: skip
+                return region, offset
+        raise StreamError(f"{record.name}.gpa: {gpa:#x}+{length:#x} is not inside one migrated RAM region")
+
+    def pages(self, record: stream.Record) -> None:
+        gpa, count, data = stream.parse_range(record)
+        region, offset = self._region(record, gpa, count)
+        if record.type == stream.PAGES:
+            region.view[offset : offset + len(data)] = data
+        else:
+            try:
+                region.discard(offset, count * PAGE_SIZE)
+            except OSError as error:
+                raise StreamError(f"ZERO: cannot clear {gpa:#x}+{count * PAGE_SIZE:#x}: {error.strerror}") from None
+
+    def plugged(self, record: stream.Record) -> None:
+        from memvisor.devices.mem.device import VirtioMemDevice
+        from memvisor.devices.mem.state import MemState, check_mem, restore_mem
+        from memvisor.snapshot.codec import decode
+
+        value = stream.parse_json(record)
+        entries = value.get("devices")
+        if not isinstance(entries, list):
+            raise StreamError("PLUGGED.devices: not a list")
+        devices = {a.id: a.device for a in self.machine.devices if isinstance(a.device, VirtioMemDevice)}
+        for position, entry in enumerate(entries):
+            where = f"PLUGGED.devices[{position}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+                raise StreamError(f"{where}.id: missing or not a string")
+            device = devices.get(entry["id"])
+            if device is None:
+                raise StreamError(f"{where}.id: {entry['id']!r} is not a virtio-mem device of this machine")
+            state = decode(MemState, entry.get("state"), f"{where}.state")
+            check_mem(device, state, f"{where}.state")
+            restore_mem(device, state)
+
+    def state(self, record: stream.Record) -> MachineState:
+        from memvisor.snapshot.codec import decode
+        from memvisor.vmm.snapshot import MachineState, _check_devices, check_fits
+
+        state = decode(MachineState, stream.parse_json(record), "machine")
+        check_fits(state, self.machine)
+        _check_devices(self.machine, state)
+        return state
+
+
+def _ack(conn: socket.socket, error: str | None = None) -> None:
+    reply = {"ok": True} if error is None else {"ok": False, "error": error}
+    conn.sendall(stream.json_record(stream.ACK, reply))
+
+
+def receive_migration(machine: Machine, conn: socket.socket, progress: Progress | None = None) -> MachineState:
+    """Receive a whole migration into `machine` (built, never started); the state is loaded, vCPUs created.
+
+    Raises StreamError/StateError (MemvisorError) for a bad or broken stream, OSError for the socket."""
+    from memvisor.snapshot.codec import StateError
+    from memvisor.vmm.snapshot import _load_state
+
+    if machine.vcpus:
+        raise StreamError("an incoming migration needs a machine whose vCPUs were not created yet")
+    stream.read_stream_header(conn)
+    config = stream.parse_json(stream.read_record(conn, (stream.CONFIG,)))
+    try:
+        check_config(config, machine)
+    except StreamError as error:
+        _ack(conn, str(error))
+        raise
+    _ack(conn)
+    receiver = Receiver(machine, progress)
+    body = (stream.PLUGGED, stream.PAGES, stream.ZERO, stream.PASS, stream.STATE)
+    while True:
+        record = stream.read_record(conn, body)
+        receiver.received += len(record.payload) + stream.RECORD_HEADER.size
+        if record.type in (stream.PAGES, stream.ZERO):
+            receiver.pages(record)
+        elif record.type == stream.PLUGGED:
+            try:
+                receiver.plugged(record)
+            except StateError as error:
+                raise StreamError(str(error)) from None
+        elif record.type == stream.PASS:
+            stream.parse_pass(record)
+        else:
+            try:
+                state = receiver.state(record)
+            except StateError as error:
+                raise StreamError(str(error)) from None
+            stream.read_record(conn, (stream.END,))
+            _load_state(machine, state)
+            _ack(conn)
+            return state
+        if progress is not None:
+            progress(receiver.received)
+
+
+def receive_live(machine: Machine, uri: str, give_up: Callable[[], bool]) -> bool:
+    """`--incoming tcp:...|unix:...`: listen, take one connection, receive into `machine`; True when loaded,
+    False when `give_up()` ended the wait. A broken or refused stream raises MemvisorError (exit 125)."""
+    import contextlib
+    import os
+
+    from memvisor.errors import MemvisorError
+    from memvisor.migration.transport import accept, listen, parse_uri
+
+    endpoint = parse_uri(uri)
+    try:
+        listener = listen(endpoint)
+    except OSError as error:
+        raise MemvisorError(f"--incoming {uri}: cannot listen: {error.strerror or error}") from None
+    try:
+        conn = accept(listener, give_up)
+    finally:
+        listener.close()
+        if endpoint.kind == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(str(endpoint.address))
+    if conn is None:
+        return False
+    try:
+        with conn:
+            receive_migration(machine, conn)
+    except StreamError as error:
+        raise MemvisorError(f"the incoming migration failed: {error}") from None
+    except OSError as error:
+        raise MemvisorError(f"the incoming migration failed: the connection broke ({error.strerror or error})") from None
+    except MemvisorError:
+        raise
+    except Exception as error:  # e.g. KVM refusing a state that passed every check: still one line, exit 125
+        raise MemvisorError(f"the incoming migration failed: {type(error).__name__}: {error}") from None
+    return True

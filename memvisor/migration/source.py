@@ -1,0 +1,371 @@
+"""The source of a live migration: pre-copy over the dirty tracker, then stop-and-copy and the machine state.
+
+    1 setup    subscribe to the dirty tracker, start a free page hint round (a balloon with free-page-hint),
+               send CONFIG and wait for the destination's ACK (it refuses another machine before any RAM)
+    2 passes   pass 1 sends every page, each later pass the pages written since the previous one; a pass
+               ends by reading the dirty set; when it fits the downtime limit at the bandwidth measured in the
+               pass (or after `max_passes`), the loop ends
+    3 final    hinting stops, the vCPUs are parked and the devices held (memvisor.vmm.snapshot.quiesced), the
+               last dirty pages go, then STATE (the snapshot's MachineState) and END; the destination ACKs
+               and runs the guest; this machine stays paused ("postmigrate")
+
+What is not sent (counted by reason in `MigrationStats.skipped`):
+- "free-page-hint": pages the guest hinted free in this round and did not write since (the hinting
+  consumer of the dirty tracker drops a hint when its page is written; a page written after its hint is sent);
+- "balloon": pages the balloon holds inflated (the guest gave them away);
+- "virtio-mem-unplugged": unplugged virtio-mem blocks (the PLUGGED record goes before each pass's RAM);
+- "unbacked": pages the host never backed (holes of the memfd, found with SEEK_DATA/SEEK_HOLE), in the
+  first pass, when the destination's memory is still all zeros; later they go as ZERO records;
+Zero pages with backing go as ZERO records (QEMU's "duplicate"), 12 bytes for a run.
+On the destination a page not sent reads as zero, or holds content the guest declared it does not need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from memvisor.errors import MemvisorError
+from memvisor.migration import stream
+from memvisor.migration.stream import PAGE_SIZE
+from memvisor.migration.throttle import Throttle
+
+if TYPE_CHECKING:
+    import socket
+
+    import numpy as np
+
+    from memvisor.memory.guest_memory import MemoryRegion
+    from memvisor.vmm.machine import Machine
+
+SKIP_REASONS = ("free-page-hint", "balloon", "virtio-mem-unplugged", "unbacked")
+ACK_TIMEOUT = 120.0
+DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's defaults
+DEFAULT_MAX_BANDWIDTH = 128 << 20  # bytes per second
+DEFAULT_MAX_PASSES = 30
+CHUNK_PAGES = 16384  # 64 MiB: the hinted set is read again before each chunk of a pass
+
+
+class MigrationCancelled(MemvisorError):
+    """migrate_cancel stopped the migration."""
+
+
+@dataclass
+class MigrationParameters:
+    downtime_limit_ms: int = DEFAULT_DOWNTIME_LIMIT_MS
+    max_bandwidth: int = DEFAULT_MAX_BANDWIDTH  # bytes/s; 0 = unlimited
+    max_passes: int = DEFAULT_MAX_PASSES
+
+
+@dataclass
+class MigrationStats:
+    """What query-migrate reports: counters the source updates as it sends (read from other threads)."""
+
+    total: int = 0  # bytes of RAM migrated (all regions)
+    transferred: int = 0  # bytes on the wire
+    remaining: int = 0  # bytes of the current pass (or dirty set) still to go
+    normal: int = 0  # pages sent with data
+    duplicate: int = 0  # pages sent as ZERO records
+    passes: int = 0  # dirty-sync-count
+    dirty_pages_rate: int = 0  # pages/s written in the last pass
+    mbps: float = 0.0
+    expected_downtime_ms: int = 0
+    setup_ms: int = 0
+    downtime_ms: int = 0
+    throttle_percent: int = 0  # share of time the vCPUs are held (throttle.py)
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+
+
+@dataclass(frozen=True)
+class SourceHooks:
+    """The machine-side parts the source uses (a test passes fakes)."""
+
+    hint_start: Callable[[], None] | None = None  # start a free page hint round (None: no hinting balloon)
+    hint_stop: Callable[[], None] | None = None
+    hinted: Callable[[], np.ndarray] | None = None  # bool by PFN, after applying the dirty log
+    inflated: Callable[[], np.ndarray] | None = None  # bool by PFN
+
+
+def machine_config(machine: Machine) -> dict[str, Any]:
+    """The CONFIG record: what the destination's command line must match."""
+    from memvisor.vmm.snapshot import saved_regions
+
+    config = machine.config
+    return {
+        "memory": config.memory,
+        "vcpus": config.vcpus,
+        "numa_nodes": config.numa_nodes,
+        "devices": list(config.extra_devices),
+        "regions": [[r.name, r.gpa, r.size] for r in saved_regions(machine)],
+        "page_size": PAGE_SIZE,
+    }
+
+
+def data_mask(region: MemoryRegion) -> np.ndarray:
+    """Bool per page of `region`: True where the host holds data (SEEK_DATA), all True without a file."""
+    import numpy as np
+
+    pages = region.size // PAGE_SIZE
+    fd = getattr(region, "fd", None)
+    if fd is None:
+        return np.ones(pages, dtype=bool)
+    mask = np.zeros(pages, dtype=bool)
+    offset = 0
+    while offset < region.size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data past offset
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), region.size)
+        mask[start // PAGE_SIZE : -(-end // PAGE_SIZE)] = True
+        offset = end
+    return mask
+
+
+def _runs(pfns: np.ndarray, limit: int) -> Iterator[tuple[int, int]]:
+    """Consecutive runs of the sorted `pfns` as (first, count), each at most `limit` long."""
+    import numpy as np
+
+    if not pfns.size:
+        return
+    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+    for chunk in np.split(pfns, breaks):
+        first, count = int(chunk[0]), int(chunk.size)
+        while count:
+            step = min(count, limit)
+            yield first, step
+            first, count = first + step, count - step
+
+
+class Sender:
+    """Sends pages and records, keeping `stats`, honouring max-bandwidth and cancellation."""
+
+    def __init__(self, sock: socket.socket, stats: MigrationStats, params: MigrationParameters,
+                 cancelled: threading.Event) -> None:  # fmt: skip
+        self.sock, self.stats, self.params, self.cancelled = sock, stats, params, cancelled
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+
+    def send(self, *pieces: bytes | memoryview) -> None:
+        if self.cancelled.is_set():
+            raise MigrationCancelled("the migration was cancelled (migrate_cancel)")
+        size = 0
+        for piece in pieces:
+            self.sock.sendall(piece)
+            size += len(piece)
+        self.stats.transferred += size
+        self._window_bytes += size
+        limit = self.params.max_bandwidth
+        if limit > 0:
+            ahead = self._window_bytes / limit - (time.monotonic() - self._window_start)
+            if ahead > 0:
+                time.sleep(ahead)
+            if time.monotonic() - self._window_start > 1.0:
+                self._window_start, self._window_bytes = time.monotonic(), 0
+
+    def send_region_pages(self, region: MemoryRegion, start: int, wanted: np.ndarray, backed: np.ndarray, *,
+                          first_pass: bool) -> None:  # fmt: skip
+        """Send the pages `start + i` of `region` for which `wanted[i]`: data, or ZERO runs (`backed[i]` False:
+        a hole, zero without reading it; a read of a memfd hole would allocate it)."""
+        import numpy as np
+
+        unbacked = wanted & ~backed
+        if first_pass:
+            self.stats.skipped["unbacked"] += int(np.count_nonzero(unbacked))
+        else:
+            for first, count in _runs(np.flatnonzero(unbacked) + start, stream.MAX_ZERO_RUN):
+                self.send(stream.zero_record(region.gpa + first * PAGE_SIZE, count))
+                self.stats.duplicate += count
+        self.stats.remaining = max(0, self.stats.remaining - int(np.count_nonzero(unbacked)) * PAGE_SIZE)
+        for first, count in _runs(np.flatnonzero(wanted & backed) + start, stream.MAX_PAGES_PER_RECORD):
+            offset = first * PAGE_SIZE
+            view = region.view[offset : offset + count * PAGE_SIZE]
+            nonzero = np.asarray(np.frombuffer(view, dtype=np.uint64).reshape(count, PAGE_SIZE // 8).any(axis=1))
+            edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
+            for part in np.split(np.arange(count), edges):
+                first_page, size = int(part[0]), int(part.size)
+                gpa = region.gpa + (first + first_page) * PAGE_SIZE
+                if nonzero[first_page]:
+                    self.send(*stream.pages_record(gpa, view[first_page * PAGE_SIZE : (first_page + size) * PAGE_SIZE]))
+                    self.stats.normal += size
+                else:
+                    self.send(stream.zero_record(gpa, size))
+                    self.stats.duplicate += size
+            self.stats.remaining = max(0, self.stats.remaining - count * PAGE_SIZE)
+
+
+class PreCopy:
+    """One live migration of `machine` over the connected `sock` (run in the job's thread)."""
+
+    def __init__(self, machine: Machine, sock: socket.socket, hooks: SourceHooks, params: MigrationParameters,
+                 stats: MigrationStats, cancelled: threading.Event) -> None:  # fmt: skip
+        from memvisor.vmm.snapshot import saved_regions
+
+        self.machine, self.sock, self.hooks, self.params = machine, sock, hooks, params
+        self.stats, self.cancelled = stats, cancelled
+        self.sender = Sender(sock, stats, params, cancelled)
+        self.regions = saved_regions(machine)
+        self.stats.total = sum(r.size for r in self.regions)
+        self.on_active: Callable[[], None] = lambda: None
+        self.on_pass: Callable[[int], None] = lambda number: None
+
+    # --- masks by guest PFN ---------------------------------------------------------------------------------
+
+    def _limit(self) -> int:
+        return max((r.gpa + r.size) // PAGE_SIZE for r in self.regions)
+
+    def _fit(self, mask: np.ndarray | None) -> np.ndarray:
+        import numpy as np
+
+        fitted = np.zeros(self._limit(), dtype=bool)
+        if mask is not None:
+            size = min(mask.size, fitted.size)
+            fitted[:size] = mask[:size]
+        return fitted
+
+    def _unplugged(self) -> np.ndarray:
+        """Pages of unplugged virtio-mem blocks."""
+        import numpy as np
+
+        from memvisor.devices.mem.device import VirtioMemDevice
+
+        mask = self._fit(None)
+        for attached in self.machine.devices:
+            device = attached.device
+            if isinstance(device, VirtioMemDevice):
+                with device.lock:
+                    plugged = np.asarray(device._bitmap._bits, dtype=bool)
+                per_block = device.block_size // PAGE_SIZE
+                first = device.addr // PAGE_SIZE
+                mask[first : first + plugged.size * per_block] = ~np.repeat(plugged, per_block)
+        return mask
+
+    def _skip_masks(self) -> dict[str, np.ndarray]:
+        hooks = self.hooks
+        return {
+            "virtio-mem-unplugged": self._unplugged(),
+            "balloon": self._fit(hooks.inflated() if hooks.inflated else None),
+        }
+
+    def _hinted(self) -> np.ndarray:
+        """Pages hinted free and not written since: read again for every chunk (hints arrive during a pass)."""
+        return self._fit(self.hooks.hinted() if self.hooks.hinted else None)
+
+    # --- records --------------------------------------------------------------------------------------------
+
+    def _send_plugged(self) -> None:
+        from memvisor.devices.mem.device import VirtioMemDevice
+        from memvisor.devices.mem.state import save_mem
+        from memvisor.snapshot.codec import encode
+
+        entries = [{"id": a.id, "state": encode(save_mem(a.device))} for a in self.machine.devices
+                   if isinstance(a.device, VirtioMemDevice)]  # fmt: skip
+        if entries:
+            self.sender.send(stream.json_record(stream.PLUGGED, {"devices": entries}))
+
+    def _send_pass(self, wanted: np.ndarray, *, first_pass: bool) -> None:
+        import numpy as np
+
+        self.stats.passes += 1
+        self.on_pass(self.stats.passes)
+        self.sender.send(stream.pass_record(self.stats.passes))
+        self._send_plugged()
+        skips = self._skip_masks()
+        self.stats.remaining = int(np.count_nonzero(wanted)) * PAGE_SIZE
+        for region in self.regions:
+            base, pages = region.gpa // PAGE_SIZE, region.size // PAGE_SIZE
+            backed = data_mask(region)
+            for start in range(0, pages, CHUNK_PAGES):
+                outcome = getattr(self.machine, "outcome", None)
+                if outcome is not None:
+                    what = f"{outcome.reason.name.lower()}: {outcome.cause or outcome.message}".rstrip(": ")
+                    raise MemvisorError(f"the guest stopped during the migration ({what}): nothing was moved")
+                end = min(start + CHUNK_PAGES, pages)
+                part = wanted[base + start : base + end].copy()
+                if not part.any():
+                    continue
+                before = int(np.count_nonzero(part))
+                for reason, skip in [*skips.items(), ("free-page-hint", self._hinted())]:
+                    hit = part & skip[base + start : base + end]
+                    self.stats.skipped[reason] += int(np.count_nonzero(hit))
+                    part &= ~hit
+                self.stats.remaining = max(0, self.stats.remaining - (before - int(np.count_nonzero(part))) * PAGE_SIZE)
+                self.sender.send_region_pages(region, start, part, backed[start:end], first_pass=first_pass)
+        self.stats.remaining = 0
+
+    def _wait_ack(self, what: str) -> None:
+        self.sock.settimeout(ACK_TIMEOUT)
+        try:
+            record = stream.read_record(self.sock, (stream.ACK,))
+        except TimeoutError:
+            raise MemvisorError(f"the destination did not acknowledge {what} within {ACK_TIMEOUT:.0f} s") from None
+        except stream.StreamError as error:
+            raise MemvisorError(f"the destination broke off at {what}: {error}") from None
+        finally:
+            self.sock.settimeout(None)
+        reply = stream.parse_json(record)
+        if reply.get("ok") is not True:
+            raise MemvisorError(f"the destination refused the migration: {reply.get('error', 'no reason given')}")
+
+    # --- the phases -----------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Migrate; raises (MemvisorError, OSError) on failure, leaving the machine paused or running as the
+        caller's cleanup decides. On success the machine is paused."""
+        import numpy as np
+
+        from memvisor.snapshot.codec import encode
+        from memvisor.vmm.snapshot import capture_machine, quiesced
+
+        started = time.monotonic()
+        throttle = Throttle(self.machine, enabled=not getattr(self.machine, "paused", True))
+        consumer = self.machine.dirty_tracker.subscribe("migration")
+        hinting = False
+        try:
+            self.sender.send(stream.stream_header(), stream.json_record(stream.CONFIG, machine_config(self.machine)))
+            self._wait_ack("the configuration")
+            if self.hooks.hint_start is not None:
+                with contextlib.suppress(MemvisorError):  # the guest's driver may not offer hinting
+                    self.hooks.hint_start()
+                    hinting = True
+            self.stats.setup_ms = int((time.monotonic() - started) * 1000)
+            self.on_active()
+            wanted = np.ones(self._limit(), dtype=bool)
+            first_pass = True
+            while True:
+                pass_start, sent_before = time.monotonic(), self.stats.transferred
+                self._send_pass(wanted, first_pass=first_pass)
+                first_pass = False
+                elapsed = max(time.monotonic() - pass_start, 1e-3)
+                wanted = self._fit(consumer.take_mask())
+                dirty = int(np.count_nonzero(wanted))
+                bandwidth = max((self.stats.transferred - sent_before) / elapsed, 1.0)
+                self.stats.mbps = bandwidth * 8 / 1e6
+                self.stats.dirty_pages_rate = int(dirty / elapsed)
+                self.stats.expected_downtime_ms = int(dirty * PAGE_SIZE / bandwidth * 1000)
+                self.stats.remaining = dirty * PAGE_SIZE
+                converged = self.stats.expected_downtime_ms <= self.params.downtime_limit_ms
+                if converged or self.stats.passes >= self.params.max_passes:
+                    break
+                throttle.after_pass(self.stats.passes, converged)
+                self.stats.throttle_percent = throttle.percent
+            throttle.stop()
+            if hinting and self.hooks.hint_stop is not None:
+                with contextlib.suppress(MemvisorError):
+                    self.hooks.hint_stop()
+            stop_start = time.monotonic()
+            with quiesced(self.machine):
+                wanted |= self._fit(consumer.take_mask())
+                self._send_pass(wanted, first_pass=False)
+                state = encode(capture_machine(self.machine))
+                self.sender.send(stream.json_record(stream.STATE, state), stream.encode_record(stream.END))
+                self._wait_ack("the end of the stream")
+            self.stats.downtime_ms = int((time.monotonic() - stop_start) * 1000)
+        finally:
+            throttle.stop()
+            consumer.close()

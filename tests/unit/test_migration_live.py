@@ -1,0 +1,417 @@
+"""Live migration without KVM: the stream format, hostile streams, a whole pre-copy between two fake machines
+over a socketpair, and the QMP job's shapes (memvisor/migration/)."""
+
+import contextlib
+import json
+import socket
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from memvisor.control.machine_api import MachineError
+from memvisor.errors import UsageError
+from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
+from memvisor.migration import incoming, source, stream
+from memvisor.migration.job import LiveMigrationJob
+from memvisor.migration.source import MigrationParameters, MigrationStats, PreCopy, SourceHooks
+from memvisor.migration.stream import PAGE_SIZE, StreamError
+from memvisor.migration.transport import parse_uri
+from memvisor.vmm.dirty_tracker import DirtyTracker
+
+from .test_dirty_log import FakeVm
+
+MiB = 1 << 20
+RAM = 4 * MiB
+PAGES = RAM // PAGE_SIZE
+
+
+class FakeMachine:
+    """What the source and the destination touch: config, memory, devices, the dirty tracker, vCPUs."""
+
+    def __init__(self, memory: int = RAM) -> None:
+        self.config = SimpleNamespace(memory=memory, vcpus=1, numa_nodes=1, extra_devices=[])
+        self.memory = GuestMemory([MemoryRegion.memfd(0, memory, "ram0")])
+        self.vm = FakeVm([(0, memory)])
+        self.vm.slots[0] = type(self.vm.slots[0])(0, 0, memory, self.memory.regions[0].host_addr, 0)
+        self.dirty_tracker = DirtyTracker(self.vm, lambda slot: True)
+        self.memory.on_write = self.dirty_tracker.mark
+        self.devices: list[Any] = []
+        self.vcpus: list[Any] = []
+        self.loaded: Any = None
+
+    def guest_write(self, pfn: int, data: bytes) -> None:
+        """A write by the guest: through the mapping, logged by (fake) KVM."""
+        region = self.memory.regions[0]
+        region.view[pfn * PAGE_SIZE : pfn * PAGE_SIZE + len(data)] = data
+        if self.dirty_tracker.active:  # KVM logs only while logging is on
+            self.vm.write(pfn * PAGE_SIZE)
+
+    def page(self, pfn: int) -> bytes:
+        return self.memory.read(pfn * PAGE_SIZE, PAGE_SIZE)
+
+
+@pytest.fixture
+def no_kvm_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine state parts need KVM: a small stand-in state goes through the stream instead."""
+    import memvisor.snapshot.codec as codec
+    import memvisor.vmm.snapshot as snapshot
+
+    monkeypatch.setattr(snapshot, "quiesced", lambda machine: contextlib.nullcontext())
+    monkeypatch.setattr(snapshot, "capture_machine", lambda machine: {"fake-state": len(machine.vcpus)})
+    monkeypatch.setattr(codec, "encode", lambda value: value)
+    monkeypatch.setattr(incoming.Receiver, "state", lambda self, record: stream.parse_json(record))
+    monkeypatch.setattr(snapshot, "_load_state", lambda machine, state: setattr(machine, "loaded", state))
+
+
+def migrate(src: FakeMachine, dst: FakeMachine, hooks: SourceHooks | None = None,
+            params: MigrationParameters | None = None, between_passes: Any = None) -> MigrationStats:  # fmt: skip
+    a, b = socket.socketpair()
+    stats = MigrationStats()
+    precopy = PreCopy(src, a, hooks or SourceHooks(), params or MigrationParameters(max_bandwidth=0), stats, threading.Event())  # type: ignore[arg-type]
+    if between_passes is not None:
+        precopy.on_pass = between_passes
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            precopy.run()
+        except BaseException as error:  # noqa: BLE001 - reported to the test
+            errors.append(error)
+        finally:
+            a.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        incoming.receive_migration(dst, b)  # type: ignore[arg-type]
+    finally:
+        b.close()
+        thread.join(10)
+    if errors:
+        raise errors[0]
+    return stats
+
+
+def test_pages_zero_pages_and_pages_written_during_the_passes_arrive(no_kvm_state: None) -> None:
+    src, dst = FakeMachine(), FakeMachine()
+    for pfn in (0, 1, 7, 100, PAGES - 1):
+        src.guest_write(pfn, bytes([pfn % 251 + 1]) * PAGE_SIZE)
+    src.guest_write(50, bytes(PAGE_SIZE))  # backed, but zeros: a ZERO record
+
+    def write_more(number: int) -> None:
+        if number == 1:  # during pass 1: pages already sent change; the next pass sends them again
+            src.guest_write(0, b"again" * 800)
+            src.memory.write(3 * PAGE_SIZE, b"used ring entry")  # a VMM write, marked through GuestMemory
+
+    stats = migrate(src, dst, params=MigrationParameters(max_bandwidth=0, downtime_limit_ms=0, max_passes=2),
+                    between_passes=write_more)  # fmt: skip
+    for pfn in range(PAGES):
+        assert dst.page(pfn) == src.page(pfn), pfn
+    assert dst.loaded == {"fake-state": 0}
+    assert stats.passes >= 2  # pre-copy pass(es), then the final one
+    assert stats.normal >= 6 and stats.duplicate >= 1
+    assert stats.skipped["unbacked"] > PAGES - 10  # never-touched memory was not sent at all
+    assert stats.transferred < 20 * PAGE_SIZE
+
+
+def test_balloon_and_hinted_pages_are_not_sent_unless_written_after(no_kvm_state: None) -> None:
+    src, dst = FakeMachine(), FakeMachine()
+    for pfn in range(10, 20):
+        src.guest_write(pfn, b"x" * PAGE_SIZE)
+    inflated = np.zeros(PAGES, dtype=bool)
+    inflated[10:12] = True
+    hinted = np.zeros(PAGES, dtype=bool)
+    hinted[12:15] = True
+    hooks = SourceHooks(hinted=lambda: hinted, inflated=lambda: inflated)
+    stats = migrate(src, dst, hooks)
+    assert [dst.page(pfn) == src.page(pfn) for pfn in range(10, 20)] == [False] * 5 + [True] * 5
+    assert all(dst.page(pfn) == bytes(PAGE_SIZE) for pfn in range(10, 15))
+    assert stats.skipped["balloon"] == 2 and stats.skipped["free-page-hint"] == 3
+
+
+def test_a_destination_of_another_size_refuses_before_any_ram(no_kvm_state: None) -> None:
+    src, dst = FakeMachine(), FakeMachine(memory=2 * MiB)
+    src.guest_write(1, b"y" * PAGE_SIZE)
+    with pytest.raises(Exception, match="CONFIG.memory: .*--memory 4M|refused"):
+        migrate(src, dst)
+    assert dst.page(1) == bytes(PAGE_SIZE)
+
+
+def feed(records: list[bytes], header: bytes | None = None) -> socket.socket:
+    a, b = socket.socketpair()
+    a.sendall((stream.stream_header() if header is None else header) + b"".join(records))
+    a.shutdown(socket.SHUT_WR)
+    threading.Thread(target=lambda: (a.recv(1 << 16), a.close()), daemon=True).start()  # drains the ACKs
+    return b
+
+
+def config_of(machine: FakeMachine) -> bytes:
+    return stream.json_record(stream.CONFIG, source.machine_config(machine))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("header", "records", "error"),
+    [
+        (b"GARBAGE!" + bytes(8), [], "stream header.magic"),
+        (stream.STREAM_HEADER.pack(stream.MAGIC, 2, 0), [], "stream header.version: 2"),
+        (b"MVMIG", [], "stream header: the stream ended after 5 of 16 bytes"),
+        (None, [stream.RECORD_HEADER.pack(99, 0)], "record.type: 99"),
+        (None, [stream.encode_record(stream.END)], "END record came where CONFIG was expected"),
+        (None, [stream.RECORD_HEADER.pack(stream.CONFIG, 1 << 30)], "CONFIG.length"),
+        (None, ["CONFIG", stream.RECORD_HEADER.pack(stream.PAGES, 20) + bytes(5)], "PAGES record: the stream ended"),
+        (None, ["CONFIG", stream.RECORD_HEADER.pack(stream.PAGES, 12 + PAGE_SIZE)
+                + stream.RANGE.pack(RAM, 1) + bytes(PAGE_SIZE)], "PAGES.gpa: 0x400000"),  # fmt: skip
+        (None, ["CONFIG", stream.RECORD_HEADER.pack(stream.PAGES, 12 + PAGE_SIZE)
+                + stream.RANGE.pack(0x123, 1) + bytes(PAGE_SIZE)], "not page-aligned"),  # fmt: skip
+        (None, ["CONFIG", stream.RECORD_HEADER.pack(stream.PAGES, 12 + PAGE_SIZE)
+                + stream.RANGE.pack(0, 2) + bytes(PAGE_SIZE)], "PAGES.length"),  # fmt: skip
+        (None, ["CONFIG", stream.zero_record(RAM - PAGE_SIZE, 2)], "ZERO.gpa"),
+        (None, ["CONFIG", stream.encode_record(stream.STATE, b"{not json")], "STATE: the payload is not JSON"),
+        (None, ["CONFIG", stream.json_record(stream.PLUGGED, {"devices": [{"id": "vm0"}]})],
+         "PLUGGED.devices\\[0\\].id: 'vm0' is not a virtio-mem device"),  # fmt: skip
+        (None, ["CONFIG"], "record header: the stream ended after 0 of 8 bytes"),
+    ],
+)
+def test_a_hostile_or_broken_stream_is_refused_naming_the_field(header: bytes | None, records: list[Any],
+                                                                  error: str) -> None:  # fmt: skip
+    machine = FakeMachine()
+    wire = [config_of(machine) if record == "CONFIG" else record for record in records]
+    conn = feed(wire, header)
+    with conn, pytest.raises(StreamError, match=error):
+        incoming.receive_migration(machine, conn)  # type: ignore[arg-type]
+    assert machine.loaded is None
+
+
+def test_the_destination_refusal_reaches_the_source_as_an_ack() -> None:
+    machine = FakeMachine()
+    config = source.machine_config(machine) | {"vcpus": 4}  # type: ignore[arg-type]
+    a, b = socket.socketpair()
+    a.sendall(stream.stream_header() + stream.json_record(stream.CONFIG, config))
+    with pytest.raises(StreamError, match="CONFIG.vcpus: the source has 4, .*--vcpus 4"):
+        incoming.receive_migration(machine, b)  # type: ignore[arg-type]
+    reply = stream.parse_json(stream.read_record(a, (stream.ACK,)))
+    assert reply["ok"] is False and "--vcpus 4" in reply["error"]
+
+
+def test_records_round_trip() -> None:
+    a, b = socket.socketpair()
+    data = bytes(range(256)) * 16
+    a.sendall(stream.stream_header())
+    a.sendall(b"".join(bytes(p) for p in stream.pages_record(0x5000, data)) + stream.zero_record(0x9000, 3)
+              + stream.pass_record(7) + stream.json_record(stream.STATE, {"a": 1}) + stream.encode_record(stream.END))  # fmt: skip
+    stream.read_stream_header(b)
+    assert stream.parse_range(stream.read_record(b)) == (0x5000, 1, memoryview(data))
+    gpa, count, _ = stream.parse_range(stream.read_record(b))
+    assert (gpa, count) == (0x9000, 3)
+    assert stream.parse_pass(stream.read_record(b)) == 7
+    assert stream.parse_json(stream.read_record(b)) == {"a": 1}
+    assert stream.read_record(b).type == stream.END
+
+
+@pytest.mark.parametrize(
+    ("uri", "kind", "address"),
+    [("tcp:127.0.0.1:4444", "tcp", ("127.0.0.1", 4444)), ("tcp:[::1]:5", "tcp", ("::1", 5)),
+     ("unix:/run/x.sock", "unix", "/run/x.sock")],  # fmt: skip
+)
+def test_uris(uri: str, kind: str, address: Any) -> None:
+    endpoint = parse_uri(uri)
+    assert (endpoint.kind, endpoint.address) == (kind, address)
+
+
+@pytest.mark.parametrize("uri", ["tcp:host", "tcp:h:0", "unix:", "exec:cat", "rdma:x:1"])
+def test_bad_uris_name_the_form(uri: str) -> None:
+    with pytest.raises(UsageError, match="tcp:HOST:PORT|unix:PATH"):
+        parse_uri(uri)
+
+
+def test_the_job_reports_qemu_shapes_events_and_a_failure_leaves_the_source_running() -> None:
+    events: list[tuple[str, Any]] = []
+    job = LiveMigrationJob(lambda: lambda name, data: events.append((name, data)))
+    assert job.info() == {}
+    job.set_parameters({"downtime-limit": 50, "max-bandwidth": 1 << 20})
+    assert job.parameters() == {"downtime-limit": 50, "max-bandwidth": 1 << 20, "x-max-passes": 30}
+    with pytest.raises(MachineError, match="'speed' is not supported"):
+        job.set_parameters({"speed": 1})
+    resumed: list[bool] = []
+    job.start(FakeMachine(), "unix:/nonexistent/dir/sock", SourceHooks(), True, lambda: resumed.append(True))
+    job.wait(10)
+    info = job.info()
+    assert info["status"] == "failed" and "cannot connect to unix:/nonexistent/dir/sock" in info["error-desc"]
+    assert resumed == [True]
+    assert [e for e in events if e[0] == "MIGRATION"] == [("MIGRATION", {"status": "setup"}),
+                                                          ("MIGRATION", {"status": "failed"})]  # fmt: skip
+    assert set(info["ram"]) >= {"transferred", "remaining", "total", "duplicate", "normal", "normal-bytes",
+                                "dirty-pages-rate", "mbps", "dirty-sync-count", "x-skipped-pages"}  # fmt: skip
+    assert "total-time" in info and "setup-time" in info
+    json.dumps(info)
+
+
+def test_the_job_completes_and_cancel_stops_a_running_one(no_kvm_state: None, tmp_path: Any) -> None:
+    src, dst = FakeMachine(), FakeMachine()
+    src.guest_write(5, b"z" * PAGE_SIZE)
+    path = str(tmp_path / "mig.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    job = LiveMigrationJob(lambda: None, MigrationParameters(max_bandwidth=0))
+    resumed: list[bool] = []
+    job.start(src, f"unix:{path}", SourceHooks(), True, lambda: resumed.append(True))
+    conn, _ = listener.accept()
+    with conn:
+        incoming.receive_migration(dst, conn)  # type: ignore[arg-type]
+    job.wait(10)
+    info = job.info()
+    assert info["status"] == "completed" and "downtime" in info and not resumed
+    assert dst.page(5) == src.page(5)
+    # cancel: the destination never answers the CONFIG
+    job.set_parameters({"max-bandwidth": 0})
+    job.start(src, f"unix:{path}", SourceHooks(), True, lambda: resumed.append(True))
+    conn, _ = listener.accept()
+    job.cancel()
+    job.wait(10)
+    conn.close()
+    listener.close()
+    assert job.info()["status"] == "cancelled" and resumed == [True]
+    with pytest.raises(MachineError, match="Capability 'xbzrle' is not supported"):
+        job.set_capabilities([{"capability": "xbzrle", "state": True}])
+
+
+@pytest.mark.parametrize("cut_after", ["config", "pages"])
+def test_a_connection_cut_fails_the_source_and_resumes_its_guest(no_kvm_state: None, tmp_path: Any,
+                                                                 cut_after: str) -> None:  # fmt: skip
+    src = FakeMachine()
+    for pfn in range(200):
+        src.guest_write(pfn, bytes([pfn % 200 + 1]) * PAGE_SIZE)
+    path = str(tmp_path / "mig.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    job = LiveMigrationJob(lambda: None, MigrationParameters(max_bandwidth=0))
+    resumed: list[bool] = []
+    job.start(src, f"unix:{path}", SourceHooks(), True, lambda: resumed.append(True))
+    conn, _ = listener.accept()
+    stream.read_stream_header(conn)
+    stream.read_record(conn, (stream.CONFIG,))
+    if cut_after == "pages":
+        conn.sendall(stream.json_record(stream.ACK, {"ok": True}))
+        stream.read_record(conn)  # PASS
+        stream.read_record(conn)  # the first PAGES
+    conn.close()
+    listener.close()
+    job.wait(10)
+    info = job.info()
+    assert info["status"] == "failed", info
+    assert "destination" in info["error-desc"] and resumed == [True]
+
+
+class _QmpMachine:
+    def __init__(self) -> None:
+        self.job = LiveMigrationJob(lambda: None)
+        self.cancelled = 0
+
+    def live_job(self) -> LiveMigrationJob:
+        return self.job
+
+    def migrate_cancel(self) -> None:
+        self.cancelled += 1
+
+
+def test_qmp_parameters_capabilities_and_cancel_reach_the_job() -> None:
+    from memvisor.control.commands import Context, execute
+    from memvisor.control.errors import QmpError
+
+    machine = _QmpMachine()
+    ctx = Context(machine, lambda name, data: None)  # type: ignore[arg-type]
+    assert execute(ctx, "migrate-set-parameters", {"downtime-limit": 100, "max-bandwidth": 0}) == {}
+    assert execute(ctx, "query-migrate-parameters", {}) == {"downtime-limit": 100, "max-bandwidth": 0,
+                                                            "x-max-passes": 30}  # fmt: skip
+    with pytest.raises(QmpError):
+        execute(ctx, "migrate-set-parameters", {"downtime-limit": "fast"})
+    assert {"capability": "events", "state": True} in execute(ctx, "query-migrate-capabilities", {})
+    assert execute(ctx, "migrate-set-capabilities", {"capabilities": [{"capability": "zero-blocks", "state": True}]}) == {}
+    assert execute(ctx, "migrate_cancel", {}) == {} and machine.cancelled == 1
+
+
+def test_the_cli_progress_line_shows_pass_bytes_dirty_rate_and_downtime() -> None:
+    from memvisor.migration.verb import progress_line
+
+    line = progress_line({"status": "active", "expected-downtime": 40, "ram": {"dirty-sync-count": 3,
+                          "transferred": 412 << 20, "total": 1 << 30, "dirty-pages-rate": 1200, "mbps": 850.12}})  # fmt: skip
+    assert line == "active     pass 3  412M/1024M sent  dirty 1200 pages/s  expected downtime 40 ms  850.1 Mbps"
+
+
+def test_hints_that_arrive_during_a_pass_still_spare_the_pages_not_sent_yet(
+    no_kvm_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source, "CHUNK_PAGES", 64)
+    src, dst = FakeMachine(), FakeMachine()
+    for pfn in range(0, 512):
+        src.guest_write(pfn, b"h" * PAGE_SIZE)
+    calls: list[int] = []
+
+    def hinted() -> np.ndarray:  # the guest reports pages 256..511 free once the pass is under way
+        calls.append(1)
+        mask = np.zeros(PAGES, dtype=bool)
+        if len(calls) > 2:
+            mask[256:512] = True
+        return mask
+
+    stats = migrate(src, dst, SourceHooks(hinted=hinted))
+    assert stats.skipped["free-page-hint"] == 256
+    assert all(dst.page(pfn) == src.page(pfn) for pfn in range(256))
+    assert dst.page(300) == bytes(PAGE_SIZE)
+
+
+def test_migrate_incoming_with_a_stream_uri_answers_at_once_and_reports_a_failure() -> None:
+    from memvisor.vmm.migration import IncomingSlot
+
+    release = threading.Event()
+    seen: list[str] = []
+
+    def receive(uri: str) -> None:
+        seen.append(uri)
+        release.wait(5)
+        raise StreamError("CONFIG.vcpus: the source has 2, this command line 1: start the destination with --vcpus 2")
+
+    slot = IncomingSlot(lambda path: None, receive)
+    slot.migrate_incoming("tcp:127.0.0.1:4444")  # returns while the receive runs
+    with pytest.raises(MachineError, match="already been started"):
+        slot.migrate_incoming("tcp:127.0.0.1:4444")
+    release.set()
+    assert slot.wait(lambda: False) is True
+    assert seen == ["tcp:127.0.0.1:4444"] and slot.error is not None and "--vcpus 2" in slot.error
+
+
+def test_the_throttle_holds_the_vcpus_more_with_each_pass_that_does_not_converge() -> None:
+    import time
+
+    from memvisor.migration.throttle import Throttle
+
+    class Machine:
+        def __init__(self) -> None:
+            self.paused, self.pauses, self.resumes = False, 0, 0
+
+        def pause(self, timeout: float = 5.0) -> bool:
+            self.paused, self.pauses = True, self.pauses + 1
+            return True
+
+        def resume(self) -> None:
+            self.paused, self.resumes = False, self.resumes + 1
+
+    machine = Machine()
+    throttle = Throttle(machine, period=0.01)
+    throttle.after_pass(1, converged=False)
+    assert throttle.percent == 0  # not before pass 4
+    throttle.after_pass(4, converged=False)
+    throttle.after_pass(5, converged=False)
+    assert throttle.percent == 30
+    time.sleep(0.1)
+    throttle.stop()
+    assert machine.pauses >= 2 and machine.resumes == machine.pauses and not machine.paused
+    idle = Throttle(machine, enabled=False)  # a machine the user had paused is never released by a throttle
+    idle.after_pass(9, converged=False)
+    assert idle.percent == 0
+    idle.stop()
