@@ -12,7 +12,11 @@ Each round (every `interval` s, at once when the host PSI trigger fires or on re
    statistics (older than three intervals) count as unknown; a balloon whose actual did not move while its
    target differs counts as stuck;
 4. decide, then act only on changes (balloon target, virtio-mem requested-size), and log every decision with its
-   reason (a JSON line per VM and round in the decision log, a text line on changes and events).
+   reason (a JSON line per VM and round in the decision log; a text line whenever a VM's target or the kind of
+   its reason changes, e.g. from "reclaim" to "no guest statistics (stale 12 s): hold", and on every event).
+
+A VM that answers something unexpected (a malformed reply, an error the loop did not foresee) leaves with a
+logged reason and joins again when it answers sensibly; one VM never stops the manager for the others.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import glob
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +44,9 @@ log = logging.getLogger("memvisor.manager")
 
 MiB = 1 << 20
 STALE_INTERVALS = 3
+# Beyond the intervals: last-update has 1 s resolution, and a device skips a polling tick while the guest still
+# holds the stats buffer (a slow guest answers every other tick), so fresh statistics can look a little old.
+STALE_SLACK = 2.0
 STUCK_TOLERANCE = MiB  # drivers move in pages and 1 MiB batches (Linux: 256 PFNs per request)
 Connect = Callable[[str, float, "str | None"], VmLink]
 
@@ -59,6 +67,7 @@ class Tracked:
     counters: tuple[float, int | None, int | None] | None = None  # (stats time, major faults, swap-in)
     rates: tuple[float, float] = (0.0, 0.0)
     sample: Sample | None = None
+    logged: tuple[int | None, str] | None = None  # (target, reason kind) last written to the text log
 
 
 @dataclass
@@ -186,6 +195,9 @@ class Manager:
             except MemvisorError as err:
                 self._leave(path, str(err))
                 continue
+            except Exception as err:  # noqa: BLE001 (a malformed reply: this VM leaves, the others go on)
+                self._leave(path, f"unexpected reply ({type(err).__name__}: {err})")
+                continue
             tracked.sample = sample
             away = tracked.target is not None and abs(sample.actual - tracked.target) > STUCK_TOLERANCE
             if away and sample.actual == tracked.last_actual:
@@ -194,14 +206,19 @@ class Manager:
                 tracked.stuck = 0
             tracked.last_actual = sample.actual
             self._rates(tracked, sample)
-            stats = sample.stats
-            if sample.stats_time is None or now_wall - sample.stats_time > STALE_INTERVALS * max(interval, 1.0):
-                stats = None
+            stats, note = sample.stats, None
+            limit = STALE_INTERVALS * max(interval, 1.0) + STALE_SLACK
+            if sample.stats_time is None:
+                stats, note = None, "never reported yet"
+            elif now_wall - sample.stats_time > limit:
+                stats, note = None, f"last update {now_wall - sample.stats_time:.0f} s ago, stale after {limit:.0f} s"
+            elif stats is None:
+                note = "total or available memory not reported"
             vm_config = self.config.for_vm(tracked.link.name)
             observations.append(VmObservation(
                 tracked.link.name, Limits(vm_config.floor, vm_config.ceiling, vm_config.priority), sample.boot_ram,
                 sample.actual, stats, sample.vmem, tracked.rates[0], tracked.rates[1], sample.guest_psi,
-                sample.host_bytes, tracked.stuck,
+                sample.host_bytes, tracked.stuck, note,
             ))  # fmt: skip
         now = self.clock()
         swapped = self.host.swap_out_bytes()
@@ -242,12 +259,27 @@ class Manager:
                     tracked.requested = action.vmem_requested
                 if action.balloon != tracked.target:
                     tracked.link.set_balloon(action.balloon)
-                    if tracked.target is None or abs(action.balloon - tracked.target) >= MiB:
-                        log.info("%s: balloon %dM -> %dM (%s)", action.name, (tracked.target or 0) >> 20,
-                                 action.balloon >> 20, action.reason)  # fmt: skip
                     tracked.target = action.balloon
+                self._log_decision(tracked, action.name, action.balloon, action.reason)
             except MemvisorError as err:
                 self._leave(path, str(err))
+            except Exception as err:  # noqa: BLE001 (as in observe)
+                self._leave(path, f"unexpected reply ({type(err).__name__}: {err})")
+
+    @staticmethod
+    def _log_decision(tracked: Tracked, name: str, target: int, reason: str) -> None:
+        """A text line when the target moves by a MiB or more, or the kind of reason changes (numbers aside)."""
+        kind = re.sub(r"\d+(\.\d+)?", "#", reason)
+        before = tracked.logged
+        if before is not None and before[1] == kind and before[0] is not None and abs(target - before[0]) < MiB:
+            return
+        actual = tracked.sample.actual >> 20 if tracked.sample else "?"
+        if before is None or before[0] != target:
+            log.info("%s: balloon target %sM -> %dM, actual %sM (%s)", name,
+                     "-" if before is None or before[0] is None else before[0] >> 20, target >> 20, actual, reason)  # fmt: skip
+        else:
+            log.info("%s: target stays %dM, actual %sM (%s)", name, target >> 20, actual, reason)
+        tracked.logged = (target, kind)
 
     def round(self) -> Decision:
         if self._reload_requested and self._reload is not None:
@@ -293,9 +325,16 @@ class Manager:
 
     def run(self, rounds: int | None = None) -> None:
         done = 0
+        failed: str | None = None
         while not self._stop.is_set():
             started = self.clock()
-            self.round()
+            try:
+                self.round()
+                failed = None
+            except Exception as err:  # a bug must not stop the manager silently: say it (once), go on next round
+                if f"{type(err).__name__}: {err}" != failed:
+                    log.exception("round failed, trying again next interval")
+                    failed = f"{type(err).__name__}: {err}"
             done += 1
             if rounds is not None and done >= rounds:
                 return
