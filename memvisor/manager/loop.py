@@ -68,6 +68,7 @@ class Tracked:
     rates: tuple[float, float] = (0.0, 0.0)
     sample: Sample | None = None
     logged: tuple[int | None, str] | None = None  # (target, reason kind) last written to the text log
+    sample_seconds: float = 0.0  # how long the last sample took (QMP replies, the guest agent)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class RoundRecord:
     mem_available: int | None
     vms: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    took: float = 0.0  # seconds the round took (observe, decide, act)
 
 
 class Manager:
@@ -190,8 +192,10 @@ class Manager:
         now_wall = self.wall()
         observations = []
         for path, tracked in list(self.vms.items()):
+            asked = self.clock()
             try:
                 sample = tracked.link.sample()
+                tracked.sample_seconds = self.clock() - asked
             except MemvisorError as err:
                 self._leave(path, str(err))
                 continue
@@ -289,6 +293,7 @@ class Manager:
                 log.info("config reloaded")
             except MemvisorError as err:
                 log.error("config not reloaded, keeping the old one: %s", err)
+        started = self.clock()
         self.discover()
         host_obs, observations = self.observe()
         policy = POLICIES[self.config.policy]
@@ -297,12 +302,20 @@ class Manager:
             level = logging.WARNING if event.kind in ("floors-exceed-budget", "balloon-stuck") else logging.INFO
             log.log(level, "event %s%s: %s", event.kind, f" {event.vm}" if event.vm else "", event.message)
         self.act(decision)
-        self._record(host_obs, observations, decision)
+        took = self.clock() - started
+        if took > self.config.interval:
+            slow = ", ".join(f"{t.link.name} {t.sample_seconds:.1f} s" for t in self.vms.values())
+            log.warning("round took %.1f s, longer than the interval (%g s); reading the VMs took: %s", took,
+                        self.config.interval, slow or "-")  # fmt: skip
+        self._record(host_obs, observations, decision, took)
         return decision
 
-    def _record(self, host_obs: HostObservation, observations: list[VmObservation], decision: Decision) -> None:
+    def _record(self, host_obs: HostObservation, observations: list[VmObservation], decision: Decision,
+                took: float = 0.0) -> None:  # fmt: skip
         held = [o.host_bytes for o in observations if o.host_bytes is not None]
-        record = RoundRecord(self.wall(), decision.budget, sum(held) if held else None, host_obs.mem_available)
+        record = RoundRecord(self.wall(), decision.budget, sum(held) if held else None, host_obs.mem_available,
+                             took=round(took, 3))  # fmt: skip
+        seconds = {t.link.name: round(t.sample_seconds, 3) for t in self.vms.values()}
         for obs in observations:
             action = decision.action(obs.name)
             record.vms[obs.name] = {
@@ -312,6 +325,7 @@ class Manager:
                 "guest-available": obs.stats.available if obs.stats else None,
                 "guest-psi": obs.guest_psi, "major-faults-per-s": obs.major_faults_per_s,
                 "floor": obs.floor, "ceiling": obs.ceiling, "reason": action.reason,
+                "sample-seconds": seconds.get(obs.name),
             }  # fmt: skip
         record.events = [asdict(event) for event in decision.events]
         self.history.append(record)

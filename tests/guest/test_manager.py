@@ -73,11 +73,12 @@ def last_rounds(tmp_path: Path, count: int = 8) -> str:
     """The end of the decision log, one line per VM and round: what a failing wait needs to show."""
     lines = []
     for record in decisions(tmp_path)[-count:]:
+        lines.append(f"{time.strftime('%H:%M:%S', time.gmtime(record['time']))} round took {record['took']} s")
         for name, vm in record["vms"].items():
             avail = vm["guest-available"]
-            lines.append(f"{time.strftime('%H:%M:%S', time.gmtime(record['time']))} {name}: actual "
-                         f"{vm['actual'] >> 20}M target {vm['target'] >> 20}M guest-available "
-                         f"{'-' if avail is None else avail >> 20}M stuck {vm['stuck']}: {vm['reason']}")  # fmt: skip
+            lines.append(f"  {name}: actual {vm['actual'] >> 20}M target {vm['target'] >> 20}M guest-available "
+                         f"{'-' if avail is None else avail >> 20}M stuck {vm['stuck']} read in "
+                         f"{vm['sample-seconds']} s: {vm['reason']}")  # fmt: skip
         lines += [f"  event {e['kind']} {e['vm'] or ''}: {e['message']}" for e in record["events"]]
     return "\n".join(lines) or "(no round logged: did the manager start? see manager.stderr)"
 

@@ -467,3 +467,28 @@ def test_a_failing_round_is_logged_and_the_manager_goes_on(sock_dir: str, caplog
     finally:
         mgr.close()
         guest.stop()
+
+
+def test_a_round_slower_than_the_interval_is_logged_with_each_vm_s_reading_time(
+    sock_dir: str, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    guest = FakeGuest(sock_dir, "g", used=100 * MiB)
+    mgr = manager([guest.path], budget=4 * GiB, config=Config(interval=0.1))
+    try:
+        mgr.round()
+        link = next(iter(mgr.vms.values())).link
+        real = link.sample
+
+        def slow() -> Any:
+            time.sleep(0.2)  # a guest agent answering late
+            return real()
+
+        link.sample = slow  # type: ignore[method-assign]
+        with caplog.at_level("WARNING", logger="memvisor.manager"):
+            mgr.round()
+        assert "longer than the interval (0.1 s); reading the VMs took: g 0.2 s" in caplog.text
+        assert mgr.history[-1].took >= 0.2
+        assert mgr.history[-1].vms["g"]["sample-seconds"] >= 0.2
+    finally:
+        mgr.close()
+        guest.stop()
