@@ -4,7 +4,7 @@ Two 1G guests (virtio-balloon with free page reporting, no deflate-on-oom: givin
 job here) run side by side under `memvisor manager --budget 1400M --interval 2`, started as a user would:
 1. the manager brings the idle guests inside the budget (the budget's share at once, then step by step toward
    what each guest uses plus headroom, from its balloon statistics), and neither guest logs an OOM kill;
-2. guest a's workload then grows (it fills a tmpfs, 16M a second): the manager gives memory back as it grows,
+2. guest a's workload then grows (it fills a tmpfs, 8M a second): the manager gives memory back as it grows,
    the workload finishes, and again neither guest logs an OOM kill;
 3. every round's plan stays inside the budget, and every decision has a reason.
 
@@ -32,7 +32,7 @@ BUDGET = 1400 * MiB
 DEVICE = "virtio-balloon,id=balloon0,free-page-reporting=on"
 TMPFS = "/mnt/manager-test"
 WORK_MIB = 256
-CHUNK_MIB = 16
+CHUNK_MIB = 8
 OOM_PATTERN = "out of memory|oom-kill|killed process"
 
 pytestmark = pytest.mark.guest
