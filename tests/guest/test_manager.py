@@ -3,7 +3,8 @@
 Two 1G guests (virtio-balloon with free page reporting, no deflate-on-oom: giving memory back is the manager's
 job here) run side by side under `memvisor manager --budget 1400M --interval 2`, started as a user would:
 1. the manager brings the idle guests inside the budget (the budget's share at once, then step by step toward
-   what each guest uses plus headroom, from its balloon statistics), and neither guest logs an OOM kill;
+   what each guest uses plus headroom, from its balloon statistics) until it has nothing left to take (both
+   at their demand), and neither guest logs an OOM kill;
 2. guest a's workload then grows (it fills a tmpfs, 8M a second): the manager gives memory back as it grows,
    the workload finishes, and again neither guest logs an OOM kill;
 3. every round's plan stays inside the budget, and every decision has a reason.
@@ -121,10 +122,19 @@ def test_manager_holds_two_guests_in_a_budget_and_gives_memory_back_without_oom(
             wait_or_explain(tmp_path, proc, lambda: max(actual(a), actual(b)) < 600 * MiB, 180,
                             "both idle guests to come down toward their demand (below 600M)")  # fmt: skip
             reclaimed = time.monotonic() - start
+
+            def reclaim_done() -> bool:  # from its statistics the manager sees nothing left to take in either
+                records = decisions(tmp_path)
+                return bool(records) and len(records[-1]["vms"]) == 2 and all(
+                    not vm["reason"].startswith(("reclaim", "no guest statistics")) and "cut to" not in vm["reason"]
+                    for vm in records[-1]["vms"].values())  # fmt: skip
+
+            wait_or_explain(tmp_path, proc, reclaim_done, 120, "reclaim to end (both guests at their demand)")
             time.sleep(4)  # free page reporting returns the last freed pages
             low_a, low_b = actual(a), actual(b)
             host_reclaimed = a.host_memory() + b.host_memory()
-            print(f"[manager] inside the budget after {inside:.0f} s, below 600M after {reclaimed:.0f} s: guests "
+            print(f"[manager] inside the budget after {inside:.0f} s, below 600M after {reclaimed:.0f} s, reclaim done "
+                  f"after {time.monotonic() - start - 4:.0f} s: guests "
                   f"{low_a >> 20}M + {low_b >> 20}M; host held {host_before >> 20}M before, "
                   f"{host_reclaimed >> 20}M after (budget {BUDGET >> 20}M)")  # fmt: skip
             assert (oom_lines(a), oom_lines(b)) == ("", ""), "a guest logged an OOM kill while reclaimed"

@@ -492,3 +492,67 @@ def test_a_round_slower_than_the_interval_is_logged_with_each_vm_s_reading_time(
     finally:
         mgr.close()
         guest.stop()
+
+
+class SlowGuest(FakeGuest):
+    """A guest whose balloon moves `rate` bytes per round and whose statistics are one round old, as in the lab."""
+
+    def __init__(self, sock_dir: str, name: str, used: int, rate: int = 32 * MiB) -> None:
+        super().__init__(sock_dir, name, used)
+        self.rate = rate
+        self.target = GiB
+        balloon = self.machine.fake_balloon
+        self.move = balloon.set_target_bytes
+        balloon.set_target_bytes = self._set_target  # type: ignore[method-assign]
+        self.short = 0  # rounds the guest had less than it uses: an OOM in a real guest
+
+    def _set_target(self, target: int) -> None:
+        self.target = target
+
+    def tick(self) -> None:
+        self.report()  # what the guest reports now, the manager reads next round
+        step = max(-self.rate, min(self.target - self.actual, 4 * self.rate))  # deflating is cheaper
+        self.move(self.actual + step)
+        if self.actual - 40 * MiB < self.used:
+            self.short += 1
+
+
+def test_the_lab_scenario_two_idle_guests_then_one_grows(sock_dir: str) -> None:
+    """tests/guest/test_manager.py in the model: 1400M, two idle 1G guests, stats a round late, slow balloons;
+    inside the budget, both below 600M, then a grows 16M per round (8M/s at 2 s rounds) and gets it back."""
+    a = SlowGuest(sock_dir, "a", used=160 * MiB)
+    b = SlowGuest(sock_dir, "b", used=160 * MiB)
+    mgr = manager([a.path, b.path], budget=1400 * MiB, config=Config(interval=2.0))
+    rounds_inside = rounds_low = None
+    try:
+        for n in range(60):
+            decision = mgr.round()
+            assert decision.total <= 1400 * MiB
+            a.tick()
+            b.tick()
+            if rounds_inside is None and a.actual + b.actual <= 1400 * MiB:
+                rounds_inside = n
+            if rounds_low is None and max(a.actual, b.actual) < 600 * MiB:
+                rounds_low = n
+            if all(vm["reason"] == "within dead band" for vm in mgr.history[-1].vms.values()):
+                break  # both at their demand: reclaim is done
+        assert rounds_inside is not None and rounds_inside <= 12, rounds_inside
+        assert rounds_low is not None and rounds_low <= 30, rounds_low
+        assert max(a.actual, b.actual) < 400 * MiB  # 160M used + 32M cache + 64M headroom + 40M reserve
+        low_a = a.actual
+        for _ in range(16):  # the workload: 256M, 16M per round
+            a.used += 16 * MiB
+            mgr.round()
+            a.tick()
+            b.tick()
+        for _ in range(3):
+            mgr.round()
+            a.tick()
+            b.tick()
+        assert a.short == 0 and b.short == 0
+        assert a.actual >= low_a + 156 * MiB
+        assert a.actual + b.actual <= 1400 * MiB
+    finally:
+        mgr.close()
+        a.stop()
+        b.stop()
