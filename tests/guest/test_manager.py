@@ -107,6 +107,8 @@ def oom_lines(vm: GuestVM) -> str:
 
 @pytest.mark.timeout(840)  # about 4 min in the lab; the waits are generous (slow labs), this bounds them all
 def test_manager_holds_two_guests_in_a_budget_and_gives_memory_back_without_oom(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     start = time.monotonic()
     with GuestVM(tmp_path / "a", memory="1G", devices=[DEVICE]) as a, \
          GuestVM(tmp_path / "b", memory="1G", devices=[DEVICE]) as b:  # fmt: skip
