@@ -9,7 +9,7 @@ Each round (every `interval` s, at once when the host PSI trigger fires or on re
    whose connection fails leaves (logged, retried when its socket is there again);
 2. observe each VM (`VmLink.sample`) and the host (MemAvailable, PSI, swap-out rate);
 3. rates: major faults and swap-in per second from the guest's counters between two stats updates; stale
-   statistics (older than three intervals) count as unknown; a balloon whose actual did not move while its
+   statistics (older than three intervals and 2 s) count as unknown; a balloon whose actual did not move while its
    target differs counts as stuck;
 4. decide, then act only on changes (balloon target, virtio-mem requested-size), and log every decision with its
    reason (a JSON line per VM and round in the decision log; a text line whenever a VM's target or the kind of
