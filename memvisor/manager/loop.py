@@ -218,6 +218,8 @@ class Manager:
                 stats, note = None, f"last update {now_wall - sample.stats_time:.0f} s ago, stale after {limit:.0f} s"
             elif stats is None:
                 note = "total or available memory not reported"
+            if note is not None and note != "total or available memory not reported":
+                self._repoll(path, tracked)
             vm_config = self.config.for_vm(tracked.link.name)
             observations.append(VmObservation(
                 tracked.link.name, Limits(vm_config.floor, vm_config.ceiling, vm_config.priority), sample.boot_ram,
@@ -233,6 +235,15 @@ class Manager:
         self._swap = (now, swapped)
         host_obs = HostObservation(self.budget, self.host.mem_available(), self.host.psi_some_avg10(), swap_rate)
         return host_obs, observations
+
+    def _repoll(self, path: str, tracked: Tracked) -> None:
+        """Statistics never came or went stale: a guest that rebooted (memvisor restarts it on the same socket)
+        or someone else turned polling off. Ask for polling again (a no-op when it is on)."""
+        try:
+            if tracked.link.set_polling(self.config.interval):
+                log.info("%s: stats polling was off (guest rebooted?): turned it back on", tracked.link.name)
+        except MemvisorError as err:
+            log.info("%s: cannot turn stats polling back on: %s", tracked.link.name, err)
 
     @staticmethod
     def _rates(tracked: Tracked, sample: Sample) -> None:

@@ -556,3 +556,23 @@ def test_the_lab_scenario_two_idle_guests_then_one_grows(sock_dir: str) -> None:
         mgr.close()
         a.stop()
         b.stop()
+
+
+def test_stats_polling_is_turned_back_on_after_a_guest_reboot(sock_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Seen in the lab: a guest rebooted (memvisor restarts it on the same QMP socket) with polling off again,
+    its statistics went stale for good and the manager held it at its boot size."""
+    guest = FakeGuest(sock_dir, "g", used=150 * MiB)
+    mgr = manager([guest.path], budget=700 * MiB, config=Config(interval=2.0))
+    balloon = guest.machine.fake_balloon
+    try:
+        mgr.round()
+        assert balloon.stats_polling_interval() == 2
+        balloon.set_stats_polling_interval(0)  # the restarted guest's device
+        balloon.last_update = int(time.time()) - 30
+        with caplog.at_level("INFO", logger="memvisor.manager"):
+            mgr.round()
+        assert balloon.stats_polling_interval() == 2
+        assert "stats polling was off (guest rebooted?): turned it back on" in caplog.text
+    finally:
+        mgr.close()
+        guest.stop()
