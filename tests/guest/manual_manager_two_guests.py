@@ -1,5 +1,11 @@
 """Issue 10: the overcommit manager holds two memvisor guests inside a host memory budget, with no guest OOM.
 
+NOT in CI yet (file name without test_): in its lab run of 2026-11-30 19:31 UTC guest b triple-faulted
+(KVM_EXIT_SHUTDOWN) while its balloon was being inflated from 461M toward 430M, memvisor restarted it, and the
+restarted guest's stats polling was off (the manager now turns it back on). A guest crash under balloon
+inflation is a VMM/guest bug to find first; rename this file to test_manager.py once it passes reliably. By hand:
+    .venv/bin/memvisor lab --memory 6G -- .venv/bin/pytest tests/guest/manual_manager_two_guests.py -v -s
+
 Two 1G guests (virtio-balloon with free page reporting, no deflate-on-oom: giving memory back is the manager's
 job here) run side by side under `memvisor manager --budget 1400M --interval 2`, started as a user would:
 1. the manager brings the idle guests inside the budget (the budget's share at once, then step by step toward
