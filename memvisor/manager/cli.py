@@ -81,6 +81,9 @@ def add_manager_command(subparsers: Any) -> None:
     parser.add_argument("--plot", metavar="FILE", help="on exit, write a PNG: host memory against the budget, each VM")
     parser.add_argument("--quiet", action="store_true", help="log only warnings (events such as floors-exceed-budget)")
     parser.set_defaults(func=run_manager)
+    from memvisor.manager.top import add_top_command
+
+    add_top_command(subparsers)  # `memvisor top`, the manager's read-only companion view
 
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:

@@ -9,10 +9,14 @@ Each round (every `interval` s, at once when the host PSI trigger fires or on re
    whose connection fails leaves (logged, retried when its socket is there again);
 2. observe each VM (`VmLink.sample`) and the host (MemAvailable, PSI, swap-out rate);
 3. rates: major faults and swap-in per second from the guest's counters between two stats updates; stale
-   statistics (older than three intervals) count as unknown; a balloon whose actual did not move while its
+   statistics (older than three intervals and 2 s) count as unknown; a balloon whose actual did not move while its
    target differs counts as stuck;
 4. decide, then act only on changes (balloon target, virtio-mem requested-size), and log every decision with its
-   reason (a JSON line per VM and round in the decision log, a text line on changes and events).
+   reason (a JSON line per VM and round in the decision log; a text line whenever a VM's target or the kind of
+   its reason changes, e.g. from "reclaim" to "no guest statistics (stale 12 s): hold", and on every event).
+
+A VM that answers something unexpected (a malformed reply, an error the loop did not foresee) leaves with a
+logged reason and joins again when it answers sensibly; one VM never stops the manager for the others.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import glob
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +44,9 @@ log = logging.getLogger("memvisor.manager")
 
 MiB = 1 << 20
 STALE_INTERVALS = 3
+# Beyond the intervals: last-update has 1 s resolution, and a device skips a polling tick while the guest still
+# holds the stats buffer (a slow guest answers every other tick), so fresh statistics can look a little old.
+STALE_SLACK = 2.0
 STUCK_TOLERANCE = MiB  # drivers move in pages and 1 MiB batches (Linux: 256 PFNs per request)
 Connect = Callable[[str, float, "str | None"], VmLink]
 
@@ -59,6 +67,8 @@ class Tracked:
     counters: tuple[float, int | None, int | None] | None = None  # (stats time, major faults, swap-in)
     rates: tuple[float, float] = (0.0, 0.0)
     sample: Sample | None = None
+    logged: tuple[int | None, str] | None = None  # (target, reason kind) last written to the text log
+    sample_seconds: float = 0.0  # how long the last sample took (QMP replies, the guest agent)
 
 
 @dataclass
@@ -71,6 +81,7 @@ class RoundRecord:
     mem_available: int | None
     vms: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    took: float = 0.0  # seconds the round took (observe, decide, act)
 
 
 class Manager:
@@ -181,10 +192,15 @@ class Manager:
         now_wall = self.wall()
         observations = []
         for path, tracked in list(self.vms.items()):
+            asked = self.clock()
             try:
                 sample = tracked.link.sample()
+                tracked.sample_seconds = self.clock() - asked
             except MemvisorError as err:
                 self._leave(path, str(err))
+                continue
+            except Exception as err:  # noqa: BLE001 (a malformed reply: this VM leaves, the others go on)
+                self._leave(path, f"unexpected reply ({type(err).__name__}: {err})")
                 continue
             tracked.sample = sample
             away = tracked.target is not None and abs(sample.actual - tracked.target) > STUCK_TOLERANCE
@@ -194,14 +210,21 @@ class Manager:
                 tracked.stuck = 0
             tracked.last_actual = sample.actual
             self._rates(tracked, sample)
-            stats = sample.stats
-            if sample.stats_time is None or now_wall - sample.stats_time > STALE_INTERVALS * max(interval, 1.0):
-                stats = None
+            stats, note = sample.stats, None
+            limit = STALE_INTERVALS * max(interval, 1.0) + STALE_SLACK
+            if sample.stats_time is None:
+                stats, note = None, "never reported yet"
+            elif now_wall - sample.stats_time > limit:
+                stats, note = None, f"last update {now_wall - sample.stats_time:.0f} s ago, stale after {limit:.0f} s"
+            elif stats is None:
+                note = "total or available memory not reported"
+            if note is not None and note != "total or available memory not reported":
+                self._repoll(path, tracked)
             vm_config = self.config.for_vm(tracked.link.name)
             observations.append(VmObservation(
                 tracked.link.name, Limits(vm_config.floor, vm_config.ceiling, vm_config.priority), sample.boot_ram,
                 sample.actual, stats, sample.vmem, tracked.rates[0], tracked.rates[1], sample.guest_psi,
-                sample.host_bytes, tracked.stuck,
+                sample.host_bytes, tracked.stuck, note,
             ))  # fmt: skip
         now = self.clock()
         swapped = self.host.swap_out_bytes()
@@ -212,6 +235,15 @@ class Manager:
         self._swap = (now, swapped)
         host_obs = HostObservation(self.budget, self.host.mem_available(), self.host.psi_some_avg10(), swap_rate)
         return host_obs, observations
+
+    def _repoll(self, path: str, tracked: Tracked) -> None:
+        """Statistics never came or went stale: a guest that rebooted (memvisor restarts it on the same socket)
+        or someone else turned polling off. Ask for polling again (a no-op when it is on)."""
+        try:
+            if tracked.link.set_polling(self.config.interval):
+                log.info("%s: stats polling was off (guest rebooted?): turned it back on", tracked.link.name)
+        except MemvisorError as err:
+            log.info("%s: cannot turn stats polling back on: %s", tracked.link.name, err)
 
     @staticmethod
     def _rates(tracked: Tracked, sample: Sample) -> None:
@@ -242,12 +274,27 @@ class Manager:
                     tracked.requested = action.vmem_requested
                 if action.balloon != tracked.target:
                     tracked.link.set_balloon(action.balloon)
-                    if tracked.target is None or abs(action.balloon - tracked.target) >= MiB:
-                        log.info("%s: balloon %dM -> %dM (%s)", action.name, (tracked.target or 0) >> 20,
-                                 action.balloon >> 20, action.reason)  # fmt: skip
                     tracked.target = action.balloon
+                self._log_decision(tracked, action.name, action.balloon, action.reason)
             except MemvisorError as err:
                 self._leave(path, str(err))
+            except Exception as err:  # noqa: BLE001 (as in observe)
+                self._leave(path, f"unexpected reply ({type(err).__name__}: {err})")
+
+    @staticmethod
+    def _log_decision(tracked: Tracked, name: str, target: int, reason: str) -> None:
+        """A text line when the target moves by a MiB or more, or the kind of reason changes (numbers aside)."""
+        kind = re.sub(r"\d+(\.\d+)?", "#", reason)
+        before = tracked.logged
+        if before is not None and before[1] == kind and before[0] is not None and abs(target - before[0]) < MiB:
+            return
+        actual = tracked.sample.actual >> 20 if tracked.sample else "?"
+        if before is None or before[0] != target:
+            log.info("%s: balloon target %sM -> %dM, actual %sM (%s)", name,
+                     "-" if before is None or before[0] is None else before[0] >> 20, target >> 20, actual, reason)  # fmt: skip
+        else:
+            log.info("%s: target stays %dM, actual %sM (%s)", name, target >> 20, actual, reason)
+        tracked.logged = (target, kind)
 
     def round(self) -> Decision:
         if self._reload_requested and self._reload is not None:
@@ -257,6 +304,7 @@ class Manager:
                 log.info("config reloaded")
             except MemvisorError as err:
                 log.error("config not reloaded, keeping the old one: %s", err)
+        started = self.clock()
         self.discover()
         host_obs, observations = self.observe()
         policy = POLICIES[self.config.policy]
@@ -265,12 +313,20 @@ class Manager:
             level = logging.WARNING if event.kind in ("floors-exceed-budget", "balloon-stuck") else logging.INFO
             log.log(level, "event %s%s: %s", event.kind, f" {event.vm}" if event.vm else "", event.message)
         self.act(decision)
-        self._record(host_obs, observations, decision)
+        took = self.clock() - started
+        if took > self.config.interval:
+            slow = ", ".join(f"{t.link.name} {t.sample_seconds:.1f} s" for t in self.vms.values())
+            log.warning("round took %.1f s, longer than the interval (%g s); reading the VMs took: %s", took,
+                        self.config.interval, slow or "-")  # fmt: skip
+        self._record(host_obs, observations, decision, took)
         return decision
 
-    def _record(self, host_obs: HostObservation, observations: list[VmObservation], decision: Decision) -> None:
+    def _record(self, host_obs: HostObservation, observations: list[VmObservation], decision: Decision,
+                took: float = 0.0) -> None:  # fmt: skip
         held = [o.host_bytes for o in observations if o.host_bytes is not None]
-        record = RoundRecord(self.wall(), decision.budget, sum(held) if held else None, host_obs.mem_available)
+        record = RoundRecord(self.wall(), decision.budget, sum(held) if held else None, host_obs.mem_available,
+                             took=round(took, 3))  # fmt: skip
+        seconds = {t.link.name: round(t.sample_seconds, 3) for t in self.vms.values()}
         for obs in observations:
             action = decision.action(obs.name)
             record.vms[obs.name] = {
@@ -280,6 +336,7 @@ class Manager:
                 "guest-available": obs.stats.available if obs.stats else None,
                 "guest-psi": obs.guest_psi, "major-faults-per-s": obs.major_faults_per_s,
                 "floor": obs.floor, "ceiling": obs.ceiling, "reason": action.reason,
+                "sample-seconds": seconds.get(obs.name),
             }  # fmt: skip
         record.events = [asdict(event) for event in decision.events]
         self.history.append(record)
@@ -293,9 +350,16 @@ class Manager:
 
     def run(self, rounds: int | None = None) -> None:
         done = 0
+        failed: str | None = None
         while not self._stop.is_set():
             started = self.clock()
-            self.round()
+            try:
+                self.round()
+                failed = None
+            except Exception as err:  # a bug must not stop the manager silently: say it (once), go on next round
+                if f"{type(err).__name__}: {err}" != failed:
+                    log.exception("round failed, trying again next interval")
+                    failed = f"{type(err).__name__}: {err}"
             done += 1
             if rounds is not None and done >= rounds:
                 return

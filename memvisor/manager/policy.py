@@ -103,6 +103,7 @@ class VmObservation:
     guest_psi: float | None = None
     host_bytes: int | None = None
     stuck: int = 0  # intervals the balloon has not moved toward its target
+    stats_note: str | None = None  # why `stats` is None (never reported, stale, incomplete), for the log
 
     @property
     def size(self) -> int:
@@ -208,7 +209,8 @@ def _desired(vm: VmObservation, knobs: Knobs, why: str | None) -> tuple[int, str
     if vm.stuck >= knobs.stuck_intervals:
         return _clamp(cur, floor, ceiling), "balloon stuck: target reset to actual"
     if want is None:
-        return _clamp(cur, floor, ceiling), "no guest statistics: hold"
+        note = f" ({vm.stats_note})" if vm.stats_note else ""
+        return _clamp(cur, floor, ceiling), f"no guest statistics{note}: hold"
     want = _clamp(want, floor, ceiling)
     step = max(1, int(ceiling * knobs.step_percent / 100))
     if abs(want - cur) <= ceiling * knobs.dead_band_percent / 100:

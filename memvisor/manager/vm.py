@@ -110,12 +110,15 @@ class VmLink:
             "(QEMU: -device virtio-balloon-pci,id=balloon0)"
         )
 
-    def set_polling(self, interval: float) -> None:
+    def set_polling(self, interval: float) -> bool:
+        """Set the balloon's stats polling to the manager's interval; True if it had to be changed."""
         seconds = max(1, int(round(interval)))
         current = self.qmp.execute("qom-get", {"path": self.balloon_path, "property": "guest-stats-polling-interval"})
         if current != seconds:
             self.qmp.execute("qom-set", {"path": self.balloon_path, "property": "guest-stats-polling-interval",
                                          "value": seconds})  # fmt: skip
+            return True
+        return False
 
     # --- inputs ------------------------------------------------------------------------------------------------
 
