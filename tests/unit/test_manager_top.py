@@ -68,7 +68,7 @@ def test_once_shows_balloon_guest_stats_host_memory_and_virtio_mem(sock_dir: str
         cells = web.split()
         assert cells[:6] + cells[7:] == ["web", "memvisor", "768M", "1024M", "500M", "300M", "ago", "768M",
                                          "x-query-host-memory", "0M/0M"]  # fmt: skip
-        assert cells[6] in ("3s", "4s")  # last-update has 1 s resolution
+        assert cells[6].endswith("s") and 3 <= int(cells[6][:-1]) <= 9  # 1 s resolution, and a slow run ages it
         row = next(line for line in lines if line.startswith("qemu "))
         cells = row.split()
         # QEMU 7.2 had not polled: stats off, no numbers; host memory from RSS (the server's pid: this process)
