@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -488,7 +489,8 @@ def test_a_round_slower_than_the_interval_is_logged_with_each_vm_s_reading_time(
         link.sample = slow  # type: ignore[method-assign]
         with caplog.at_level("WARNING", logger="memvisor.manager"):
             mgr.round()
-        assert "longer than the interval (0.1 s); reading the VMs took: g 0.2 s" in caplog.text
+        # 0.2 s at least; more when the machine is busy
+        assert re.search(r"longer than the interval \(0\.1 s\); reading the VMs took: g (0\.[2-9]|[1-9][0-9.]*) s", caplog.text)
         assert mgr.history[-1].took >= 0.2
         assert mgr.history[-1].vms["g"]["sample-seconds"] >= 0.2
     finally:
