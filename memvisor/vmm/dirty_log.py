@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from memvisor.kvm import structs
@@ -69,6 +68,14 @@ def unpack_dirty_bitmap(bitmap: bytes | bytearray | memoryview, pages: int) -> P
     return np.unpackbits(raw, count=pages, bitorder="little").view(bool)
 
 
+def set_dirty_logging(vm: DirtyLogVm, slots: Iterable[MemorySlot], on: bool) -> None:
+    """Re-register each of `slots` with KVM_MEM_LOG_DIRTY_PAGES set (`on`) or clear; slots already so are left alone."""
+    for info in slots:
+        flags = info.flags | structs.KVM_MEM_LOG_DIRTY_PAGES if on else info.flags & ~structs.KVM_MEM_LOG_DIRTY_PAGES
+        if flags != info.flags:
+            vm.set_memory_slot(info.slot, info.guest_phys_addr, info.size, info.userspace_addr, flags)
+
+
 class DirtyLog:
     """Dirty logging on a set of KVM memory slots, answered as one bool array indexed by guest PFN.
 
@@ -92,13 +99,7 @@ class DirtyLog:
         return [self._vm.slots[slot] for slot in self._slots]
 
     def _set_logging(self, on: bool) -> None:
-        for info in self._slot_infos():
-            flags = info.flags | structs.KVM_MEM_LOG_DIRTY_PAGES if on else info.flags & ~structs.KVM_MEM_LOG_DIRTY_PAGES
-            if flags != info.flags:
-                changed = replace(info, flags=flags)
-                self._vm.set_memory_slot(
-                    changed.slot, changed.guest_phys_addr, changed.size, changed.userspace_addr, changed.flags
-                )
+        set_dirty_logging(self._vm, self._slot_infos(), on)
 
     def start(self) -> None:
         """Re-register every slot with KVM_MEM_LOG_DIRTY_PAGES; a no-op when logging is on already."""

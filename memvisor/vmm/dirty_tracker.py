@@ -27,11 +27,10 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from memvisor.kvm import structs
-from memvisor.vmm.dirty_log import PAGE_SHIFT, DirtyLogVm, bitmap_bytes
+from memvisor.vmm.dirty_log import PAGE_SHIFT, DirtyLogVm, bitmap_bytes, set_dirty_logging
 
 if TYPE_CHECKING:
     import numpy as np
@@ -135,13 +134,7 @@ class DirtyTracker:
                 self._set_logging(False)
 
     def _set_logging(self, on: bool) -> None:
-        for info in self._slots():
-            flags = info.flags | structs.KVM_MEM_LOG_DIRTY_PAGES if on else info.flags & ~structs.KVM_MEM_LOG_DIRTY_PAGES
-            if flags != info.flags:
-                changed = replace(info, flags=flags)
-                self._vm.set_memory_slot(
-                    changed.slot, changed.guest_phys_addr, changed.size, changed.userspace_addr, changed.flags
-                )
+        set_dirty_logging(self._vm, self._slots(), on)
         if not on:
             self._logged.clear()
             self._buffers.clear()
