@@ -81,6 +81,20 @@ def test_balloon_save_restore_save(ops: list[tuple[str, int, int]], num_pages: i
     memory.close()
 
 
+def test_stats_last_update_survives_restore_just_before_a_second_boundary() -> None:
+    """CI once saw last-update 1796072921.9996 come back as ...922: the saved milliseconds were rounded up."""
+    memory = balloon_memory()
+    driver = BalloonDriver(_device(), memory)
+    driver.device.request_stats()
+    driver.refill_stats([(4, 1)])
+    driver.device.stats.last_update = 1796072921.9996
+    fresh, _, _ = _restore(driver)
+    assert fresh.guest_stats()["last-update"] == 1796072921
+    fresh.close()
+    driver.device.close()
+    memory.close()
+
+
 def test_restored_balloon_returns_the_held_stats_buffer_to_the_same_driver() -> None:
     memory = balloon_memory()
     driver = BalloonDriver(_device(), memory)

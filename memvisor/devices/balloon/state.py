@@ -13,6 +13,7 @@ hinting state is refused, naming the field, before anything is changed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,7 @@ def save_balloon(device: BalloonDevice) -> BalloonState:
             poison_val=device.poison_val,
             stats_interval_ms=round(device.stats_polling_interval * 1000),
             stats_values=tuple(-1 if v is None else v for v in device.stats.values),
-            stats_last_update_ms=round(device.stats.last_update * 1000),
+            stats_last_update_ms=math.floor(device.stats.last_update * 1000),  # floor: rounding up could pass a second
             stats_updates=device.stats.updates,
             stats_head=-1 if device._stats_head is None else device._stats_head,
             page_count=device._inflated.size,
