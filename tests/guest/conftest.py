@@ -62,13 +62,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     """A failed guest test's report carries the end of each guest console (and memvisor's stderr) it left."""
     report = yield
     if report.failed:
-        tmp = getattr(item, "funcargs", {}).get("tmp_path")
-        if isinstance(tmp, Path):
-            for path in sorted(tmp.rglob("*")):
+        for folder in _log_folders(getattr(item, "funcargs", {})):
+            for path in sorted(folder.rglob("*")):
                 if path.is_file() and (path.name.endswith("console.log") or path.name.endswith(".stderr")):
                     lines = path.read_text(errors="replace").splitlines()[-CONSOLE_TAIL_LINES:]
                     report.sections.append((f"{path.name} ({path})", "\n".join(lines)))
     return report
+
+
+def _log_folders(funcargs: dict[str, object]) -> list[Path]:
+    """The test's tmp_path, and the folder of every guest a fixture handed it (module-scoped guests live
+    outside tmp_path): a guest is anything with a `workdir` folder."""
+    folders: list[Path] = []
+    for name, value in funcargs.items():
+        candidate = value if name == "tmp_path" else getattr(value, "workdir", None)
+        if isinstance(candidate, Path) and candidate.is_dir() and candidate not in folders:
+            folders.append(candidate)
+    return folders
 
 
 def memvisor(
