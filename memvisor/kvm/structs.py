@@ -391,6 +391,43 @@ KVM_VCPUEVENT_VALID_SHADOW = 0x00000004
 KVM_VCPUEVENT_VALID_SMM = 0x00000008
 
 
+# --- Sync regs: KVM copies registers into kvm_run at every exit (KVM_CAP_SYNC_REGS).
+
+
+class KvmSyncRegs(ctypes.Structure):
+    """struct kvm_sync_regs (arch/x86/include/uapi/asm/kvm.h): what KVM stores into kvm_run.s.regs on every
+    exit for the classes set in kvm_run.kvm_valid_regs. Guest-controlled values: read, never trusted."""
+
+    _fields_ = [("regs", KvmRegs), ("sregs", KvmSregs), ("events", KvmVcpuEvents)]
+
+
+SYNC_REGS_SIZE_BYTES = 2048  # linux/kvm.h: the size of kvm_run's `s` union
+
+
+class KvmRunSyncUnion(ctypes.Union):
+    """kvm_run.s (linux/kvm.h): the architecture's sync regs, padded to SYNC_REGS_SIZE_BYTES."""
+
+    _fields_ = [("regs", KvmSyncRegs), ("padding", ctypes.c_char * SYNC_REGS_SIZE_BYTES)]
+
+
+class KvmRunSync(ctypes.Structure):
+    """The tail of struct kvm_run after the exit union (linux/kvm.h), at RUN_SYNC_OFFSET in the kvm_run page.
+
+    kvm_valid_regs: the KVM_SYNC_X86_* classes KVM fills at every exit; kvm_dirty_regs: the classes userspace
+    changed and KVM must load before entering the guest (memvisor never sets it: it does not write registers back).
+    """
+
+    _fields_ = [("kvm_valid_regs", u64), ("kvm_dirty_regs", u64), ("s", KvmRunSyncUnion)]
+
+
+RUN_SYNC_OFFSET = ctypes.sizeof(KvmRun)  # offsetof(struct kvm_run, kvm_valid_regs) == 0x130 on x86_64
+
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
+KVM_SYNC_X86_EVENTS = 1 << 2
+KVM_SYNC_X86_VALID_FIELDS = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+
+
 class KvmClockData(ctypes.Structure):
     """struct kvm_clock_data (KVM_GET/SET_CLOCK): the VM's kvmclock in nanoseconds."""
 

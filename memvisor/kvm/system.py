@@ -175,6 +175,20 @@ class Vcpu:
             raise
         return int(self.run_struct.exit_reason)
 
+    def enable_sync_regs(self, classes: int) -> int:
+        """Ask KVM to copy the register `classes` (KVM_SYNC_X86_*) into kvm_run.s.regs at every exit, as far
+        as KVM_CAP_SYNC_REGS supports them; returns the classes enabled (0: none, the capability is absent).
+
+        Only kvm_valid_regs is written: kvm_dirty_regs stays 0, so KVM never loads registers from kvm_run."""
+        try:
+            supported = ioctl(self.vm.kvm.fd, ioctls.KVM_CHECK_EXTENSION, ioctls.KVM_CAP_SYNC_REGS)
+        except KvmIoctlError:
+            supported = 0
+        enabled = classes & supported
+        if enabled:
+            structs.KvmRunSync.from_address(self.run_address + structs.RUN_SYNC_OFFSET).kvm_valid_regs = enabled
+        return enabled
+
     def io_data(self, size: int) -> ctypes.Array:  # type: ignore[type-arg]
         """The data bytes of the current port I/O exit (inside the kvm_run page)."""
         return (ctypes.c_uint8 * size).from_address(self.run_address + self.run_struct.exit.io.data_offset)

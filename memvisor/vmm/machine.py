@@ -39,6 +39,7 @@ from memvisor.vmm.config import MachineConfig
 from memvisor.vmm.console import Console
 from memvisor.vmm.dirty_log import PageMask
 from memvisor.vmm.dirty_tracker import DirtyConsumer, DirtyTracker
+from memvisor.vmm.exit_trail import SYNC_CLASSES, ExitTrail
 from memvisor.vmm.loader import load_kernel
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -132,6 +133,7 @@ class Machine:
         self._parked = 0  # vCPU threads waiting in _park
         self._outcome_listeners: list[Callable[[Outcome], None]] = []
         self._vcpu_states: dict[int, str] = {}
+        self._trails: dict[int, ExitTrail] = {}  # each vCPU's previous exit (KVM_CAP_SYNC_REGS), by index
         self.boot_started = 0.0
         self.ports = PortBus()
         self.mmio: list[tuple[int, int, MmioDevice]] = []
@@ -251,6 +253,10 @@ class Machine:
         if threading.current_thread() is threading.main_thread():
             signal.signal(KICK_SIGNAL, _ignore_signal)
         self.boot_started = time.monotonic()
+        for vcpu in self.vcpus:
+            classes = vcpu.enable_sync_regs(SYNC_CLASSES)  # 0 without KVM_CAP_SYNC_REGS: then no trail
+            if classes:
+                self._trails[vcpu.index] = ExitTrail(vcpu.run_address, classes)
         for vcpu in self.vcpus:
             thread = threading.Thread(
                 target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True
@@ -421,6 +427,9 @@ class Machine:
         exit_union = run.exit
         counts = self.exit_counts
         ports = self.ports
+        # The exit trail: a copy of kvm_run's head and sync regs, and a clock read, per exit (exit_trail.py).
+        trail = self._trails.get(vcpu.index)
+        now_ns = time.monotonic_ns
         try:
             if self._pause_requested:
                 self._park()  # paused before it ever ran
@@ -458,6 +467,9 @@ class Machine:
                     time.sleep(0.001)
                 else:
                     self._finish(Outcome(StopReason.ERROR, self._describe_exit(vcpu, reason)))
+                if trail is not None:  # after handling: at the next exit this is the one before it
+                    trail.view[:] = trail.source
+                    trail.at_ns = now_ns()
         except KvmIoctlError as error:
             self._finish(Outcome(StopReason.ERROR, self._describe_run_error(vcpu, error)))
         outcome = self._outcome

@@ -43,6 +43,7 @@ STRUCTS: dict[type[ctypes.Structure], str] = {
     structs.KvmXcrs: "struct kvm_xcrs",
     structs.KvmDebugregs: "struct kvm_debugregs",
     structs.KvmVcpuEvents: "struct kvm_vcpu_events",
+    structs.KvmSyncRegs: "struct kvm_sync_regs",
     structs.KvmClockData: "struct kvm_clock_data",
     structs.KvmIrqchip: "struct kvm_irqchip",
     structs.KvmPitChannelState: "struct kvm_pit_channel_state",
@@ -92,6 +93,13 @@ def _field_checks() -> list[tuple[str, str, int]]:
             checks.append((f"offsetof {ctype}.{path}", f"offsetof({ctype}, {cpath})", offset))
             if (ctype, path) not in FLEXIBLE:
                 checks.append((f"sizeof {ctype}.{path}", f"sizeof((({ctype} *)0)->{cpath})", size))
+    # kvm_run's tail (kvm_valid_regs, kvm_dirty_regs, the sync regs union `s`), mirrored on its own at
+    # RUN_SYNC_OFFSET: every field's offset is checked inside struct kvm_run itself.
+    run, tail = "struct kvm_run", structs.KvmRunSync
+    checks.append((f"sizeof {run}", f"sizeof({run})", structs.RUN_SYNC_OFFSET + ctypes.sizeof(tail)))
+    for path, offset, size in _leaves(tail, base=structs.RUN_SYNC_OFFSET):
+        checks.append((f"offsetof {run}.{path}", f"offsetof({run}, {path})", offset))
+        checks.append((f"sizeof {run}.{path}", f"sizeof((({run} *)0)->{path})", size))
     # Flexible-array structures: their fixed head is what the ioctl size encodes.
     checks.append(
         ("sizeof struct kvm_cpuid2 head", "sizeof(struct kvm_cpuid2)", structs.KvmCpuid2.entries.offset)
@@ -181,6 +189,10 @@ def test_well_known_layout_without_a_compiler() -> None:
     assert ctypes.sizeof(structs.KvmIoeventfd) == 64
     assert ctypes.sizeof(structs.KvmIrqfd) == 32
     assert ctypes.sizeof(structs.KvmLapicState) == 1024
+    assert structs.RUN_SYNC_OFFSET == 0x120  # kvm_valid_regs, right after the 256-byte exit union
+    assert structs.RUN_SYNC_OFFSET + structs.KvmRunSync.s.offset == 0x130  # the sync regs themselves
+    assert ctypes.sizeof(structs.KvmRunSyncUnion) == 2048
+    assert ctypes.sizeof(structs.KvmSyncRegs) == 0x90 + 0x138 + 0x40  # kvm_regs, kvm_sregs, kvm_vcpu_events
 
 
 def test_ioctl_encoding_follows_asm_generic() -> None:

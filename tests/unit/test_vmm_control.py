@@ -610,6 +610,9 @@ class FakeVcpu:
         self.runs = 0
         self.kvmclock_signals = 0
 
+    def enable_sync_regs(self, classes: int) -> int:
+        return 0  # no KVM_CAP_SYNC_REGS: the machine keeps no exit trail
+
     def kvmclock_ctrl(self) -> bool:
         """Machine.pause tells KVM each parked vCPU was stopped (KVM_KVMCLOCK_CTRL)."""
         self.kvmclock_signals += 1
@@ -633,6 +636,7 @@ def _machine_shell(vcpus: int) -> Machine:
     machine._parked = 0
     machine._outcome = None
     machine._outcome_listeners = []
+    machine._trails = {}
     machine.exit_counts = collections.Counter()
     machine.ports = machine_module.PortBus()
     machine.mmio = []
