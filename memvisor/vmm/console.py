@@ -1,5 +1,6 @@
 """The guest console: bytes from COM1 to a file or standard output, watched for a kernel panic."""
 
+import collections
 import contextlib
 import os
 import re
@@ -7,6 +8,8 @@ import threading
 from collections.abc import Callable
 
 PANIC_RE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+TAIL_LINES = 50  # complete lines kept for a report (`tail`)
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 class Console:
@@ -16,6 +19,7 @@ class Console:
         self._fd = fd
         self._on_panic = on_panic
         self._line = bytearray()
+        self._tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_LINES)
         self._lock = threading.Lock()
         self.panicked = False
 
@@ -28,6 +32,7 @@ class Console:
                 line = bytes(self._line[:end])
                 del self._line[: end + 1]
                 self._check(line)
+                self._tail.append(line)
             if len(self._line) > 4096:
                 del self._line[:-1024]
 
@@ -36,3 +41,10 @@ class Console:
         if match and not self.panicked:
             self.panicked = True
             self._on_panic(match.group(1).decode(errors="replace").strip())
+
+    def tail(self, count: int) -> tuple[str, ...]:
+        """The last `count` lines the guest wrote (at most TAIL_LINES), with the unfinished one, as text safe to
+        print: the guest's control characters (terminal escapes) become `?`."""
+        with self._lock:
+            lines = [*self._tail, bytes(self._line)] if self._line else list(self._tail)
+        return tuple(_UNPRINTABLE.sub("?", line.decode(errors="replace").rstrip("\r")) for line in lines[-count:])

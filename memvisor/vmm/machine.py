@@ -43,6 +43,7 @@ from memvisor.vmm.exit_trail import SYNC_CLASSES, ExitTrail
 from memvisor.vmm.loader import load_kernel
 
 KICK_SIGNAL = signal.SIGUSR1
+CONSOLE_TAIL_LINES = 20  # console lines a triple fault's report carries
 
 
 class StopReason(enum.Enum):
@@ -58,6 +59,7 @@ class Outcome:
     reason: StopReason
     message: str = ""
     cause: str = ""  # for a reset: what asked for it (a triple fault, the i8042, ACPI, QMP)
+    console_tail: tuple[str, ...] = ()  # for a triple fault: the guest console's last lines before it
 
 
 PortRead = Callable[[int], int]
@@ -280,10 +282,23 @@ class Machine:
     def request_poweroff(self) -> None:
         self._finish(Outcome(StopReason.POWEROFF))
 
-    def request_reset(self, cause: str = "the host asked for it (QMP system_reset)") -> None:
+    def request_reset(
+        self, cause: str = "the host asked for it (QMP system_reset)", *, console_tail: tuple[str, ...] = ()
+    ) -> None:
         if self.console.panicked:
             return  # panic=-1 resets right after the panic; the panic is what ended the guest
-        self._finish(Outcome(StopReason.RESET, "the guest rebooted", cause))
+        self._finish(Outcome(StopReason.RESET, "the guest rebooted", cause, console_tail))
+
+    def _on_triple_fault(self, vcpu: Vcpu) -> None:
+        """KVM_EXIT_SHUTDOWN: a reset (as QEMU does: SHUTDOWN_CAUSE_GUEST_RESET) whose cause names where the
+        vCPU last was. The registers readable now are already the reset state on AMD; the trail kept the exit
+        before this one (memvisor/vmm/exit_trail.py)."""
+        cause = f"triple fault on vCPU {vcpu.index} (KVM_EXIT_SHUTDOWN)"
+        trail = self._trails.get(vcpu.index)
+        last = trail.describe() if trail is not None else None
+        if last is not None:
+            cause += f"; its last exit before it: {last}"
+        self.request_reset(cause, console_tail=self.console.tail(CONSOLE_TAIL_LINES))
 
     def vcpu_states(self) -> list[str]:
         """After a reset or an error: each vCPU's registers as it left KVM_RUN (one line each, vCPU order).
@@ -454,7 +469,7 @@ class Machine:
                     if self._pause_requested:  # after clearing immediate_exit, so no kick is lost
                         self._park()
                 elif reason == structs.KVM_EXIT_SHUTDOWN:
-                    self.request_reset(f"triple fault on vCPU {vcpu.index} (KVM_EXIT_SHUTDOWN)")
+                    self._on_triple_fault(vcpu)
                 elif reason == structs.KVM_EXIT_SYSTEM_EVENT:
                     event = exit_union.system_event.type
                     if event == structs.KVM_SYSTEM_EVENT_SHUTDOWN:

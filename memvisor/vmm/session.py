@@ -168,7 +168,11 @@ def _report_reset(machine: Machine, console_fd: int) -> None:
     what = f"the guest reset: {outcome.cause}" if outcome.reason is StopReason.RESET else outcome.message
     lines = [f"memvisor: {what}", *(f"memvisor:   {state}" for state in machine.vcpu_states())]
     text = "\n".join(lines) + "\n"
-    sys.stderr.write(text)
+    tail = ""
+    if outcome.console_tail:  # a triple fault: what the guest printed last (the console file has it already)
+        tail = "memvisor:   the guest console's last lines before it:\n"
+        tail += "".join(f"memvisor:   | {line}\n" for line in outcome.console_tail)
+    sys.stderr.write(text + tail)
     sys.stderr.flush()
     if console_fd > 2:
         with contextlib.suppress(OSError):

@@ -5,10 +5,25 @@ its sync regs into it as KVM would, then the reset state KVM leaves at KVM_EXIT_
 position reported is the one from before.
 """
 
+import collections
 import ctypes
+import errno
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
 
 from memvisor.kvm import structs
+from memvisor.kvm.ioctls import KvmIoctlError
+from memvisor.vmm import machine as machine_module
+from memvisor.vmm import session
+from memvisor.vmm.console import Console
 from memvisor.vmm.exit_trail import IMAGE_SIZE, SYNC_CLASSES, ExitTrail, RunImage, describe_events
+from memvisor.vmm.machine import Machine, Outcome, StopReason
 
 PAGE = 4096
 GUEST_RIP = 0xFFFFFFFF81A2B3C4
@@ -94,3 +109,129 @@ def test_events_say_nothing_when_nothing_is_in_flight() -> None:
     assert describe_events(events) == ""
     events.nmi.pending, events.interrupt.injected, events.interrupt.nr = 1, 1, 0xEC
     assert describe_events(events) == "interrupt 236 injected, NMI pending"
+
+
+# --- the vCPU loop with a fake vCPU over a fake kvm_run page ----------------------------------------------------
+
+
+class FakeVcpu:
+    """Makes the exits in `script` (callables that fill the page, returning the exit reason), then stops."""
+
+    def __init__(self, script: list[Any], sync_regs: bool) -> None:
+        self.index = 0
+        self.page = FakeRunPage()
+        self.run_address = self.page.address
+        self.run_struct = self.page.image.run
+        self.script = list(script)
+        self.sync_regs = sync_regs
+
+    def enable_sync_regs(self, classes: int) -> int:
+        if not self.sync_regs:
+            return 0  # no KVM_CAP_SYNC_REGS
+        self.page.image.valid_regs = classes
+        return classes
+
+    def run(self) -> int:
+        if self.run_struct.immediate_exit or not self.script:
+            return structs.KVM_EXIT_INTR
+        return int(self.script.pop(0)(self.page))
+
+    def io_data(self, size: int) -> ctypes.Array:  # type: ignore[type-arg]
+        return (ctypes.c_uint8 * size).from_address(self.run_address + PAGE // 2)
+
+    def get_regs(self) -> structs.KvmRegs:
+        raise KvmIoctlError(errno.EBADF, "fake vCPU")
+
+    get_sregs = get_regs
+
+
+def _out(port: int, rip: int) -> Any:
+    def exit_(page: FakeRunPage) -> int:
+        page.io_exit(port, rip, GUEST_CR3, GUEST_CR0)
+        return structs.KVM_EXIT_IO
+
+    return exit_
+
+
+def _shutdown(page: FakeRunPage) -> int:
+    page.shutdown_exit()
+    return structs.KVM_EXIT_SHUTDOWN
+
+
+@pytest.fixture
+def devnull() -> Iterator[int]:
+    fd = os.open(os.devnull, os.O_WRONLY)
+    yield fd
+    os.close(fd)
+
+
+def _run_machine(vcpu: FakeVcpu, console_fd: int, console_text: bytes = b"") -> Outcome:
+    machine = Machine.__new__(Machine)
+    machine._done = threading.Condition()
+    machine._threads, machine._stopping, machine._pause_requested, machine._parked = [], False, False, 0
+    machine._outcome, machine._outcome_listeners = None, []
+    machine._vcpu_states, machine._trails = {}, {}
+    machine.exit_counts = collections.Counter()
+    machine.ports = machine_module.PortBus()
+    machine.mmio = []
+    machine.agent = cast(Any, SimpleNamespace(abort=lambda message: None))
+    machine.console = Console(console_fd, lambda message: None)
+    machine.console.write(console_text)
+    machine.vcpus = cast(Any, [vcpu])
+    previous = signal.getsignal(machine_module.KICK_SIGNAL)
+    try:
+        machine.start()
+        outcome = machine.wait(timeout=5)
+    finally:
+        machine.stop("test over")
+        machine.wait(timeout=5)
+        signal.signal(machine_module.KICK_SIGNAL, previous)
+    assert outcome is not None
+    assert vcpu.page.image.dirty_regs == 0  # memvisor never asks KVM to load registers from kvm_run
+    return outcome
+
+
+def test_a_triple_fault_names_the_vcpus_last_position_and_the_console(devnull: int) -> None:
+    console = b"".join(b"line %d\r\n" % number for number in range(30)) + b"\x1b[1mBUG: bad page\r\n"
+    vcpu = FakeVcpu([_out(0x80, 0xFFFFFFFF81000010), _out(0x3F8, GUEST_RIP), _shutdown], sync_regs=True)
+    outcome = _run_machine(vcpu, devnull, console)
+    assert outcome.reason is StopReason.RESET
+    assert outcome.cause.startswith(
+        "triple fault on vCPU 0 (KVM_EXIT_SHUTDOWN); its last exit before it: IO port 0x3f8 out (size 1, count 1) "
+        f"at rip={GUEST_RIP:#x} "
+    )
+    assert f"cr3={GUEST_CR3:#x}" in outcome.cause and " ms earlier)" in outcome.cause
+    assert "rip=0xfff0" not in outcome.cause
+    assert len(outcome.console_tail) == 20
+    assert outcome.console_tail[-1] == "?[1mBUG: bad page"  # the escape is not passed on to a terminal
+    assert outcome.console_tail[0] == "line 11"
+
+
+def test_without_sync_regs_the_cause_is_as_before(devnull: int) -> None:
+    vcpu = FakeVcpu([_out(0x3F8, GUEST_RIP), _shutdown], sync_regs=False)
+    outcome = _run_machine(vcpu, devnull)
+    assert outcome.reason is StopReason.RESET
+    assert outcome.cause == "triple fault on vCPU 0 (KVM_EXIT_SHUTDOWN)"
+
+
+def test_the_reset_report_prints_the_cause_and_the_console_tail(capsys: pytest.CaptureFixture[str]) -> None:
+    outcome = Outcome(StopReason.RESET, "the guest rebooted", "triple fault on vCPU 0 (KVM_EXIT_SHUTDOWN); its "
+                      "last exit before it: HLT at rip=0x1", ("[  9.1] virtio_mem: plugged", "x"))  # fmt: skip
+    machine = SimpleNamespace(outcome=outcome, vcpu_states=lambda: ["vCPU 0: rip=0xfff0"])
+    session._report_reset(cast(Any, machine), 2)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "memvisor: the guest reset: triple fault on vCPU 0 (KVM_EXIT_SHUTDOWN); its last exit before it: HLT at "
+        "rip=0x1",
+        "memvisor:   vCPU 0: rip=0xfff0",
+        "memvisor:   the guest console's last lines before it:",
+        "memvisor:   | [  9.1] virtio_mem: plugged",
+        "memvisor:   | x",
+    ]
+
+
+def test_console_tail_keeps_the_unfinished_line(devnull: int) -> None:
+    console = Console(devnull, lambda message: None)
+    console.write(b"a\nb\r\nc")
+    assert console.tail(20) == ("a", "b", "c")
+    assert console.tail(1) == ("c",)
