@@ -59,3 +59,104 @@ def test_help_explains_the_loop() -> None:
     text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
     for words in ("KVM_EXIT_SHUTDOWN", "--reboot exit", "checksum", "--end-with-triple-fault", "memvisor lab"):
         assert words in text
+
+
+class FakeProcess:
+    def __init__(self) -> None:
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired("memvisor", timeout or 0)
+        return self.returncode
+
+
+class FakeGuestVM:
+    """GuestVM's surface as the script uses it, over a pretend memvisor: the balloon and virtio-mem arrive at once;
+    `reset_at` (a QMP command count) makes memvisor print a triple fault's report and exit, as --reboot exit does."""
+
+    reset_at: int | None = None
+    made: list["FakeGuestVM"] = []
+
+    def __init__(self, workdir: Path, *, memory: str, vcpus: int, devices: list[str], extra: list[str]) -> None:
+        self.devices, self.extra = devices, extra
+        self.process = FakeProcess()
+        self.stderr_path = workdir / "memvisor.stderr"
+        self.stderr_path.write_text("")
+        self.actual, self.size, self.calls, self.guest_commands = int(memory[:-1]) << 20, 0, 0, []
+        FakeGuestVM.made.append(self)
+
+    def _reset(self) -> None:
+        self.stderr_path.write_text(STDERR)
+        self.process.returncode = 0
+        raise ConnectionResetError("memvisor closed the QMP connection")
+
+    def cmd(self, name: str, **arguments: object) -> object:
+        self.calls += 1
+        if self.process.returncode is not None or self.calls == self.reset_at:
+            self._reset()
+        if name == "balloon":
+            self.actual = int(arguments["value"])  # type: ignore[call-overload]
+        elif name == "query-balloon":
+            return {"actual": self.actual}
+        elif name == "qom-set":
+            self.size = int(arguments["value"])  # type: ignore[call-overload]
+        elif name == "qom-get":
+            return self.size
+        return {}
+
+    def check(self, command: str, timeout: float = 120) -> str:
+        self.guest_commands.append(command)
+        if "sysrq-trigger" in command:
+            self._reset()
+        return "7 0" if "status" in command else ""
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_vm(monkeypatch: pytest.MonkeyPatch) -> type[FakeGuestVM]:
+    import tests.guest.vm
+
+    FakeGuestVM.reset_at, FakeGuestVM.made = None, []
+    monkeypatch.setattr(tests.guest.vm, "GuestVM", FakeGuestVM)
+    return FakeGuestVM
+
+
+def test_rounds_without_a_reset_pass(script: ModuleType, fake_vm: type[FakeGuestVM], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    args = script.parse_args(["--inside", "--rounds", "3", "--virtio-mem", "1G", "--logs", str(tmp_path)])
+    assert script.run(args) == 0
+    out = capsys.readouterr().out
+    assert "round 3:" in out and "3 rounds in" in out and "resets 0 (0 not asked for)" in out
+    assert "writer passes 7, checksum mismatches 0" in out and "plug" in out
+    (vm,) = fake_vm.made
+    assert vm.extra == ["--reboot", "exit"] and vm.devices[1].startswith("virtio-mem,id=vm0,max-size=1024M")
+    assert any("md5sum" in command for command in vm.guest_commands)
+
+
+def test_a_reset_in_a_round_is_reported_with_memvisors_lines(
+    script: ModuleType, fake_vm: type[FakeGuestVM], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_vm.reset_at = 6  # in the second round (4 QMP commands a round: balloon, query, balloon, query)
+    args = script.parse_args(["--inside", "--rounds", "5", "--logs", str(tmp_path)])
+    assert script.run(args) == 1
+    out = capsys.readouterr().out
+    assert "memvisor went away during round 2" in out
+    assert "stress-guest-reset: memvisor: the guest reset: triple fault on vCPU 1 (KVM_EXIT_SHUTDOWN); its last" in out
+    assert "stress-guest-reset: memvisor:   | [   12.5] virtio_mem" in out
+    assert "1 rounds in" in out and "resets 1 (1 not asked for)" in out
+
+
+def test_the_deliberate_triple_fault_checks_the_diagnostic(
+    script: ModuleType, fake_vm: type[FakeGuestVM], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = script.parse_args(["--inside", "--rounds", "1", "--end-with-triple-fault", "--logs", str(tmp_path)])
+    assert script.run(args) == 0
+    out = capsys.readouterr().out
+    assert "resets 1 (0 not asked for)" in out and "diagnostic names a kernel address: OK" in out
+    assert fake_vm.made[0].extra == ["--reboot", "exit", "--append", "reboot=t"]
