@@ -235,3 +235,31 @@ def test_console_tail_keeps_the_unfinished_line(devnull: int) -> None:
     console.write(b"a\nb\r\nc")
     assert console.tail(20) == ("a", "b", "c")
     assert console.tail(1) == ("c",)
+
+
+# --- Vcpu.enable_sync_regs: KVM_CHECK_EXTENSION first, kvm_valid_regs only --------------------------------------
+
+
+@pytest.mark.parametrize(("supported", "enabled"), [(7, 7), (3, 3), (0, 0), (None, 0)])
+def test_enable_sync_regs_asks_kvm_and_never_sets_dirty_bits(
+    monkeypatch: pytest.MonkeyPatch, supported: int | None, enabled: int
+) -> None:
+    from memvisor.kvm import ioctls, system
+
+    asked: list[tuple[int, int, object]] = []
+
+    def fake_ioctl(fd: int, request: int, arg: object = None) -> int:
+        asked.append((fd, request, arg))
+        if supported is None:
+            raise KvmIoctlError(errno.EINVAL, "an old KVM")
+        return supported
+
+    monkeypatch.setattr(system, "ioctl", fake_ioctl)
+    page = FakeRunPage()
+    vcpu = system.Vcpu.__new__(system.Vcpu)
+    vcpu.vm = cast(Any, SimpleNamespace(kvm=SimpleNamespace(fd=42)))
+    vcpu.run_address = page.address
+    assert vcpu.enable_sync_regs(SYNC_CLASSES) == enabled
+    assert asked == [(42, ioctls.KVM_CHECK_EXTENSION, ioctls.KVM_CAP_SYNC_REGS)]
+    assert page.image.valid_regs == enabled
+    assert page.image.dirty_regs == 0
