@@ -8,7 +8,7 @@ from memvisor.kvm import structs
 from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
 from memvisor.vmm.dirty_tracker import DirtyTracker
 
-from .test_dirty_log import FakeVm
+from .kvm_fakes import FakeVm
 
 MiB = 1 << 20
 RAM = (0, 4 * MiB)

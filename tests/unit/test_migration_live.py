@@ -21,7 +21,7 @@ from memvisor.migration.stream import PAGE_SIZE, StreamError
 from memvisor.migration.transport import parse_uri
 from memvisor.vmm.dirty_tracker import DirtyTracker
 
-from .test_dirty_log import FakeVm
+from .kvm_fakes import FakeVm
 
 MiB = 1 << 20
 RAM = 4 * MiB
