@@ -183,6 +183,15 @@ class Machine:
         self.devices: list[Any] = []  # memvisor.vmm.devices.AttachedDevice, set by attach_devices
 
     # Devices.
+    @property
+    def agent_on_com2(self) -> bool:
+        """Whether the guest agent last spoke on COM2 (else on the hvc console): where its requests go."""
+        return self._agent_on_com2
+
+    @agent_on_com2.setter
+    def agent_on_com2(self, on_com2: bool) -> None:
+        self._agent_on_com2 = on_com2
+
     def _agent_output(self, on_com2: bool, data: bytes) -> None:
         self._agent_on_com2 = on_com2
         self.agent.on_output(data)
