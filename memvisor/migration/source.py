@@ -13,7 +13,9 @@ What is not sent (counted by reason in `MigrationStats.skipped`):
 - "free-page-hint": pages the guest hinted free in this round and did not write since (the hinting
   consumer of the dirty tracker drops a hint when its page is written; a page written after its hint is sent);
 - "balloon": pages the balloon holds inflated (the guest gave them away);
-- "virtio-mem-unplugged": unplugged virtio-mem blocks (the PLUGGED record goes before each pass's RAM);
+- "virtio-mem-unplugged": unplugged virtio-mem blocks (the PLUGGED record goes before each pass's RAM; the
+  plugged state cannot change while the migration runs: `virtio_mem_held` makes every virtio-mem device answer
+  plug and unplug requests BUSY, as QEMU's does, so the bitmap sent and the pages read always agree);
 - "unbacked": pages the host never backed (holes of the memfd, found with SEEK_DATA/SEEK_HOLE), in the
   first pass, when the destination's memory is still all zeros; later they go as ZERO records;
 Zero pages with backing go as ZERO records (QEMU's "duplicate"), 12 bytes for a run.
@@ -104,6 +106,31 @@ def machine_config(machine: Machine) -> dict[str, Any]:
         "regions": [[r.name, r.gpa, r.size] for r in saved_regions(machine)],
         "page_size": PAGE_SIZE,
     }
+
+
+@contextlib.contextmanager
+def virtio_mem_held(machine: Machine) -> Iterator[None]:
+    """Every virtio-mem device answers plug/unplug requests BUSY (the guest's driver retries later) until the
+    block ends, then takes them again as before.
+
+    Without this a block plugged after a pass's PLUGGED record had its pages sent into memory the destination
+    still held unplugged (it refused the stream), and a block unplugged mid-pass was read through its
+    now-inaccessible mapping. The flag is set under the device's lock: a request being answered finishes first."""
+    from memvisor.devices.mem.device import VirtioMemDevice
+
+    held: list[tuple[VirtioMemDevice, bool]] = []
+    try:
+        for attached in machine.devices:
+            device = attached.device
+            if isinstance(device, VirtioMemDevice):
+                with device.lock:
+                    held.append((device, device.busy))
+                    device.busy = True
+        yield
+    finally:
+        for device, before in held:
+            with device.lock:
+                device.busy = before
 
 
 def data_mask(region: MemoryRegion) -> np.ndarray:
@@ -326,6 +353,8 @@ class PreCopy:
         throttle = Throttle(self.machine, enabled=not getattr(self.machine, "paused", True))
         consumer = self.machine.dirty_tracker.subscribe("migration")
         hinting = False
+        stack = contextlib.ExitStack()
+        stack.enter_context(virtio_mem_held(self.machine))
         try:
             self.sender.send(stream.stream_header(), stream.json_record(stream.CONFIG, machine_config(self.machine)))
             self._wait_ack("the configuration")
@@ -369,3 +398,4 @@ class PreCopy:
         finally:
             throttle.stop()
             consumer.close()
+            stack.close()

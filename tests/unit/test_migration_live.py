@@ -28,26 +28,43 @@ RAM = 4 * MiB
 PAGES = RAM // PAGE_SIZE
 
 
-class FakeMachine:
-    """What the source and the destination touch: config, memory, devices, the dirty tracker, vCPUs."""
+VMEM_GPA, VMEM_SIZE, VMEM_BLOCK = 128 * MiB, 128 * MiB, 2 * MiB
 
-    def __init__(self, memory: int = RAM) -> None:
-        self.config = SimpleNamespace(memory=memory, vcpus=1, numa_nodes=1, extra_devices=[])
+
+class FakeMachine:
+    """What the source and the destination touch: config, memory, devices, the dirty tracker, vCPUs.
+
+    With `vmem`, a virtio-mem device (id "vmem0") over a region at VMEM_GPA, in its own memslot."""
+
+    def __init__(self, memory: int = RAM, *, vmem: bool = False) -> None:
+        from memvisor.devices.mem import VirtioMemDevice
+
+        self.config = SimpleNamespace(memory=memory, vcpus=1, numa_nodes=1,
+                                      extra_devices=["virtio-mem,id=vmem0"] if vmem else [])  # fmt: skip
         self.memory = GuestMemory([MemoryRegion.memfd(0, memory, "ram0")])
-        self.vm = FakeVm([(0, memory)])
-        self.vm.slots[0] = type(self.vm.slots[0])(0, 0, memory, self.memory.regions[0].host_addr, 0)
+        self.devices: list[Any] = []
+        slots = [(0, memory)]
+        if vmem:
+            region = MemoryRegion.memfd(VMEM_GPA, VMEM_SIZE, "vmem0")
+            self.memory.add(region)
+            self.devices.append(SimpleNamespace(id="vmem0", device=VirtioMemDevice(
+                region, block_size=VMEM_BLOCK, requested_size=VMEM_SIZE)))  # fmt: skip
+            slots.append((VMEM_GPA, VMEM_SIZE))
+        self.vm = FakeVm(slots)
+        for index, region in enumerate(self.memory.regions):
+            self.vm.slots[index] = type(self.vm.slots[0])(index, region.gpa, region.size, region.host_addr, 0)
         self.dirty_tracker = DirtyTracker(self.vm, lambda slot: True)
         self.memory.on_write = self.dirty_tracker.mark
-        self.devices: list[Any] = []
         self.vcpus: list[Any] = []
         self.loaded: Any = None
 
     def guest_write(self, pfn: int, data: bytes) -> None:
         """A write by the guest: through the mapping, logged by (fake) KVM."""
-        region = self.memory.regions[0]
-        region.view[pfn * PAGE_SIZE : pfn * PAGE_SIZE + len(data)] = data
+        gpa = pfn * PAGE_SIZE
+        region = next(r for r in self.memory.regions if r.gpa <= gpa < r.gpa + r.size)
+        region.view[gpa - region.gpa : gpa - region.gpa + len(data)] = data
         if self.dirty_tracker.active:  # KVM logs only while logging is on
-            self.vm.write(pfn * PAGE_SIZE)
+            self.vm.write(gpa)
 
     def page(self, pfn: int) -> bytes:
         return self.memory.read(pfn * PAGE_SIZE, PAGE_SIZE)
@@ -61,7 +78,8 @@ def no_kvm_state(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(snapshot, "quiesced", lambda machine: contextlib.nullcontext())
     monkeypatch.setattr(snapshot, "capture_machine", lambda machine: {"fake-state": len(machine.vcpus)})
-    monkeypatch.setattr(codec, "encode", lambda value: value)
+    real_encode = codec.encode  # virtio-mem's PLUGGED state goes through the real codec
+    monkeypatch.setattr(codec, "encode", lambda value: value if isinstance(value, dict) else real_encode(value))
     monkeypatch.setattr(incoming.Receiver, "state", lambda self, record: stream.parse_json(record))
     monkeypatch.setattr(snapshot, "_load_state", lambda machine, state: setattr(machine, "loaded", state))
 
@@ -87,6 +105,11 @@ def migrate(src: FakeMachine, dst: FakeMachine, hooks: SourceHooks | None = None
     thread.start()
     try:
         incoming.receive_migration(dst, b)  # type: ignore[arg-type]
+    except StreamError:
+        thread.join(10)
+        if errors and not isinstance(errors[0], OSError):
+            raise errors[0] from None  # the source's own failure, not the destination's follow-on
+        raise
     finally:
         b.close()
         thread.join(10)
@@ -138,6 +161,53 @@ def test_a_destination_of_another_size_refuses_before_any_ram(no_kvm_state: None
     with pytest.raises(Exception, match="CONFIG.memory: .*--memory 4M|refused"):
         migrate(src, dst)
     assert dst.page(1) == bytes(PAGE_SIZE)
+
+
+def test_virtio_mem_blocks_keep_their_plugged_state_during_a_migration(no_kvm_state: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest asks to plug (and unplug) blocks while a pass is under way, right after its PLUGGED record:
+    the device answers BUSY (QEMU's virtio-mem does so while a migration runs), so the plugged bitmap the
+    destination got is the one whose pages come; after the migration the device plugs again."""
+    from memvisor.devices.mem import protocol
+    from memvisor.devices.mem.protocol import RESPONSE, MemRequest
+    from memvisor.virtio.testing import attach
+
+    VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG = protocol.VIRTIO_MEM_REQ_PLUG, protocol.VIRTIO_MEM_REQ_UNPLUG
+    VIRTIO_MEM_RESP_ACK, VIRTIO_MEM_RESP_BUSY = protocol.VIRTIO_MEM_RESP_ACK, protocol.VIRTIO_MEM_RESP_BUSY
+
+    src, dst = FakeMachine(vmem=True), FakeMachine(vmem=True)
+    device = src.devices[0].device
+    driver = attach(device, src.memory)
+
+    def request(kind: int, block: int) -> int:
+        queue = driver.queues[0]
+        head = queue.add_buffer([MemRequest(kind, VMEM_GPA + block * VMEM_BLOCK, 1).encode()], [RESPONSE.size])
+        queue.kick()
+        used = queue.get_used()
+        assert [h for h, _, _ in used] == [head]
+        return int(RESPONSE.unpack(used[0][2])[0])
+
+    assert request(VIRTIO_MEM_REQ_PLUG, 0) == VIRTIO_MEM_RESP_ACK
+    block_pfn = VMEM_GPA // PAGE_SIZE
+    src.guest_write(block_pfn, b"plugged before" * 100)
+    answers: list[int] = []
+    send_plugged = PreCopy._send_plugged
+
+    def plug_and_write_right_after(self: PreCopy) -> None:
+        send_plugged(self)
+        if not answers:  # the guest's driver plugs block 1 and writes it, then unplugs block 0, mid-pass
+            answers.append(request(VIRTIO_MEM_REQ_PLUG, 1))
+            if answers[0] == VIRTIO_MEM_RESP_ACK:
+                src.guest_write(block_pfn + VMEM_BLOCK // PAGE_SIZE, b"plugged during" * 100)
+            answers.append(request(VIRTIO_MEM_REQ_UNPLUG, 0))
+
+    monkeypatch.setattr(PreCopy, "_send_plugged", plug_and_write_right_after)
+    migrate(src, dst)
+    assert answers == [VIRTIO_MEM_RESP_BUSY, VIRTIO_MEM_RESP_BUSY]
+    target = dst.devices[0].device
+    assert target.plugged_ranges() == device.plugged_ranges() == [(VMEM_GPA, VMEM_BLOCK)]
+    assert dst.page(block_pfn) == src.page(block_pfn)
+    assert request(VIRTIO_MEM_REQ_PLUG, 1) == VIRTIO_MEM_RESP_ACK  # the source's device is free again
 
 
 def feed(records: list[bytes], header: bytes | None = None) -> socket.socket:
