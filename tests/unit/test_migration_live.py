@@ -464,11 +464,11 @@ def test_the_throttle_holds_the_vcpus_more_with_each_pass_that_does_not_converge
         def __init__(self) -> None:
             self.paused, self.pauses, self.resumes = False, 0, 0
 
-        def pause(self, timeout: float = 5.0) -> bool:
+        def hold(self, timeout: float = 5.0) -> bool:
             self.paused, self.pauses = True, self.pauses + 1
             return True
 
-        def resume(self) -> None:
+        def release(self) -> None:
             self.paused, self.resumes = False, self.resumes + 1
 
     machine = Machine()
