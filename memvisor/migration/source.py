@@ -16,8 +16,14 @@ What is not sent (counted by reason in `MigrationStats.skipped`):
 - "virtio-mem-unplugged": unplugged virtio-mem blocks (the PLUGGED record goes before each pass's RAM; the
   plugged state cannot change while the migration runs: `virtio_mem_held` makes every virtio-mem device answer
   plug and unplug requests BUSY, as QEMU's does, so the bitmap sent and the pages read always agree);
-- "unbacked": pages the host never backed (holes of the memfd, found with SEEK_DATA/SEEK_HOLE), in the
-  first pass, when the destination's memory is still all zeros; later they go as ZERO records;
+- "unbacked": pages the host does not back in the first pass (holes of the memfd, found with
+  SEEK_DATA/SEEK_HOLE), when the destination's memory is still all zeros: never written, or given back
+  before the migration (free page reporting): the two look the same;
+- "reported": from the second pass on, pages the host backed at the previous pass's look (or that the guest
+  wrote since) and no longer backs: given back during the migration, by free page reporting (the guest
+  reports free blocks and memvisor punches them out of the memfd, a change the dirty log never sees) or by a
+  balloon page inflated and deflated again in between. They go as ZERO records (12 bytes a run), so the
+  destination gives them back too instead of keeping what the previous pass sent;
 Zero pages with backing go as ZERO records (QEMU's "duplicate"), 12 bytes for a run.
 On the destination a page not sent reads as zero, or holds content the guest declared it does not need.
 """
@@ -45,7 +51,7 @@ if TYPE_CHECKING:
     from memvisor.memory.guest_memory import MemoryRegion
     from memvisor.vmm.machine import Machine
 
-SKIP_REASONS = ("free-page-hint", "balloon", "virtio-mem-unplugged", "unbacked")
+SKIP_REASONS = ("free-page-hint", "balloon", "virtio-mem-unplugged", "unbacked", "reported")
 ACK_TIMEOUT = 120.0
 DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's defaults
 DEFAULT_MAX_BANDWIDTH = 128 << 20  # bytes per second
@@ -195,6 +201,13 @@ class Sender:
             if time.monotonic() - self._window_start > 1.0:
                 self._window_start, self._window_bytes = time.monotonic(), 0
 
+    def send_zero_runs(self, region: MemoryRegion, start: int, pages: np.ndarray) -> None:
+        """ZERO records for the pages `start + i` of `region` for which `pages[i]`."""
+        import numpy as np
+
+        for first, count in _runs(np.flatnonzero(pages) + start, stream.MAX_ZERO_RUN):
+            self.send(stream.zero_record(region.gpa + first * PAGE_SIZE, count))
+
     def send_region_pages(self, region: MemoryRegion, start: int, wanted: np.ndarray, backed: np.ndarray, *,
                           first_pass: bool) -> None:  # fmt: skip
         """Send the pages `start + i` of `region` for which `wanted[i]`: data, or ZERO runs (`backed[i]` False:
@@ -204,10 +217,9 @@ class Sender:
         unbacked = wanted & ~backed
         if first_pass:
             self.stats.skipped["unbacked"] += int(np.count_nonzero(unbacked))
-        else:
-            for first, count in _runs(np.flatnonzero(unbacked) + start, stream.MAX_ZERO_RUN):
-                self.send(stream.zero_record(region.gpa + first * PAGE_SIZE, count))
-                self.stats.duplicate += count
+        else:  # written since the previous pass, yet no longer backed: given back (see "reported" above)
+            self.send_zero_runs(region, start, unbacked)
+            self.stats.skipped["reported"] += int(np.count_nonzero(unbacked))
         self.stats.remaining = max(0, self.stats.remaining - int(np.count_nonzero(unbacked)) * PAGE_SIZE)
         for first, count in _runs(np.flatnonzero(wanted & backed) + start, stream.MAX_PAGES_PER_RECORD):
             offset = first * PAGE_SIZE
@@ -238,6 +250,7 @@ class PreCopy:
         self.sender = Sender(sock, stats, params, cancelled)
         self.regions = saved_regions(machine)
         self.stats.total = sum(r.size for r in self.regions)
+        self._backed: dict[str, np.ndarray] = {}  # region name -> pages the host backed at the last pass's look
         self.on_active: Callable[[], None] = lambda: None
         self.on_pass: Callable[[int], None] = lambda number: None
 
@@ -307,6 +320,14 @@ class PreCopy:
         for region in self.regions:
             base, pages = region.gpa // PAGE_SIZE, region.size // PAGE_SIZE
             backed = data_mask(region)
+            previous = self._backed.get(region.name)
+            self._backed[region.name] = backed
+            if previous is not None:  # backed at the previous look, not written since, not backed now
+                gone = previous & ~backed & ~wanted[base : base + pages]
+                for skip in skips.values():
+                    gone &= ~skip[base : base + pages]  # inflated or unplugged: counted there, not sent
+                self.sender.send_zero_runs(region, 0, gone)
+                self.stats.skipped["reported"] += int(np.count_nonzero(gone))
             for start in range(0, pages, CHUNK_PAGES):
                 outcome = getattr(self.machine, "outcome", None)
                 if outcome is not None:
