@@ -375,9 +375,11 @@ def test_the_job_completes_and_cancel_stops_a_running_one(no_kvm_state: None, tm
         job.set_capabilities([{"capability": "xbzrle", "state": True}])
 
 
-@pytest.mark.parametrize("cut_after", ["config", "pages"])
+@pytest.mark.parametrize("cut_after", [stream.CONFIG, stream.PAGES, stream.STATE, stream.END],
+                         ids=["setup", "ram-pass", "device-state", "before-final-ack"])  # fmt: skip
 def test_a_connection_cut_fails_the_source_and_resumes_its_guest(no_kvm_state: None, tmp_path: Any,
-                                                                 cut_after: str) -> None:  # fmt: skip
+                                                                 cut_after: int) -> None:  # fmt: skip
+    """The destination goes away after receiving the first record of type `cut_after` (one test per phase)."""
     src = FakeMachine()
     for pfn in range(200):
         src.guest_write(pfn, bytes([pfn % 200 + 1]) * PAGE_SIZE)
@@ -391,10 +393,10 @@ def test_a_connection_cut_fails_the_source_and_resumes_its_guest(no_kvm_state: N
     conn, _ = listener.accept()
     stream.read_stream_header(conn)
     stream.read_record(conn, (stream.CONFIG,))
-    if cut_after == "pages":
+    if cut_after != stream.CONFIG:
         conn.sendall(stream.json_record(stream.ACK, {"ok": True}))
-        stream.read_record(conn)  # PASS
-        stream.read_record(conn)  # the first PAGES
+        while stream.read_record(conn).type != cut_after:
+            pass
     conn.close()
     listener.close()
     job.wait(10)
