@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from memvisor.memory.guest_memory import MemoryRegion
+    from memvisor.vmm.dirty_tracker import DirtyConsumer
     from memvisor.vmm.machine import Machine
 
 SKIP_REASONS = ("free-page-hint", "balloon", "virtio-mem-unplugged", "unbacked", "reported")
@@ -250,6 +251,7 @@ class PreCopy:
         self.sender = Sender(sock, stats, params, cancelled)
         self.regions = saved_regions(machine)
         self.stats.total = sum(r.size for r in self.regions)
+        self._consumer: DirtyConsumer | None = None  # the dirty tracker's, while run() runs
         self._backed: dict[str, np.ndarray] = {}  # region name -> pages the host backed at the last pass's look
         self.on_active: Callable[[], None] = lambda: None
         self.on_pass: Callable[[int], None] = lambda number: None
@@ -334,6 +336,9 @@ class PreCopy:
                     what = f"{outcome.reason.name.lower()}: {outcome.cause or outcome.message}".rstrip(": ")
                     raise MemvisorError(f"the guest stopped during the migration ({what}): nothing was moved")
                 end = min(start + CHUNK_PAGES, pages)
+                consumer = self._consumer
+                if consumer is not None and consumer.manual:  # before reading: a write from now on is logged
+                    self.machine.dirty_tracker.clear(region.gpa + start * PAGE_SIZE, (end - start) * PAGE_SIZE)
                 part = wanted[base + start : base + end].copy()
                 if not part.any():
                     continue
@@ -343,6 +348,8 @@ class PreCopy:
                     self.stats.skipped[reason] += int(np.count_nonzero(hit))
                     part &= ~hit
                 self.stats.remaining = max(0, self.stats.remaining - (before - int(np.count_nonzero(part))) * PAGE_SIZE)
+                if consumer is not None and consumer.manual:  # read below, after the clear: their bits are stale
+                    consumer.forget(base + start, part & backed[start:end])
                 self.sender.send_region_pages(region, start, part, backed[start:end], first_pass=first_pass)
         self.stats.remaining = 0
 
@@ -372,7 +379,8 @@ class PreCopy:
 
         started = time.monotonic()
         throttle = Throttle(self.machine, enabled=not getattr(self.machine, "paused", True))
-        consumer = self.machine.dirty_tracker.subscribe("migration")
+        consumer = self.machine.dirty_tracker.subscribe("migration", manual=True)
+        self._consumer = consumer
         hinting = False
         stack = contextlib.ExitStack()
         stack.enter_context(virtio_mem_held(self.machine))

@@ -21,7 +21,7 @@ from memvisor.migration.stream import PAGE_SIZE, StreamError
 from memvisor.migration.transport import parse_uri
 from memvisor.vmm.dirty_tracker import DirtyTracker
 
-from .test_dirty_log import FakeVm
+from .test_dirty_log import FakeVm, ManualFakeVm
 
 MiB = 1 << 20
 RAM = 4 * MiB
@@ -36,7 +36,7 @@ class FakeMachine:
 
     With `vmem`, a virtio-mem device (id "vmem0") over a region at VMEM_GPA, in its own memslot."""
 
-    def __init__(self, memory: int = RAM, *, vmem: bool = False) -> None:
+    def __init__(self, memory: int = RAM, *, vmem: bool = False, manual_dirty_log: bool = False) -> None:
         from memvisor.devices.mem import VirtioMemDevice
 
         self.config = SimpleNamespace(memory=memory, vcpus=1, numa_nodes=1,
@@ -50,7 +50,7 @@ class FakeMachine:
             self.devices.append(SimpleNamespace(id="vmem0", device=VirtioMemDevice(
                 region, block_size=VMEM_BLOCK, requested_size=VMEM_SIZE)))  # fmt: skip
             slots.append((VMEM_GPA, VMEM_SIZE))
-        self.vm = FakeVm(slots)
+        self.vm = ManualFakeVm(slots) if manual_dirty_log else FakeVm(slots)
         for index, region in enumerate(self.memory.regions):
             self.vm.slots[index] = type(self.vm.slots[0])(index, region.gpa, region.size, region.host_addr, 0)
         self.dirty_tracker = DirtyTracker(self.vm, lambda slot: True)
@@ -138,6 +138,23 @@ def test_pages_zero_pages_and_pages_written_during_the_passes_arrive(no_kvm_stat
     assert stats.normal >= 6 and stats.duplicate >= 1
     assert stats.skipped["unbacked"] > PAGES - 10  # never-touched memory was not sent at all
     assert stats.transferred < 20 * PAGE_SIZE
+
+
+def test_with_kvm_clear_dirty_log_a_page_written_before_its_chunk_is_read_goes_once(no_kvm_state: None) -> None:
+    """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: each 64 MiB chunk's log is cleared right before the chunk is read, so a
+    page written after the pass began but before its chunk was read is sent once, not again in the next pass."""
+    src, dst = FakeMachine(manual_dirty_log=True), FakeMachine()
+    src.guest_write(5, b"first" * 800)
+
+    def write_again(number: int) -> None:
+        if number == 1:  # pass 1 has begun (dirty logging is on), page 5 is not read yet
+            src.guest_write(5, b"again" * 800)
+
+    stats = migrate(src, dst, params=MigrationParameters(max_bandwidth=0, downtime_limit_ms=0, max_passes=5),
+                    between_passes=write_again)  # fmt: skip
+    assert dst.page(5) == src.page(5)
+    assert stats.normal == 1  # with KVM's own re-protection at the end of pass 1: 2 (pass 1, then pass 2)
+    assert src.vm.clears and src.vm.manual is False  # manual protection was used, and ended with the migration
 
 
 def test_balloon_and_hinted_pages_are_not_sent_unless_written_after(no_kvm_state: None) -> None:
