@@ -87,6 +87,7 @@ class MigrationStats:
     setup_ms: int = 0
     downtime_ms: int = 0
     throttle_percent: int = 0  # share of time the vCPUs are held (throttle.py)
+    dirty_log: str = ""  # "manual-protect" (KVM_CLEAR_DIRTY_LOG per chunk) or "kvm-clears" (KVM_GET_DIRTY_LOG's own)
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
 
 
@@ -381,6 +382,7 @@ class PreCopy:
         throttle = Throttle(self.machine, enabled=not getattr(self.machine, "paused", True))
         consumer = self.machine.dirty_tracker.subscribe("migration", manual=True)
         self._consumer = consumer
+        self.stats.dirty_log = "manual-protect" if consumer.manual else "kvm-clears"
         hinting = False
         stack = contextlib.ExitStack()
         stack.enter_context(virtio_mem_held(self.machine))

@@ -155,6 +155,7 @@ def test_with_kvm_clear_dirty_log_a_page_written_before_its_chunk_is_read_goes_o
     assert dst.page(5) == src.page(5)
     assert stats.normal == 1  # with KVM's own re-protection at the end of pass 1: 2 (pass 1, then pass 2)
     assert src.vm.clears and src.vm.manual is False  # manual protection was used, and ended with the migration
+    assert stats.dirty_log == "manual-protect"
 
 
 def test_balloon_and_hinted_pages_are_not_sent_unless_written_after(no_kvm_state: None) -> None:
@@ -357,7 +358,8 @@ def test_the_job_reports_qemu_shapes_events_and_a_failure_leaves_the_source_runn
     assert [e for e in events if e[0] == "MIGRATION"] == [("MIGRATION", {"status": "setup"}),
                                                           ("MIGRATION", {"status": "failed"})]  # fmt: skip
     assert set(info["ram"]) >= {"transferred", "remaining", "total", "duplicate", "normal", "normal-bytes",
-                                "dirty-pages-rate", "mbps", "dirty-sync-count", "x-skipped-pages"}  # fmt: skip
+                                "dirty-pages-rate", "mbps", "dirty-sync-count", "x-skipped-pages",
+                                "x-dirty-log"}  # fmt: skip
     assert "total-time" in info and "setup-time" in info
     json.dumps(info)
 
