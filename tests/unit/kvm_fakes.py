@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
+
 from memvisor.kvm import structs
 from memvisor.kvm.system import MemorySlot
+from memvisor.vmm.dirty_log import bitmap_bytes, unpack_dirty_bitmap
 
 
 def kvm_bitmap(dirty: set[int], pages: int) -> bytes:
@@ -41,3 +44,41 @@ class FakeVm:
         for info in self.slots.values():
             if info.guest_phys_addr <= gpa < info.guest_phys_addr + info.size:
                 self.written[info.slot].add((gpa - info.guest_phys_addr) >> 12)
+
+
+class ManualFakeVm(FakeVm):
+    """FakeVm that also offers KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: once enabled, get_dirty_log leaves the bits
+    set (a page with its bit set takes further writes unseen: a set cannot record them twice) until
+    clear_dirty_log clears the ones its bitmap names, checking KVM's alignment rules."""
+
+    def __init__(self, slots: list[tuple[int, int]], *, supported: bool = True) -> None:
+        super().__init__(slots)
+        self.supported = supported
+        self.manual = False
+        self.clears: list[tuple[int, int, int]] = []
+
+    def check_extension(self, capability: int) -> int:
+        from memvisor.kvm import ioctls
+
+        return int(self.supported and capability == ioctls.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+
+    def enable_cap(self, capability: int, *args: int) -> None:
+        if not self.supported:
+            raise OSError(22, "KVM_ENABLE_CAP: Invalid argument")
+        self.manual = bool(args[0] & structs.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+
+    def get_dirty_log(self, slot: int, bitmap: ctypes.Array) -> None:  # type: ignore[type-arg]
+        if not self.manual:
+            super().get_dirty_log(slot, bitmap)
+            return
+        data = kvm_bitmap(self.written[slot], self.slots[slot].size >> 12)
+        ctypes.memmove(bitmap, data, len(data))
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: ctypes.Array) -> None:  # type: ignore[type-arg]
+        pages = self.slots[slot].size >> 12
+        assert self.manual, "KVM refuses KVM_CLEAR_DIRTY_LOG without manual protection"
+        assert first_page % 64 == 0 and (num_pages % 64 == 0 or first_page + num_pages == pages), "EINVAL"
+        assert first_page + num_pages <= pages and len(bytes(bitmap)) >= bitmap_bytes(num_pages)
+        bits = unpack_dirty_bitmap(bytes(bitmap), num_pages)
+        self.written[slot] -= {first_page + i for i in np.flatnonzero(bits).tolist()}
+        self.clears.append((slot, first_page, num_pages))
