@@ -333,7 +333,7 @@ class QemuVm(Vm):
         log("qemu: the agent answers; loading virtio_pci")
         # In the background, so that the agent stays free to report what happened if a probe is slow.
         modules = " && ".join(f"insmod /{MODULE_DIR}/{name}.ko" for name in PCI_MODULES)
-        self.check(f"( {modules} ) >/tmp/insmod.log 2>&1 &", 120)
+        self.check(f"( {modules} ) >/tmp/insmod.log 2>&1 &", 300)  # the probes may starve the agent
         wanted = ["/sys/bus/virtio/drivers/virtio_balloon/virtio*"]
         if pmem is not None:
             wanted += ["/sys/bus/virtio/drivers/virtio_mem/virtio*", "/dev/pmem0"]
@@ -564,7 +564,10 @@ def boot_pair(work: Path, image: GuestImage, initrd: Path, *, reporting: bool,
             vms[index] = cls(folder, image.kernel, initrd, reporting=reporting, pmem=pmem)
         except BaseException as err:  # reported below, after both threads are done
             errors.append(err)
-            log(f"{cls.name}: FAILED to boot: {err}")
+            log(f"{cls.name}: FAILED to boot: {err!r}")
+            for console in sorted(folder.glob("*console*.log")):  # what the guest's kernel said last
+                tail = console.read_text(errors="replace").splitlines()[-25:]
+                log(f"{cls.name}: the end of {console.name}:\n" + "\n".join(tail))
             results[cls.name].setdefault("failures", []).append(f"boot ({'reporting' if reporting else 'main'}): {err}")
 
     threads = [threading.Thread(target=boot, args=(i, cls)) for i, cls in enumerate((MemvisorVm, QemuVm))]

@@ -28,6 +28,19 @@ class I8042:
         self._output: int | None = None
         self._expect_command_byte = False
 
+    def snapshot_fields(self) -> tuple[int, int | None, bool]:
+        """The command byte, the byte waiting in the output buffer (None: empty) and whether the next data byte
+        is a command byte, read at once (for a snapshot)."""
+        with self._lock:
+            return self._command_byte, self._output, self._expect_command_byte
+
+    def load_fields(self, command_byte: int, output: int | None, expect_command_byte: bool) -> None:
+        """A snapshot's fields (the caller validated them)."""
+        with self._lock:
+            self._command_byte = command_byte
+            self._output = output
+            self._expect_command_byte = expect_command_byte
+
     def read(self, offset: int) -> int:
         with self._lock:
             if offset == COMMAND_PORT_OFFSET:

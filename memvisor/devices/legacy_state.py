@@ -1,7 +1,9 @@
 """The legacy devices' state as data: the 16550 UARTs, the CMOS RTC and the i8042.
 
-The ACPI power management registers hold no state. A restored UART's interrupt line is driven again from the
-restored registers (the in-kernel IOAPIC state already remembers the level; this keeps the two in step).
+The ACPI power management registers hold no state. A restored UART's interrupt line level is taken as saved,
+not driven again: the in-kernel IOAPIC state, restored with the VM, already remembers that level.
+Each device model reads and loads its own fields under its own lock (`snapshot_fields` / `load_fields`); the
+checks stay here.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 from memvisor.devices.i8042 import I8042
 from memvisor.devices.rtc import CMOS_SIZE, CmosRtc
-from memvisor.devices.serial import Serial16550
+from memvisor.devices.serial import Serial16550, UartFields
 from memvisor.snapshot.codec import require, require_length
 
 MAX_SERIAL_INPUT = 1 << 20
@@ -58,39 +60,28 @@ class I8042State:
 
 
 def save_serial(uart: Serial16550) -> SerialState:
-    with uart._lock:
-        return SerialState(uart.ier, uart.lcr, uart.mcr, uart.scr, uart.fcr, uart.divisor, uart._thri_pending,
-                           uart._line, bytes(uart._rx))  # fmt: skip
+    f = uart.snapshot_fields()
+    return SerialState(f.ier, f.lcr, f.mcr, f.scr, f.fcr, f.divisor, f.thri_pending, f.line, f.rx)
 
 
 def restore_serial(uart: Serial16550, state: SerialState) -> None:
-    with uart._lock:
-        uart.ier, uart.lcr, uart.mcr, uart.scr = state.ier, state.lcr, state.mcr, state.scr
-        uart.fcr, uart.divisor, uart._thri_pending = state.fcr, state.divisor, state.thri_pending
-        uart._rx.clear()
-        uart._rx.extend(state.rx)
-        uart._line = state.line
+    uart.load_fields(UartFields(state.ier, state.lcr, state.mcr, state.scr, state.fcr, state.divisor,
+                                state.thri_pending, state.line, state.rx))  # fmt: skip
 
 
 def save_rtc(rtc: CmosRtc) -> RtcState:
-    with rtc._lock:
-        return RtcState(rtc._index, bytes(rtc._cmos))
+    index, cmos = rtc.snapshot_fields()
+    return RtcState(index, cmos)
 
 
 def restore_rtc(rtc: CmosRtc, state: RtcState) -> None:
-    with rtc._lock:
-        rtc._index = state.index
-        rtc._cmos[:] = state.cmos
+    rtc.load_fields(state.index, state.cmos)
 
 
 def save_i8042(device: I8042) -> I8042State:
-    with device._lock:
-        output = -1 if device._output is None else device._output
-        return I8042State(device._command_byte, output, device._expect_command_byte)
+    command_byte, output, expect_command_byte = device.snapshot_fields()
+    return I8042State(command_byte, -1 if output is None else output, expect_command_byte)
 
 
 def restore_i8042(device: I8042, state: I8042State) -> None:
-    with device._lock:
-        device._command_byte = state.command_byte
-        device._output = None if state.output < 0 else state.output
-        device._expect_command_byte = state.expect_command_byte
+    device.load_fields(state.command_byte, None if state.output < 0 else state.output, state.expect_command_byte)

@@ -43,6 +43,17 @@ class CmosRtc:
         self._cmos[REG_B] = REG_B_24H
         self._cmos[REG_D] = REG_D_VALID_RAM
 
+    def snapshot_fields(self) -> tuple[int, bytes]:
+        """The selected register index and the CMOS bytes, read at once (for a snapshot)."""
+        with self._lock:
+            return self._index, bytes(self._cmos)
+
+    def load_fields(self, index: int, cmos: bytes) -> None:
+        """A snapshot's index and CMOS bytes (the caller checked the index and the length)."""
+        with self._lock:
+            self._index = index
+            self._cmos[:] = cmos
+
     def read(self, offset: int) -> int:
         with self._lock:
             if offset == 0:

@@ -11,6 +11,7 @@ interrupt becomes pending, as QEMU's serial does.
 import collections
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 RBR_THR = 0
 IER = 1
@@ -33,6 +34,21 @@ LSR_THR_EMPTY = 0x20
 LSR_TRANSMITTER_EMPTY = 0x40
 MCR_LOOP = 0x10
 MSR_DCD_DSR_CTS = 0xB0  # carrier detect, data set ready, clear to send
+
+
+class UartFields(NamedTuple):
+    """A UART's registers, its THR-empty interrupt source, its interrupt line and the input the guest has not
+    read: everything a snapshot keeps (memvisor/devices/legacy_state.py)."""
+
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    fcr: int
+    divisor: int
+    thri_pending: bool
+    line: int
+    rx: bytes
 
 
 class Serial16550:
@@ -62,6 +78,22 @@ class Serial16550:
     def pending_input(self) -> int:
         with self._lock:
             return len(self._rx)
+
+    # Snapshot.
+    def snapshot_fields(self) -> UartFields:
+        """Every field a snapshot keeps, read at once."""
+        with self._lock:
+            return UartFields(self.ier, self.lcr, self.mcr, self.scr, self.fcr, self.divisor, self._thri_pending,
+                              self._line, bytes(self._rx))  # fmt: skip
+
+    def load_fields(self, fields: UartFields) -> None:
+        """A snapshot's fields (the caller validated them); the interrupt line is taken as saved, not driven."""
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr = fields.ier, fields.lcr, fields.mcr, fields.scr
+            self.fcr, self.divisor, self._thri_pending = fields.fcr, fields.divisor, fields.thri_pending
+            self._rx.clear()
+            self._rx.extend(fields.rx)
+            self._line = fields.line
 
     # Guest side (port I/O exits).
     def read(self, offset: int) -> int:

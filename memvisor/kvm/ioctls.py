@@ -86,6 +86,9 @@ KVM_SET_XCRS = _iow(0xA7, _sizeof(structs.KvmXcrs))
 KVM_KVMCLOCK_CTRL = _io(0xAD)
 
 # Capabilities (KVM_CHECK_EXTENSION).
+KVM_ENABLE_CAP = _iow(0xA3, _sizeof(structs.KvmEnableCap))
+KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, _sizeof(structs.KvmClearDirtyLog))
+
 KVM_CAP_IRQCHIP = 0
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4
@@ -107,6 +110,7 @@ KVM_CAP_KVMCLOCK_CTRL = 76
 KVM_CAP_SYNC_REGS = 74  # returns the KVM_SYNC_X86_* classes kvm_run.kvm_valid_regs may name
 KVM_CAP_TSC_CONTROL = 60
 KVM_CAP_XSAVE2 = 208
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]

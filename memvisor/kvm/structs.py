@@ -214,6 +214,26 @@ class KvmDirtyLog(ctypes.Structure):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class KvmClearDirtyLog(ctypes.Structure):
+    """struct kvm_clear_dirty_log (Linux Documentation/virt/kvm/api.rst, "KVM_CLEAR_DIRTY_LOG"): clear and
+    write-protect again the pages of `slot` from `first_page` (a multiple of 64) for `num_pages` (a multiple of
+    64, or up to the slot's end) whose bit is set in the bitmap at `dirty_bitmap` (bit 0 = `first_page`). The
+    C union of `void *dirty_bitmap` and `__u64 padding2` is one u64 here."""
+
+    _fields_ = [("slot", u32), ("num_pages", u32), ("first_page", u64), ("dirty_bitmap", u64)]
+
+
+class KvmEnableCap(ctypes.Structure):
+    """struct kvm_enable_cap (api.rst, "KVM_ENABLE_CAP"): a capability and its arguments."""
+
+    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
+
+
+# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 arguments (api.rst, "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"): KVM_GET_DIRTY_LOG no longer clears nor protects.
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+
+
 class KvmRunIo(ctypes.Structure):
     """kvm_run.io: a port I/O exit; the data lives at kvm_run + data_offset."""
 

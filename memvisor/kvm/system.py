@@ -114,6 +114,24 @@ class Vm:
         log = structs.KvmDirtyLog(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
         ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log)
 
+    def check_extension(self, capability: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM (some answers, like KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's, are per VM)."""
+        return ioctl(self.fd, ioctls.KVM_CHECK_EXTENSION, capability)
+
+    def enable_cap(self, capability: int, *args: int) -> None:
+        """KVM_ENABLE_CAP on the VM with up to four arguments; KvmIoctlError when KVM refuses."""
+        cap = structs.KvmEnableCap(cap=capability)
+        for index, value in enumerate(args):
+            cap.args[index] = value
+        ioctl(self.fd, ioctls.KVM_ENABLE_CAP, cap)
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: ctypes.Array) -> None:  # type: ignore[type-arg]
+        """KVM_CLEAR_DIRTY_LOG (with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled): clear and protect again the pages
+        `first_page + i` of `slot` whose bit i is set in `bitmap`."""
+        log = structs.KvmClearDirtyLog(slot=slot, num_pages=num_pages, first_page=first_page,
+                                       dirty_bitmap=ctypes.addressof(bitmap))  # fmt: skip
+        ioctl(self.fd, ioctls.KVM_CLEAR_DIRTY_LOG, log)
+
     def irq_line(self, gsi: int, level: int) -> None:
         ioctl(self.fd, ioctls.KVM_IRQ_LINE, structs.KvmIrqLevel(irq=gsi, level=level))
 

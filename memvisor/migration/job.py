@@ -188,6 +188,7 @@ class LiveMigrationJob:
                 "page-size": PAGE_SIZE,
                 "skipped": sum(stats.skipped.values()),
                 "x-skipped-pages": dict(stats.skipped),
+                "x-dirty-log": stats.dirty_log,
             }
             if self.error:
                 reply["error-desc"] = self.error

@@ -13,9 +13,17 @@ What is not sent (counted by reason in `MigrationStats.skipped`):
 - "free-page-hint": pages the guest hinted free in this round and did not write since (the hinting
   consumer of the dirty tracker drops a hint when its page is written; a page written after its hint is sent);
 - "balloon": pages the balloon holds inflated (the guest gave them away);
-- "virtio-mem-unplugged": unplugged virtio-mem blocks (the PLUGGED record goes before each pass's RAM);
-- "unbacked": pages the host never backed (holes of the memfd, found with SEEK_DATA/SEEK_HOLE), in the
-  first pass, when the destination's memory is still all zeros; later they go as ZERO records;
+- "virtio-mem-unplugged": unplugged virtio-mem blocks (the PLUGGED record goes before each pass's RAM; the
+  plugged state cannot change while the migration runs: `virtio_mem_held` makes every virtio-mem device answer
+  plug and unplug requests BUSY, as QEMU's does, so the bitmap sent and the pages read always agree);
+- "unbacked": pages the host does not back in the first pass (holes of the memfd, found with
+  SEEK_DATA/SEEK_HOLE), when the destination's memory is still all zeros: never written, or given back
+  before the migration (free page reporting): the two look the same;
+- "reported": from the second pass on, pages the host backed at the previous pass's look (or that the guest
+  wrote since) and no longer backs: given back during the migration, by free page reporting (the guest
+  reports free blocks and memvisor punches them out of the memfd, a change the dirty log never sees) or by a
+  balloon page inflated and deflated again in between. They go as ZERO records (12 bytes a run), so the
+  destination gives them back too instead of keeping what the previous pass sent;
 Zero pages with backing go as ZERO records (QEMU's "duplicate"), 12 bytes for a run.
 On the destination a page not sent reads as zero, or holds content the guest declared it does not need.
 """
@@ -41,9 +49,10 @@ if TYPE_CHECKING:
     import numpy as np
 
     from memvisor.memory.guest_memory import MemoryRegion
+    from memvisor.vmm.dirty_tracker import DirtyConsumer
     from memvisor.vmm.machine import Machine
 
-SKIP_REASONS = ("free-page-hint", "balloon", "virtio-mem-unplugged", "unbacked")
+SKIP_REASONS = ("free-page-hint", "balloon", "virtio-mem-unplugged", "unbacked", "reported")
 ACK_TIMEOUT = 120.0
 DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's defaults
 DEFAULT_MAX_BANDWIDTH = 128 << 20  # bytes per second
@@ -78,6 +87,7 @@ class MigrationStats:
     setup_ms: int = 0
     downtime_ms: int = 0
     throttle_percent: int = 0  # share of time the vCPUs are held (throttle.py)
+    dirty_log: str = ""  # "manual-protect" (KVM_CLEAR_DIRTY_LOG per chunk) or "kvm-clears" (KVM_GET_DIRTY_LOG's own)
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
 
 
@@ -104,6 +114,31 @@ def machine_config(machine: Machine) -> dict[str, Any]:
         "regions": [[r.name, r.gpa, r.size] for r in saved_regions(machine)],
         "page_size": PAGE_SIZE,
     }
+
+
+@contextlib.contextmanager
+def virtio_mem_held(machine: Machine) -> Iterator[None]:
+    """Every virtio-mem device answers plug/unplug requests BUSY (the guest's driver retries later) until the
+    block ends, then takes them again as before.
+
+    Without this a block plugged after a pass's PLUGGED record had its pages sent into memory the destination
+    still held unplugged (it refused the stream), and a block unplugged mid-pass was read through its
+    now-inaccessible mapping. The flag is set under the device's lock: a request being answered finishes first."""
+    from memvisor.devices.mem.device import VirtioMemDevice
+
+    held: list[tuple[VirtioMemDevice, bool]] = []
+    try:
+        for attached in machine.devices:
+            device = attached.device
+            if isinstance(device, VirtioMemDevice):
+                with device.lock:
+                    held.append((device, device.busy))
+                    device.busy = True
+        yield
+    finally:
+        for device, before in held:
+            with device.lock:
+                device.busy = before
 
 
 def data_mask(region: MemoryRegion) -> np.ndarray:
@@ -168,6 +203,13 @@ class Sender:
             if time.monotonic() - self._window_start > 1.0:
                 self._window_start, self._window_bytes = time.monotonic(), 0
 
+    def send_zero_runs(self, region: MemoryRegion, start: int, pages: np.ndarray) -> None:
+        """ZERO records for the pages `start + i` of `region` for which `pages[i]`."""
+        import numpy as np
+
+        for first, count in _runs(np.flatnonzero(pages) + start, stream.MAX_ZERO_RUN):
+            self.send(stream.zero_record(region.gpa + first * PAGE_SIZE, count))
+
     def send_region_pages(self, region: MemoryRegion, start: int, wanted: np.ndarray, backed: np.ndarray, *,
                           first_pass: bool) -> None:  # fmt: skip
         """Send the pages `start + i` of `region` for which `wanted[i]`: data, or ZERO runs (`backed[i]` False:
@@ -177,10 +219,9 @@ class Sender:
         unbacked = wanted & ~backed
         if first_pass:
             self.stats.skipped["unbacked"] += int(np.count_nonzero(unbacked))
-        else:
-            for first, count in _runs(np.flatnonzero(unbacked) + start, stream.MAX_ZERO_RUN):
-                self.send(stream.zero_record(region.gpa + first * PAGE_SIZE, count))
-                self.stats.duplicate += count
+        else:  # written since the previous pass, yet no longer backed: given back (see "reported" above)
+            self.send_zero_runs(region, start, unbacked)
+            self.stats.skipped["reported"] += int(np.count_nonzero(unbacked))
         self.stats.remaining = max(0, self.stats.remaining - int(np.count_nonzero(unbacked)) * PAGE_SIZE)
         for first, count in _runs(np.flatnonzero(wanted & backed) + start, stream.MAX_PAGES_PER_RECORD):
             offset = first * PAGE_SIZE
@@ -211,6 +252,8 @@ class PreCopy:
         self.sender = Sender(sock, stats, params, cancelled)
         self.regions = saved_regions(machine)
         self.stats.total = sum(r.size for r in self.regions)
+        self._consumer: DirtyConsumer | None = None  # the dirty tracker's, while run() runs
+        self._backed: dict[str, np.ndarray] = {}  # region name -> pages the host backed at the last pass's look
         self.on_active: Callable[[], None] = lambda: None
         self.on_pass: Callable[[int], None] = lambda number: None
 
@@ -280,12 +323,23 @@ class PreCopy:
         for region in self.regions:
             base, pages = region.gpa // PAGE_SIZE, region.size // PAGE_SIZE
             backed = data_mask(region)
+            previous = self._backed.get(region.name)
+            self._backed[region.name] = backed
+            if previous is not None:  # backed at the previous look, not written since, not backed now
+                gone = previous & ~backed & ~wanted[base : base + pages]
+                for skip in skips.values():
+                    gone &= ~skip[base : base + pages]  # inflated or unplugged: counted there, not sent
+                self.sender.send_zero_runs(region, 0, gone)
+                self.stats.skipped["reported"] += int(np.count_nonzero(gone))
             for start in range(0, pages, CHUNK_PAGES):
                 outcome = getattr(self.machine, "outcome", None)
                 if outcome is not None:
                     what = f"{outcome.reason.name.lower()}: {outcome.cause or outcome.message}".rstrip(": ")
                     raise MemvisorError(f"the guest stopped during the migration ({what}): nothing was moved")
                 end = min(start + CHUNK_PAGES, pages)
+                consumer = self._consumer
+                if consumer is not None and consumer.manual:  # before reading: a write from now on is logged
+                    self.machine.dirty_tracker.clear(region.gpa + start * PAGE_SIZE, (end - start) * PAGE_SIZE)
                 part = wanted[base + start : base + end].copy()
                 if not part.any():
                     continue
@@ -295,6 +349,8 @@ class PreCopy:
                     self.stats.skipped[reason] += int(np.count_nonzero(hit))
                     part &= ~hit
                 self.stats.remaining = max(0, self.stats.remaining - (before - int(np.count_nonzero(part))) * PAGE_SIZE)
+                if consumer is not None and consumer.manual:  # read below, after the clear: their bits are stale
+                    consumer.forget(base + start, part & backed[start:end])
                 self.sender.send_region_pages(region, start, part, backed[start:end], first_pass=first_pass)
         self.stats.remaining = 0
 
@@ -324,8 +380,12 @@ class PreCopy:
 
         started = time.monotonic()
         throttle = Throttle(self.machine, enabled=not getattr(self.machine, "paused", True))
-        consumer = self.machine.dirty_tracker.subscribe("migration")
+        consumer = self.machine.dirty_tracker.subscribe("migration", manual=True)
+        self._consumer = consumer
+        self.stats.dirty_log = "manual-protect" if consumer.manual else "kvm-clears"
         hinting = False
+        stack = contextlib.ExitStack()
+        stack.enter_context(virtio_mem_held(self.machine))
         try:
             self.sender.send(stream.stream_header(), stream.json_record(stream.CONFIG, machine_config(self.machine)))
             self._wait_ack("the configuration")
@@ -369,3 +429,4 @@ class PreCopy:
         finally:
             throttle.stop()
             consumer.close()
+            stack.close()

@@ -1,7 +1,8 @@
 """Auto-converge-like throttling: when pre-copy does not converge, the guest's vCPUs are held part of the time.
 
-QEMU's auto-converge sleeps each vCPU for a share of every 10 ms; memvisor parks all vCPUs (Machine.pause)
-for `percent` % of every `period` seconds. The share starts at `initial` % when pass `start_pass` ends
+QEMU's auto-converge sleeps each vCPU for a share of every 10 ms; memvisor parks all vCPUs (Machine.hold, not
+Machine.pause: the guest still reads as running, as QEMU's does while throttled, and a user's stop or cont in
+between is kept) for `percent` % of every `period` seconds. The share starts at `initial` % when pass `start_pass` ends
 without the dirty set fitting the downtime limit, grows by `step` % after each further such pass, up to
 `maximum` %. It is stopped (vCPUs released) before the final phase pauses the machine for good, and on any
 failure.
@@ -17,14 +18,14 @@ START_PASS = 4
 PERIOD = 0.1
 
 
-class Pausable(Protocol):
-    def pause(self, timeout: float = 5.0) -> bool: ...
+class Holdable(Protocol):
+    def hold(self, timeout: float = 5.0) -> bool: ...
 
-    def resume(self) -> None: ...
+    def release(self) -> None: ...
 
 
 class Throttle:
-    def __init__(self, machine: Pausable, period: float = PERIOD, *, enabled: bool = True) -> None:
+    def __init__(self, machine: Holdable, period: float = PERIOD, *, enabled: bool = True) -> None:
         self._machine = machine
         self._enabled = enabled  # a guest paused by `stop` before the migration is never released by a throttle
         self._period = period
@@ -44,9 +45,9 @@ class Throttle:
     def _run(self) -> None:
         while not self._stop.is_set():
             held = self._period * self.percent / 100
-            if self._machine.pause(timeout=held + 1.0):
+            if self._machine.hold(timeout=held + 1.0):
                 self._stop.wait(held)
-            self._machine.resume()
+            self._machine.release()
             self._stop.wait(self._period - held)
 
     def stop(self) -> None:

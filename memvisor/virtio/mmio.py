@@ -142,6 +142,27 @@ class VirtioMmioTransport:
         return self._status | (STATUS_DEVICE_NEEDS_RESET if self._needs_reset else 0)
 
     @property
+    def lock(self) -> threading.RLock:
+        """Held while the registers and the status state machine change (a snapshot reads and loads under it)."""
+        return self._lock
+
+    @property
+    def driver_status(self) -> int:
+        """The status bits the driver set (`status` without DEVICE_NEEDS_RESET)."""
+        return self._status
+
+    @property
+    def needs_reset(self) -> bool:
+        """The device failed: DEVICE_NEEDS_RESET is set until the driver resets it."""
+        return self._needs_reset
+
+    def load_status(self, driver_status: int, needs_reset: bool) -> None:
+        """Set the status register as a snapshot saved it, without the state machine's checks or effects (a
+        restore, with `lock` held; the caller validated the values and activates the device itself)."""
+        self._status = driver_status
+        self._needs_reset = needs_reset
+
+    @property
     def active(self) -> bool:
         """DRIVER_OK is set and the device has not failed."""
         return bool(self._status & STATUS_DRIVER_OK) and not self._needs_reset

@@ -187,6 +187,15 @@ class SplitVirtqueue:
         self.in_flight_total = 0
         self.event_idx = False
 
+    @property
+    def signalled_used(self) -> int:
+        """The used index at the driver's last notification (VIRTIO_F_EVENT_IDX suppression counts from it)."""
+        return self._signalled_used
+
+    @signalled_used.setter
+    def signalled_used(self, value: int) -> None:  # a snapshot's restore
+        self._signalled_used = value
+
     # --- layout -------------------------------------------------------------------------------------
 
     def check_layout(self) -> None:

@@ -79,7 +79,7 @@ def save_queue(queue: SplitVirtqueue) -> QueueState:
         device_addr=queue.device_addr,
         last_avail_idx=queue.last_avail_idx,
         next_used_idx=queue.next_used_idx,
-        signalled_used=queue._signalled_used,
+        signalled_used=queue.signalled_used,
         event_idx=queue.event_idx,
         indirect_desc=queue.indirect_desc,
         in_flight=tuple(sorted(queue.in_flight.items())),
@@ -105,7 +105,7 @@ def restore_queue(queue: SplitVirtqueue, state: QueueState) -> None:
     queue.size = state.size
     queue.desc_addr, queue.driver_addr, queue.device_addr = state.desc_addr, state.driver_addr, state.device_addr
     queue.last_avail_idx, queue.next_used_idx = state.last_avail_idx, state.next_used_idx
-    queue._signalled_used = state.signalled_used
+    queue.signalled_used = state.signalled_used
     queue.event_idx, queue.indirect_desc = state.event_idx, state.indirect_desc
     queue.in_flight.update(dict(state.in_flight))
     if state.ready:
@@ -113,11 +113,11 @@ def restore_queue(queue: SplitVirtqueue, state: QueueState) -> None:
 
 
 def save_transport(transport: VirtioMmioTransport) -> TransportState:
-    with transport._lock:
+    with transport.lock:
         return TransportState(
             device_id=transport.device.device_id,
-            status=transport._status,
-            needs_reset=transport._needs_reset,
+            status=transport.driver_status,
+            needs_reset=transport.needs_reset,
             device_features_sel=transport.device_features_sel,
             driver_features_sel=transport.driver_features_sel,
             driver_features=transport.driver_features,
@@ -139,11 +139,10 @@ def restore_transport(transport: VirtioMmioTransport, state: TransportState, whe
         raise StateError(f"{where}.driver_features: {state.driver_features:#x} has features this device does not offer")
     for queue, queue_state in zip(transport.queues, state.queues, strict=True):
         check_queue(queue, queue_state, f"{where}.queues[{queue.index}]")
-    with transport._lock:
+    with transport.lock:
         for queue, queue_state in zip(transport.queues, state.queues, strict=True):
             restore_queue(queue, queue_state)
-        transport._status = state.status
-        transport._needs_reset = state.needs_reset
+        transport.load_status(state.status, state.needs_reset)
         transport.device_features_sel = state.device_features_sel
         transport.driver_features_sel = state.driver_features_sel
         transport.driver_features = state.driver_features

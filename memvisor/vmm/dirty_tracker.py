@@ -1,8 +1,7 @@
 """One dirty tracker over KVM's dirty log that hands every written page to EVERY consumer.
 
 KVM_GET_DIRTY_LOG copies a memslot's dirty bitmap out and clears it (Linux Documentation/virt/kvm/api.rst,
-4.8 KVM_GET_DIRTY_LOG; memvisor does not enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): whoever reads it first
-takes the bits. Several parts of memvisor need them: free page hinting (a page written after its hint loses
+KVM_GET_DIRTY_LOG): whoever reads it first takes the bits. Several parts of memvisor need them: free page hinting (a page written after its hint loses
 the hint) and live migration (a page written after it was sent is sent again). So one tracker reads KVM and
 ORs each bit into the bitmap of every subscribed consumer; each consumer takes (reads and clears) only its
 own bitmap.
@@ -14,6 +13,17 @@ own bitmap.
     migration.take_mask()                         # bool array by guest PFN: written since its last take
     hinting.take_pfns()                           # the same pages, again, for the other consumer
     migration.close(); hinting.close()            # logging stops with the last consumer
+
+Manual protection (api.rst, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 and KVM_CLEAR_DIRTY_LOG), while a consumer
+subscribed with `manual=True` (live migration) exists and KVM offers it: KVM_GET_DIRTY_LOG then neither clears
+the bits nor write-protects the pages again; a page's bit stays set, and further writes to it go unseen,
+until `clear(gpa, size)` clears it. So every read hands out every bit still set (a page stays "maybe
+written" for every consumer until cleared: never a write missed, at worst a page reported twice), and
+`clear` reads KVM first (every consumer gets the bits) and clears just those bits, under the lock. The
+manual consumer clears each 64 MiB chunk right before it reads the chunk's pages, so a write lands either
+before the read (and is sent) or after the clear (and is logged); then it `forget`s the pages it is about to
+read, whose bits it got again from that read of KVM. Before, KVM re-protected all pages at the end of a
+pass, and a page written between that and its send in the next pass was sent again in the pass after.
 
 What is tracked: every memslot `include` accepts (memvisor: boot RAM and virtio-mem regions, not pmem, whose
 content lives in its backing file), looked up again at each read, so a memslot added later (or re-registered)
@@ -29,8 +39,10 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from memvisor.kvm import structs
+from memvisor.kvm import ioctls, structs
 from memvisor.vmm.dirty_log import PAGE_SHIFT, DirtyLogVm, bitmap_bytes, set_dirty_logging
+
+PAGE_SIZE = 1 << PAGE_SHIFT
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,6 +63,7 @@ class DirtyConsumer:
         self.bits = np.zeros(limit, dtype=bool)
         self.marked = False  # any bit set since the last take (a take of nothing then costs no scan of RAM)
         self.closed = False
+        self.manual = False  # subscribed with manual=True: it promises to `clear` what it reads
 
     def _grow(self, limit: int) -> None:
         import numpy as np
@@ -81,6 +94,14 @@ class DirtyConsumer:
                 return np.zeros(0, dtype=np.int64)
             return np.flatnonzero(self.take_mask()).astype(np.int64)
 
+    def forget(self, first_pfn: int, pages: np.ndarray) -> None:
+        """Drop the bits of the pages `first_pfn + i` for which `pages[i]`: the consumer is about to read them
+        and has cleared them in KVM since (`DirtyTracker.clear`); a later write is logged anew."""
+        with self._tracker.lock:
+            end = min(first_pfn + pages.size, self.bits.size)
+            if end > first_pfn:
+                self.bits[first_pfn:end] &= ~pages[: end - first_pfn]
+
     def close(self) -> None:
         self._tracker.unsubscribe(self)
 
@@ -95,6 +116,7 @@ class DirtyTracker:
         self._consumers: list[DirtyConsumer] = []
         self._logged: dict[int, tuple[int, int]] = {}  # slot -> (gpa, size) registered with logging on
         self._buffers: dict[int, ctypes.Array[ctypes.c_char]] = {}
+        self.manual = False  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled by this tracker
 
     @property
     def active(self) -> bool:
@@ -112,8 +134,10 @@ class DirtyTracker:
         """One past the highest guest PFN of the tracked memslots."""
         return max(((s.guest_phys_addr + s.size) >> PAGE_SHIFT for s in self._slots()), default=0)
 
-    def subscribe(self, name: str) -> DirtyConsumer:
-        """A new consumer; it sees the writes from now on. The first one turns KVM's logging on."""
+    def subscribe(self, name: str, *, manual: bool = False) -> DirtyConsumer:
+        """A new consumer; it sees the writes from now on. The first one turns KVM's logging on. With `manual`,
+        manual protection goes on if KVM has it (`consumer.manual` says whether it did): the consumer must then
+        `clear` every page range before it reads it, each time it reads it."""
         with self.lock:
             if self._consumers:
                 self.sync_locked()  # writes before this consumer belong to the others only
@@ -121,7 +145,47 @@ class DirtyTracker:
             self._consumers.append(consumer)
             if len(self._consumers) == 1:
                 self._arm_new_slots(mark=False)
+            if manual:
+                self._set_manual(True)
+                consumer.manual = self.manual
             return consumer
+
+    def _set_manual(self, on: bool) -> None:
+        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on or off (off: the next KVM_GET_DIRTY_LOG hands out and clears
+        every bit still set, as before). Without the capability the tracker stays in KVM's own mode."""
+        if on == self.manual:
+            return
+        enable = getattr(self._vm, "enable_cap", None)
+        check = getattr(self._vm, "check_extension", None)
+        if enable is None or check is None:
+            return
+        try:
+            if on and not check(ioctls.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
+                return
+            enable(ioctls.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, structs.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE if on else 0)
+        except OSError:  # KvmIoctlError: an older KVM; the tracker keeps KVM_GET_DIRTY_LOG's own clearing
+            return
+        self.manual = on
+
+    def clear(self, gpa: int, size: int) -> None:
+        """Manual protection: read KVM (every consumer gets every bit), then clear and write-protect again the
+        pages of [gpa, gpa+size) whose bits that read found (rounded out to 64 pages, KVM's unit), so the
+        next write to any of them is logged. A no-op in KVM's own mode."""
+        with self.lock:
+            if not self.manual or size <= 0:
+                return
+            self.sync_locked()
+            for info in self._slots():
+                buffer = self._buffers.get(info.slot)
+                pages = info.size >> PAGE_SHIFT
+                start = (max(gpa, info.guest_phys_addr) - info.guest_phys_addr) >> PAGE_SHIFT
+                end = (min(gpa + size, info.guest_phys_addr + info.size) - info.guest_phys_addr + PAGE_SIZE - 1) >> PAGE_SHIFT
+                if buffer is None or end <= start:
+                    continue
+                first = start // 64 * 64
+                count = min(-(-end // 64) * 64, pages) - first
+                view = (ctypes.c_char * bitmap_bytes(count)).from_buffer(buffer, first // 8)
+                self._vm.clear_dirty_log(info.slot, first, count, view)  # type: ignore[attr-defined]
 
     def unsubscribe(self, consumer: DirtyConsumer) -> None:
         """Drop `consumer`; the last one turns KVM's logging off (a no-op for one already gone)."""
@@ -130,6 +194,8 @@ class DirtyTracker:
                 return
             self._consumers.remove(consumer)
             consumer.closed = True
+            if consumer.manual and not any(other.manual for other in self._consumers):
+                self._set_manual(False)
             if not self._consumers:
                 self._set_logging(False)
 

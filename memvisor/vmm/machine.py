@@ -132,6 +132,7 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._pause_requested = False  # read by the vCPU threads only after KVM_EXIT_INTR
+        self._held = False  # a migration throttle's slice: parked too, but the machine is not paused
         self._parked = 0  # vCPU threads waiting in _park
         self._outcome_listeners: list[Callable[[Outcome], None]] = []
         self._vcpu_states: dict[int, str] = {}
@@ -187,6 +188,15 @@ class Machine:
         self.devices: list[Any] = []  # memvisor.vmm.devices.AttachedDevice, set by attach_devices
 
     # Devices.
+    @property
+    def agent_on_com2(self) -> bool:
+        """Whether the guest agent last spoke on COM2 (else on the hvc console): where its requests go."""
+        return self._agent_on_com2
+
+    @agent_on_com2.setter
+    def agent_on_com2(self, on_com2: bool) -> None:
+        self._agent_on_com2 = on_com2
+
     def _agent_output(self, on_com2: bool, data: bytes) -> None:
         self._agent_on_com2 = on_com2
         self.agent.on_output(data)
@@ -333,11 +343,27 @@ class Machine:
         """The vCPU threads in vCPU order (empty before `start()`)."""
         return list(self._threads)
 
-    # Pausing: the vCPU loop looks at _pause_requested only after KVM_EXIT_INTR, which a kick forces.
+    # Pausing: the vCPU loop looks at _pause_requested (and _held) only after KVM_EXIT_INTR, which a kick forces.
     @property
     def paused(self) -> bool:
-        """True while a pause is in force (requested by `pause()`, not yet lifted by `resume()`)."""
+        """True while a pause is in force (requested by `pause()`, not yet lifted by `resume()`); a `hold` is
+        not a pause."""
         return self._pause_requested
+
+    def hold(self, timeout: float = 5.0) -> bool:
+        """Park every vCPU for a moment without pausing the machine (memvisor/migration/throttle.py: it still
+        reads as running, and a `pause`/`resume` in between stays the user's); False if some did not park."""
+        with self._done:
+            self._held = True
+        self._kick_all()
+        with self._done:
+            return self._done.wait_for(lambda: self._parked >= len(self._threads) or self._stopping, timeout)
+
+    def release(self) -> None:
+        """End a `hold`: the vCPUs run again unless the machine is paused."""
+        with self._done:
+            self._held = False
+            self._done.notify_all()
 
     def pause(self, timeout: float = 5.0) -> bool:
         """Stop every vCPU and wait until all are parked; False if some did not park within `timeout`."""
@@ -362,7 +388,7 @@ class Machine:
         with self._done:
             self._parked += 1
             self._done.notify_all()
-            self._done.wait_for(lambda: not self._pause_requested or self._stopping)
+            self._done.wait_for(lambda: not (self._pause_requested or self._held) or self._stopping)
             self._parked -= 1
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
@@ -446,7 +472,7 @@ class Machine:
         trail = self._trails.get(vcpu.index)
         now_ns = time.monotonic_ns
         try:
-            if self._pause_requested:
+            if self._pause_requested or self._held:
                 self._park()  # paused before it ever ran
             while not self._stopping:
                 reason = vcpu.run()
@@ -466,7 +492,7 @@ class Machine:
                     self._handle_mmio(exit_union.mmio)
                 elif reason == structs.KVM_EXIT_INTR:
                     run.immediate_exit = 0 if not self._stopping else 1
-                    if self._pause_requested:  # after clearing immediate_exit, so no kick is lost
+                    if self._pause_requested or self._held:  # after clearing immediate_exit: no kick is lost
                         self._park()
                 elif reason == structs.KVM_EXIT_SHUTDOWN:
                     self._on_triple_fault(vcpu)

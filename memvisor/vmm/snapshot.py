@@ -221,7 +221,7 @@ def capture_machine(machine: Machine) -> MachineState:
         agent_console=save_console(machine.agent_console),
         agent_transport=save_transport(machine.agent_transport),
         agent_ready=machine.agent.ready,
-        agent_on_com2=machine._agent_on_com2,
+        agent_on_com2=machine.agent_on_com2,
         devices_state=tuple(_device_state(attached) for attached in machine.devices),
     )
 
@@ -380,7 +380,7 @@ def _load_state(machine: Machine, state: MachineState) -> None:
         restore_transport(attached.transport, device_state.transport, f"machine.devices_state[{position}].transport")
         if device_state.balloon is not None:
             restore_balloon(attached.device, device_state.balloon)  # after activation sized its bitmaps
-    machine._agent_on_com2 = state.agent_on_com2
+    machine.agent_on_com2 = state.agent_on_com2
     if state.agent_ready:
         machine.agent.mark_ready()
     machine.vm.set_clock(state.vm.clock)  # the VM clock last, right before the vCPUs run

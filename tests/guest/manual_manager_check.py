@@ -5,47 +5,21 @@
 A QEMU 7.2 guest (virtio-balloon-pci, no agent channel for the manager) runs alone under a 640M budget: the
 manager detects it as QEMU, turns its stats polling on and takes its idle memory back. It stays out of CI because
 QEMU's guest needs its virtio_pci module loaded through the benchmark's agent first (45 s of lab time), and beside
-memvisor guests on the lab's two cores that setup timed out. The two-memvisor-guest test is tests/guest/test_manager.py.
+memvisor guests on the lab's two cores that setup timed out. The two-memvisor-guest check is
+tests/guest/manual_manager_two_guests.py; both start the manager with tests/guest/manager_run.py.
 """
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.guest.vm import REPO, wait_until
+from tests.guest.manager_run import read_decisions, running_manager
+from tests.guest.vm import wait_until
 
 MiB = 1 << 20
 
 pytestmark = pytest.mark.guest
-
-
-@contextlib.contextmanager
-def _manager(sockets: list[str], budget: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    stderr_path = log.with_suffix(".stderr")
-    with stderr_path.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "memvisor", "manager", "--budget", f"{budget >> 20}M", "--interval", "2",
-             "--log", str(log), *sockets],
-            cwd=REPO, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=stderr,
-        )  # fmt: skip
-        try:
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def test_manager_drives_a_qemu_guest(tmp_path: Path) -> None:
@@ -67,10 +41,10 @@ def test_manager_drives_a_qemu_guest(tmp_path: Path) -> None:
         qemu.qmp.close()  # QEMU serves one client per -qmp socket: the manager's turn
 
         def qemu_actual() -> int | None:
-            records = [r["vms"].get("qemu-qmp") for r in _decisions(log)]
+            records = [r["vms"].get("qemu-qmp") for r in read_decisions(log)]
             return records[-1]["actual"] if records and records[-1] else None
 
-        with _manager([str(sock)], budget, log) as proc:
+        with running_manager([sock], budget, log, log.with_suffix(".stderr")) as proc:
             start = time.monotonic()
             wait_until(lambda: (qemu_actual() or 2 * budget) <= budget, timeout=240, interval=2,
                        what="the manager to bring the QEMU guest inside the budget")  # fmt: skip
@@ -84,7 +58,7 @@ def test_manager_drives_a_qemu_guest(tmp_path: Path) -> None:
         print(f"[manager] QEMU guest at {final >> 20}M after {took:.0f} s (budget {budget >> 20}M); QEMU's RAM memfd held {qemu_before >> 20}M before, {qemu_after >> 20}M after")  # fmt: skip
         assert "qemu-qmp joined (qemu" in text, text[-2000:]
         assert "x-query-host-memory" not in [line for line in text.splitlines() if "qemu-qmp joined" in line][0]
-        decisions = _decisions(log)
+        decisions = read_decisions(log)
         assert all(sum(vm["plan"] for vm in record["vms"].values()) <= budget for record in decisions)
         stats_seen = [r["vms"]["qemu-qmp"]["guest-available"] for r in decisions if "qemu-qmp" in r["vms"]]
         print(f"[manager] QEMU guest statistics seen in {sum(v is not None for v in stats_seen)} of {len(stats_seen)} rounds")
@@ -92,12 +66,3 @@ def test_manager_drives_a_qemu_guest(tmp_path: Path) -> None:
     finally:
         qemu.close()
 
-
-def _decisions(log: Path) -> list[dict]:  # type: ignore[type-arg]
-    if not log.exists():
-        return []
-    records = []
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError):  # a line being written
-            records.append(json.loads(line))
-    return records

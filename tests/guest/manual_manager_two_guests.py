@@ -19,20 +19,16 @@ On failure the report carries the manager's log (a line per change of target or 
 both consoles, and the last rounds of its decision log. The numbers are printed (pytest -s) for the record.
 """
 
-import contextlib
-import json
-import os
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.guest.vm import REPO, GuestVM, wait_until
+from tests.guest.manager_run import read_decisions, running_manager
+from tests.guest.vm import GuestVM, wait_until
 
 MiB = 1 << 20
 BUDGET = 1400 * MiB
@@ -45,35 +41,8 @@ OOM_PATTERN = "out of memory|oom-kill|killed process"
 pytestmark = pytest.mark.guest
 
 
-@contextlib.contextmanager
-def running_manager(sockets: list[Path], budget: int, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`memvisor manager` as a process; its log goes to tmp_path/manager.stderr (attached to failure reports)."""
-    with (tmp_path / "manager.stderr").open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "memvisor", "manager", "--budget", f"{budget >> 20}M", "--interval", "2",
-             "--log", str(tmp_path / "decisions.jsonl"), *map(str, sockets)],
-            cwd=REPO, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=stderr,
-        )  # fmt: skip
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def decisions(tmp_path: Path) -> list[dict[str, Any]]:
-    path = tmp_path / "decisions.jsonl"
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(ValueError):  # a line being written
-            records.append(json.loads(line))
-    return records
+    return read_decisions(tmp_path / "decisions.jsonl")
 
 
 def last_rounds(tmp_path: Path, count: int = 8) -> str:
@@ -121,7 +90,8 @@ def test_manager_holds_two_guests_in_a_budget_and_gives_memory_back_without_oom(
         print(f"\n[manager] two guests booted in {time.monotonic() - start:.0f} s")
         a.check(f"mkdir -p {TMPFS} && mount -t tmpfs -o size=100% tmpfs {TMPFS}")
         host_before = a.host_memory() + b.host_memory()
-        with running_manager([a.socket, b.socket], BUDGET, tmp_path) as proc:
+        with running_manager([a.socket, b.socket], BUDGET, tmp_path / "decisions.jsonl",
+                            tmp_path / "manager.stderr") as proc:  # fmt: skip
             # 1. reclaim: inside the budget, then both down toward what they use (statistics-driven)
             start = time.monotonic()
             wait_or_explain(tmp_path, proc, lambda: actual(a) + actual(b) <= BUDGET, 180,

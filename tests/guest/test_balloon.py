@@ -105,7 +105,18 @@ def _balloon(vm: GuestVM, target: int, what: str) -> float:
     settled (`actual` unchanged for 2 s); return the seconds until it was within 1 %."""
     start = time.monotonic()
     vm.cmd("balloon", value=target)
-    wait_until(lambda: abs(_actual(vm) - target) <= target // 100, timeout=400, interval=0.5, what=what)
+    seen: list[tuple[float, int]] = []  # (seconds, actual) each time `actual` changed
+
+    def arrived() -> bool:
+        actual = _actual(vm)
+        if not seen or seen[-1][1] != actual:
+            seen.append((time.monotonic() - start, actual))
+        return abs(actual - target) <= target // 100
+
+    try:
+        wait_until(arrived, timeout=400, interval=0.5, what=what)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{_stall_report(vm, seen)}") from None
     seconds = time.monotonic() - start
     previous = [-1]
 
@@ -119,11 +130,35 @@ def _balloon(vm: GuestVM, target: int, what: str) -> float:
     return seconds
 
 
+def _stall_report(vm: GuestVM, seen: list[tuple[float, int]]) -> str:
+    """What a balloon that stopped short shows: how `actual` moved, the guest's view (free memory, its
+    balloon counters, the end of its kernel log) and the VMM's exit counts. Each part is best effort: the
+    guest may be the thing that hangs."""
+    lines = ["actual over time (s, MiB): " + ", ".join(f"{t:.0f}:{a // MiB}" for t, a in seen[-12:])]
+    for label, command in (
+        ("guest memory", "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Shmem):' /proc/meminfo"),
+        ("guest balloon counters", "grep -E '^balloon' /proc/vmstat"),
+        ("guest kernel log", "dmesg | tail -n 15"),
+    ):
+        try:
+            lines.append(f"{label}:\n{vm.exec(command, timeout=30).stdout.rstrip()}")
+        except Exception as error:  # the guest agent may not answer: say so and go on
+            lines.append(f"{label}: not read ({error})")
+    try:
+        lines.append(f"exits to Python: {vm.cmd('x-query-exits')}")
+    except Exception as error:
+        lines.append(f"exits to Python: not read ({error})")
+    return "\n".join(lines)
+
+
 def _empty_balloon(vm: GuestVM) -> None:
     """A full-size guest with nothing left on the test tmpfs."""
     vm.check(f"rm -f {TMPFS}/*")
     vm.cmd("balloon", value=RAM)
-    wait_until(lambda: _actual(vm) == RAM, timeout=400, interval=0.5, what="an empty balloon")
+    try:
+        wait_until(lambda: _actual(vm) == RAM, timeout=400, interval=0.5, what="an empty balloon")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{_stall_report(vm, [(0.0, _actual(vm))])}") from None
 
 
 def _known_state(vm: GuestVM) -> None:

@@ -73,7 +73,8 @@ def test_live_migration_over_unix_keeps_the_guest_its_files_and_its_processes(tm
             print(f"migration: {took:.1f} s, total-time {info['total-time']} ms, downtime {info['downtime']} ms, "
                   f"setup {info['setup-time']} ms; sent {ram['transferred'] >> 20} MiB for {ram['total'] >> 20} "
                   f"MiB of RAM; normal {ram['normal']} pages, zero {ram['duplicate']}, passes "
-                  f"{ram['dirty-sync-count']}, skipped {ram['x-skipped-pages']}, {ram['mbps']} Mbps")  # fmt: skip
+                  f"{ram['dirty-sync-count']}, skipped {ram['x-skipped-pages']}, {ram['mbps']} Mbps, "
+                  f"dirty log {ram['x-dirty-log']}")  # fmt: skip
             assert source.cmd("query-status")["status"] == "postmigrate"
             statuses = [event["data"]["status"] for event in source.events("MIGRATION")]
             assert statuses[0] == "setup" and statuses[-1] == "completed", statuses

@@ -1,6 +1,5 @@
-"""KVM dirty log bitmaps as bool arrays by guest PFN (memvisor.vmm.dirty_log), without KVM."""
-
-import ctypes
+"""KVM dirty log bitmaps as bool arrays by guest PFN (memvisor.vmm.dirty_log) and the balloon's hinting cycle
+over the Machine's dirty log, without KVM."""
 
 import numpy as np
 import pytest
@@ -20,19 +19,11 @@ from memvisor.devices.balloon.testing import (
     balloon_memory,
 )
 from memvisor.errors import UsageError
-from memvisor.kvm import structs
-from memvisor.kvm.system import MemorySlot
-from memvisor.vmm.dirty_log import DirtyLog, bitmap_bytes, unpack_dirty_bitmap
+from memvisor.vmm.dirty_log import bitmap_bytes, unpack_dirty_bitmap
+
+from .kvm_fakes import kvm_bitmap
 
 MiB = 1 << 20
-
-
-def kvm_bitmap(dirty: set[int], pages: int) -> bytes:
-    """What KVM writes: unsigned longs (64-bit, little-endian), bit i of word j for page 64*j + i."""
-    words = [0] * (-(-pages // 64))
-    for page in dirty:
-        words[page // 64] |= 1 << (page % 64)
-    return b"".join(word.to_bytes(8, "little") for word in words)
 
 
 @given(st.integers(1, 4096).flatmap(lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1)))))
@@ -53,63 +44,6 @@ def test_bits_past_the_slot_are_ignored_and_short_bitmaps_refused() -> None:
 @pytest.mark.parametrize(("pages", "expected"), [(1, 8), (64, 8), (65, 16), (262144, 32768)])
 def test_bitmap_bytes_are_whole_words(pages: int, expected: int) -> None:
     assert bitmap_bytes(pages) == expected
-
-
-class FakeVm:
-    """Memslots and per-slot dirty pages, as KVM keeps them; get_dirty_log hands them out once."""
-
-    def __init__(self, slots: list[tuple[int, int]]) -> None:
-        self.slots = {i: MemorySlot(i, gpa, size, 0x7F0000000000 + gpa, 0) for i, (gpa, size) in enumerate(slots)}
-        self.written: dict[int, set[int]] = {i: set() for i in self.slots}
-        self.calls: list[tuple[int, int]] = []
-
-    def set_memory_slot(self, slot: int, gpa: int, size: int, userspace_addr: int, flags: int = 0) -> None:
-        self.calls.append((slot, flags))
-        self.slots[slot] = MemorySlot(slot, gpa, size, userspace_addr, flags)
-
-    def get_dirty_log(self, slot: int, bitmap: ctypes.Array) -> None:  # type: ignore[type-arg]
-        info = self.slots[slot]
-        assert info.flags & structs.KVM_MEM_LOG_DIRTY_PAGES, "KVM refuses a slot without dirty logging"
-        pages = info.size >> 12
-        data = kvm_bitmap(self.written[slot], pages)
-        assert len(bitmap) >= len(data)
-        ctypes.memmove(bitmap, data, len(data))
-        self.written[slot] = set()
-
-    def write(self, gpa: int) -> None:
-        for info in self.slots.values():
-            if info.guest_phys_addr <= gpa < info.guest_phys_addr + info.size:
-                self.written[info.slot].add((gpa - info.guest_phys_addr) >> 12)
-
-
-def test_fetch_merges_slots_by_guest_pfn_and_clears() -> None:
-    vm = FakeVm([(0, 3 * MiB), (4 << 30, 1 * MiB)])  # RAM below and above a hole
-    log = DirtyLog(vm, [0, 1])
-    assert not log.fetch().any()  # before start nothing is logged (and KVM is not asked)
-    log.start()
-    assert [flags for _, flags in vm.calls] == [structs.KVM_MEM_LOG_DIRTY_PAGES] * 2
-    writes = [0x1000, 0x2FFFFF, (4 << 30) + 0x5000]
-    for gpa in writes:
-        vm.write(gpa)
-    dirty = log.fetch()
-    assert dirty.size == log.pfn_limit == ((4 << 30) + MiB) >> 12
-    assert np.flatnonzero(dirty).tolist() == [gpa >> 12 for gpa in writes]
-    assert not log.fetch().any()  # each write is reported once
-    log.stop()
-    assert vm.slots[0].flags == 0 and vm.slots[1].flags == 0
-    assert not log.fetch().any()
-
-
-def test_start_and_stop_are_idempotent_and_keep_other_flags() -> None:
-    vm = FakeVm([(0, MiB)])
-    vm.slots[0] = MemorySlot(0, 0, MiB, 0x1000, structs.KVM_MEM_READONLY)
-    log = DirtyLog(vm, [0])
-    log.start()
-    log.start()
-    assert vm.calls == [(0, structs.KVM_MEM_READONLY | structs.KVM_MEM_LOG_DIRTY_PAGES)]
-    log.stop()
-    log.stop()
-    assert vm.calls[1:] == [(0, structs.KVM_MEM_READONLY)]
 
 
 # --- the balloon's hinting cycle over a dirty log (control.adapters.BalloonAdapter) --------------------------

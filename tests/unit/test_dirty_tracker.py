@@ -1,14 +1,14 @@
 """One dirty tracker, many consumers (memvisor.vmm.dirty_tracker), over a fake KVM dirty log."""
 
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memvisor.kvm import structs
 from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
 from memvisor.vmm.dirty_tracker import DirtyTracker
 
-from .test_dirty_log import FakeVm
+from .kvm_fakes import FakeVm, ManualFakeVm
 
 MiB = 1 << 20
 RAM = (0, 4 * MiB)
@@ -120,3 +120,82 @@ def test_marks_with_no_consumer_cost_nothing_and_masks_are_numpy() -> None:
     consumer = tracker.subscribe("a")
     assert isinstance(consumer.take_mask(), np.ndarray)
     assert consumer.take_pfns().size == 0
+
+
+# --- manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CLEAR_DIRTY_LOG) -------------------------------
+
+
+def test_manual_protection_is_on_only_while_a_manual_consumer_is_and_only_where_kvm_has_it() -> None:
+    vm = ManualFakeVm([RAM])
+    tracker = tracked(vm)
+    hinting = tracker.subscribe("hinting")
+    assert not vm.manual and not hinting.manual
+    migration = tracker.subscribe("migration", manual=True)
+    assert vm.manual and migration.manual and tracker.manual
+    vm.write(0x5000)
+    assert hinting.take_pfns().tolist() == [5]
+    assert hinting.take_pfns().tolist() == [5]  # not cleared yet: still "maybe written"
+    tracker.clear(0, 64 << 12)
+    assert vm.clears == [(0, 0, 64)]
+    assert hinting.take_pfns().tolist() == [5]  # the clear's own read handed it out once more ...
+    assert hinting.take_pfns().tolist() == []  # ... and then it is gone
+    migration.close()
+    assert not vm.manual and not tracker.manual
+    older = ManualFakeVm([RAM], supported=False)
+    consumer = DirtyTracker(older, lambda slot: True).subscribe("migration", manual=True)
+    assert not consumer.manual  # KVM without the capability: KVM_GET_DIRTY_LOG clears, as before
+
+
+def test_a_clear_rounds_out_to_64_pages_and_stays_inside_each_slot() -> None:
+    vm = ManualFakeVm([(0, 100 << 12), HOTPLUG])  # a slot of 100 pages: its last clear may end unaligned
+    tracker = tracked(vm)
+    tracker.subscribe("migration", manual=True)
+    tracker.clear(70 << 12, 10 << 12)
+    tracker.clear(90 << 12, HOTPLUG[0] + (1 << 12) - (90 << 12))  # across the hole into the second slot
+    assert vm.clears == [(0, 64, 36), (0, 64, 36), (1, 0, 64)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 255)), max_size=80))
+def test_manual_protection_misses_no_write_for_any_consumer(events: list[tuple[int, int]]) -> None:
+    """A pre-copy over 4 chunks of 64 pages (clear the chunk, forget the pages it reads, read them) with a
+    hinting-like consumer taking at random: the destination ends equal to the source, and every write
+    reaches the other consumer's next take."""
+    vm = ManualFakeVm([(0, 256 << 12)])
+    tracker = tracked(vm)
+    other = tracker.subscribe("hinting")
+    migration = tracker.subscribe("migration", manual=True)
+    source, destination = [0] * 256, [None] * 256
+    wanted = np.ones(256, dtype=bool)
+    chunk, pending = 0, set()
+
+    def send_chunk() -> None:
+        nonlocal chunk, wanted
+        first = chunk * 64
+        tracker.clear(first << 12, 64 << 12)
+        part = wanted[first : first + 64].copy()
+        migration.forget(first, part)
+        for pfn in np.flatnonzero(part).tolist():
+            destination[first + pfn] = source[first + pfn]
+        chunk = (chunk + 1) % 4
+        if chunk == 0:
+            wanted = migration.take_mask()
+
+    for action, pfn in events:
+        if action <= 1:  # the guest writes
+            source[pfn] += 1
+            vm.write(pfn << 12)
+            pending.add(pfn)
+        elif action == 2:
+            taken = set(other.take_pfns().tolist())
+            assert pending <= taken
+            pending = set()
+        else:
+            send_chunk()
+    while chunk:  # the pass under way ends, then the final pass (the guest stopped)
+        send_chunk()
+    wanted |= migration.take_mask()
+    for _ in range(4):
+        send_chunk()
+    assert destination == source
+    assert pending <= set(other.take_pfns().tolist())

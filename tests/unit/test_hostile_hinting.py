@@ -2,8 +2,8 @@
 
 Before each hint the device applies the writes logged since the previous one. It used to build a bool per page
 of RAM from KVM's bitmap and AND it into the hint bitmap (16 GiB guest: 3-7 ms per 4 MiB hint); now the log
-answers the written PFNs (`DirtyLog.fetch_pfns`: a C-speed scan of the bitmap's words) and only those are
-cleared.
+answers the written PFNs (`DirtyConsumer.take_pfns` of memvisor/vmm/dirty_tracker.py, the Machine's
+`dirty_pfns`) and only those are cleared.
 """
 
 from __future__ import annotations
@@ -17,25 +17,25 @@ from hypothesis import strategies as st
 
 from memvisor.devices.balloon.pages import PageBitmap
 from memvisor.kvm import structs
-from memvisor.vmm.dirty_log import DirtyLog
-from tests.unit.test_dirty_log import FakeVm
+from memvisor.vmm.dirty_tracker import DirtyTracker
+
+from .kvm_fakes import FakeVm
 
 GiB = 1 << 30
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.sets(st.integers(0, (1 << 18) - 1), max_size=200), st.sets(st.integers(0, (1 << 16) - 1), max_size=50))
-def test_fetch_pfns_answers_exactly_what_fetch_does(low: set[int], high: set[int]) -> None:
+def test_take_pfns_answers_exactly_the_written_pages(low: set[int], high: set[int]) -> None:
     vm = FakeVm([(0, 1 * GiB), (4 * GiB, 256 << 20)])
-    log = DirtyLog(vm, [0, 1])
-    log.start()
+    log = DirtyTracker(vm, lambda slot: True).subscribe("hinting")
     for pfn in low:
         vm.write(pfn << 12)
     for pfn in high:
         vm.write(4 * GiB + (pfn << 12))
     expected = sorted(low | {(4 * GiB >> 12) + pfn for pfn in high})
-    assert log.fetch_pfns().tolist() == expected
-    assert log.fetch_pfns().size == 0  # handed out once, like fetch()
+    assert log.take_pfns().tolist() == expected
+    assert log.take_pfns().size == 0  # handed out once, like take_mask()
     assert vm.slots[0].flags & structs.KVM_MEM_LOG_DIRTY_PAGES
 
 
@@ -66,17 +66,16 @@ class FastFakeVm(FakeVm):
 def _per_hint_seconds(ram: int, *, by_pfn: bool = True) -> float:
     """Median time of what the device does before recording one hint: fetch the writes, clear their hints.
 
-    `by_pfn=False` is the way it was: a bool per page of RAM (`fetch`), ANDed into the hints."""
+    `by_pfn=False` is the way it was: a bool per page of RAM (`take_mask`), ANDed into the hints."""
     vm = FastFakeVm([(0, ram)])
-    log = DirtyLog(vm, [0])
-    log.start()
+    log = DirtyTracker(vm, lambda slot: True).subscribe("hinting")
     hints = PageBitmap(ram >> 12)
     hints.set_run(0, 1024)
     times = []
     for i in range(30):
         vm.write((i * 4096 * 7) % ram)  # a few writes between hints
         started = time.perf_counter()
-        hints.clear_dirty(log.fetch_pfns() if by_pfn else log.fetch())
+        hints.clear_dirty(log.take_pfns() if by_pfn else log.take_mask())
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
 

@@ -36,6 +36,8 @@ STRUCTS: dict[type[ctypes.Structure], str] = {
     structs.KvmIrqfd: "struct kvm_irqfd",
     structs.KvmIoeventfd: "struct kvm_ioeventfd",
     structs.KvmDirtyLog: "struct kvm_dirty_log",
+    structs.KvmClearDirtyLog: "struct kvm_clear_dirty_log",
+    structs.KvmEnableCap: "struct kvm_enable_cap",
     structs.KvmRun: "struct kvm_run",
     structs.KvmMpState: "struct kvm_mp_state",
     structs.KvmXsave: "struct kvm_xsave",

@@ -1,15 +1,11 @@
-"""The manager's loop against fake VMs: memvisor's FakeMachine behind the real QMP server, and a server that
-answers with QEMU 7.2's recorded replies (tests/fixtures/qemu72), so feature detection meets real shapes."""
+"""The manager's loop against fake VMs (tests/unit/manager_fakes.py): memvisor's FakeMachine behind the real QMP
+server, and a server that answers with QEMU 7.2's recorded replies, so feature detection meets real shapes."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
-import socket
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,51 +13,21 @@ from typing import Any
 
 import pytest
 
-from memvisor.control.fake import FakeMachine
-from memvisor.control.server import QmpServer
 from memvisor.manager.config import Config, VmConfig
 from memvisor.manager.host import HostInputs
 from memvisor.manager.loop import Manager
 from memvisor.manager.vm import VmLink
 
+from .manager_fakes import FakeGuest, RecordedQemu, socket_folder
+
 MiB = 1 << 20
 GiB = 1 << 30
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "qemu72"
-# virtio 1.2 section 5.5.6.3 tags
-SWAP_IN, MAJOR_FAULTS, FREE, TOTAL, AVAILABLE, CACHES = 0, 2, 4, 5, 6, 7
 
 
 @pytest.fixture
 def sock_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="mgr-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-class FakeGuest:
-    """A FakeMachine whose guest uses `used` bytes; report() refreshes its balloon statistics like a driver."""
-
-    def __init__(self, sock_dir: str, name: str, used: int, **machine: Any) -> None:
-        self.machine = FakeMachine(virtio_mem=None, pmem=None, **machine)
-        self.used = used
-        self.path = os.path.join(sock_dir, f"{name}.sock")
-        self.server = QmpServer(self.path, self.machine)
-        self.server.start()
-        self.report()
-
-    def report(self, major_faults: int = 0) -> None:
-        balloon = self.machine.fake_balloon
-        total = balloon.actual_bytes() - 40 * MiB
-        balloon.stats = {TOTAL: total, AVAILABLE: max(0, total - self.used), FREE: max(0, total - self.used),
-                         CACHES: 0, MAJOR_FAULTS: major_faults, SWAP_IN: 0}  # fmt: skip
-        balloon.last_update = int(time.time())
-
-    @property
-    def actual(self) -> int:
-        return self.machine.fake_balloon.actual_bytes()
-
-    def stop(self) -> None:
-        self.server.stop()
+    with socket_folder("mgr-") as path:
+        yield path
 
 
 class QuietHost(HostInputs):
@@ -177,67 +143,6 @@ def test_decision_log_has_a_reason_per_vm(sock_dir: str, tmp_path: Path) -> None
 
 
 # --- QEMU 7.2, from its recorded replies -------------------------------------------------------------------
-
-
-class RecordedQemu:
-    """A QMP server that answers as the recorded QEMU 7.2 did (one VM: 1G, balloon0, virtio-mem vm0, pm0)."""
-
-    REPLIES = {
-        "qmp_capabilities": "cont", "query-commands": "query-commands", "query-balloon": "query-balloon",
-        "query-memory-size-summary": "query-memory-size-summary", "query-memory-devices": "query-memory-devices",
-        "balloon": "balloon",
-    }  # fmt: skip
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.commands: list[tuple[str, dict[str, Any]]] = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(4)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def reply_for(self, command: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        if command == "qom-list":
-            name = "qom-list-peripheral" if arguments.get("path") == "/machine/peripheral" else "qom-get-no-such-path"
-        elif command == "qom-get":
-            prop = arguments.get("property")
-            name = {"guest-stats": "qom-get-balloon-guest-stats",
-                    "guest-stats-polling-interval": "qom-get-balloon-guest-stats-polling-interval"}.get(
-                        str(prop), "qom-get-no-such-property")  # fmt: skip
-        elif command == "qom-set":
-            name = "qom-set-balloon-polling" if arguments.get("property") != "requested-size" else "qom-set-requested-size"
-        else:
-            name = self.REPLIES.get(command, "unknown-command")
-        reply = json.loads((FIXTURES / f"{name}.json").read_text())
-        reply.pop("id", None)
-        return reply
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall((FIXTURES / "greeting.json").read_text().replace("\n", "").encode() + b"\n")
-                buf = b""
-                while True:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        request = json.loads(line)
-                        arguments = request.get("arguments", {})
-                        self.commands.append((request["execute"], arguments))
-                        reply = self.reply_for(request["execute"], arguments)
-                        reply["id"] = request.get("id")
-                        conn.sendall(json.dumps(reply).encode() + b"\n")
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def test_qemu_72_is_detected_and_driven(sock_dir: str) -> None:

@@ -5,19 +5,16 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from memvisor.control.fake import FakeMachine
-from memvisor.control.server import QmpServer
 from memvisor.manager.top import Top, render, run_top
-from tests.unit.test_manager_loop import AVAILABLE, FREE, TOTAL, RecordedQemu
+
+from .manager_fakes import FakeGuest, RecordedQemu, socket_folder
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -25,27 +22,14 @@ GiB = 1 << 30
 
 @pytest.fixture
 def sock_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="top-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with socket_folder("top-") as path:
+        yield path
 
 
-class Memvisor:
-    """A memvisor VM as top sees it: 1G, a balloon with statistics, virtio-mem vm0 (4G max, 2M blocks)."""
-
-    def __init__(self, sock_dir: str, name: str) -> None:
-        self.machine = FakeMachine(pmem=None)
-        self.path = os.path.join(sock_dir, f"{name}.sock")
-        self.server = QmpServer(self.path, self.machine)
-        self.server.start()
-
-    def report(self, available: int, free: int, age: float = 0) -> None:
-        balloon = self.machine.fake_balloon
-        balloon.stats = {TOTAL: balloon.actual_bytes() - 40 * MiB, AVAILABLE: available, FREE: free}
-        balloon.last_update = int(time.time() - age)
-
-    def stop(self) -> None:
-        self.server.stop()
+def memvisor_vm(sock_dir: str, name: str) -> FakeGuest:
+    """A memvisor VM as top sees it: 1G, a balloon (no statistics until report_stats), virtio-mem vm0 (4G max,
+    2M blocks)."""
+    return FakeGuest(sock_dir, name, virtio_mem=("vm0", 4 * GiB, 2 * MiB))
 
 
 def args(*sockets: str, once: bool = True, poll: int | None = None, interval: float = 2.0) -> argparse.Namespace:
@@ -53,11 +37,11 @@ def args(*sockets: str, once: bool = True, poll: int | None = None, interval: fl
 
 
 def test_once_shows_balloon_guest_stats_host_memory_and_virtio_mem(sock_dir: str) -> None:
-    vm = Memvisor(sock_dir, "web")
+    vm = memvisor_vm(sock_dir, "web")
     qemu = RecordedQemu(os.path.join(sock_dir, "qemu.sock"))
     try:
         vm.machine.fake_balloon.set_target_bytes(768 * MiB)
-        vm.report(available=500 * MiB, free=300 * MiB, age=3)
+        vm.report_stats(available=500 * MiB, free=300 * MiB, age=3)
         out = io.StringIO()
         assert run_top(args(vm.path, qemu.path), out=out) == 0
         lines = out.getvalue().splitlines()
@@ -86,7 +70,7 @@ def test_once_shows_balloon_guest_stats_host_memory_and_virtio_mem(sock_dir: str
 
 
 def test_poll_turns_stats_polling_on(sock_dir: str) -> None:
-    vm = Memvisor(sock_dir, "web")
+    vm = memvisor_vm(sock_dir, "web")
     try:
         assert run_top(args(vm.path, poll=2), out=io.StringIO()) == 0
         assert vm.machine.fake_balloon.stats_polling_interval() == 2
@@ -104,7 +88,7 @@ def test_a_vm_that_cannot_be_read_shows_its_error_and_is_tried_again(sock_dir: s
         assert screen.splitlines()[-1].startswith("late  no QMP socket at")
         out = io.StringIO()
         assert run_top(args(path), out=out) == 1  # --once says a VM could not be read
-        vm = Memvisor(sock_dir, "late")
+        vm = memvisor_vm(sock_dir, "late")
         try:
             rows = top.read()
             assert rows[0].error is None and rows[0].sample is not None and rows[0].sample.actual == GiB
@@ -118,7 +102,7 @@ def test_a_vm_that_cannot_be_read_shows_its_error_and_is_tried_again(sock_dir: s
 
 
 def test_refreshes_until_interrupted(sock_dir: str) -> None:
-    vm = Memvisor(sock_dir, "web")
+    vm = memvisor_vm(sock_dir, "web")
     naps: list[float] = []
 
     def sleep(seconds: float) -> None:
@@ -140,7 +124,7 @@ def test_refreshes_until_interrupted(sock_dir: str) -> None:
 
 
 def test_cli_once_as_a_process(sock_dir: str) -> None:
-    vm = Memvisor(sock_dir, "web")
+    vm = memvisor_vm(sock_dir, "web")
     try:
         done = subprocess.run([sys.executable, "-m", "memvisor", "top", "--once", os.path.join(sock_dir, "*.sock")],
                               capture_output=True, text=True, timeout=60)  # fmt: skip

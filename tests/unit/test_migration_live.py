@@ -21,33 +21,50 @@ from memvisor.migration.stream import PAGE_SIZE, StreamError
 from memvisor.migration.transport import parse_uri
 from memvisor.vmm.dirty_tracker import DirtyTracker
 
-from .test_dirty_log import FakeVm
+from .kvm_fakes import FakeVm, ManualFakeVm
 
 MiB = 1 << 20
 RAM = 4 * MiB
 PAGES = RAM // PAGE_SIZE
 
 
-class FakeMachine:
-    """What the source and the destination touch: config, memory, devices, the dirty tracker, vCPUs."""
+VMEM_GPA, VMEM_SIZE, VMEM_BLOCK = 128 * MiB, 128 * MiB, 2 * MiB
 
-    def __init__(self, memory: int = RAM) -> None:
-        self.config = SimpleNamespace(memory=memory, vcpus=1, numa_nodes=1, extra_devices=[])
+
+class FakeMachine:
+    """What the source and the destination touch: config, memory, devices, the dirty tracker, vCPUs.
+
+    With `vmem`, a virtio-mem device (id "vmem0") over a region at VMEM_GPA, in its own memslot."""
+
+    def __init__(self, memory: int = RAM, *, vmem: bool = False, manual_dirty_log: bool = False) -> None:
+        from memvisor.devices.mem import VirtioMemDevice
+
+        self.config = SimpleNamespace(memory=memory, vcpus=1, numa_nodes=1,
+                                      extra_devices=["virtio-mem,id=vmem0"] if vmem else [])  # fmt: skip
         self.memory = GuestMemory([MemoryRegion.memfd(0, memory, "ram0")])
-        self.vm = FakeVm([(0, memory)])
-        self.vm.slots[0] = type(self.vm.slots[0])(0, 0, memory, self.memory.regions[0].host_addr, 0)
+        self.devices: list[Any] = []
+        slots = [(0, memory)]
+        if vmem:
+            region = MemoryRegion.memfd(VMEM_GPA, VMEM_SIZE, "vmem0")
+            self.memory.add(region)
+            self.devices.append(SimpleNamespace(id="vmem0", device=VirtioMemDevice(
+                region, block_size=VMEM_BLOCK, requested_size=VMEM_SIZE)))  # fmt: skip
+            slots.append((VMEM_GPA, VMEM_SIZE))
+        self.vm = ManualFakeVm(slots) if manual_dirty_log else FakeVm(slots)
+        for index, region in enumerate(self.memory.regions):
+            self.vm.slots[index] = type(self.vm.slots[0])(index, region.gpa, region.size, region.host_addr, 0)
         self.dirty_tracker = DirtyTracker(self.vm, lambda slot: True)
         self.memory.on_write = self.dirty_tracker.mark
-        self.devices: list[Any] = []
         self.vcpus: list[Any] = []
         self.loaded: Any = None
 
     def guest_write(self, pfn: int, data: bytes) -> None:
         """A write by the guest: through the mapping, logged by (fake) KVM."""
-        region = self.memory.regions[0]
-        region.view[pfn * PAGE_SIZE : pfn * PAGE_SIZE + len(data)] = data
+        gpa = pfn * PAGE_SIZE
+        region = next(r for r in self.memory.regions if r.gpa <= gpa < r.gpa + r.size)
+        region.view[gpa - region.gpa : gpa - region.gpa + len(data)] = data
         if self.dirty_tracker.active:  # KVM logs only while logging is on
-            self.vm.write(pfn * PAGE_SIZE)
+            self.vm.write(gpa)
 
     def page(self, pfn: int) -> bytes:
         return self.memory.read(pfn * PAGE_SIZE, PAGE_SIZE)
@@ -61,7 +78,8 @@ def no_kvm_state(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(snapshot, "quiesced", lambda machine: contextlib.nullcontext())
     monkeypatch.setattr(snapshot, "capture_machine", lambda machine: {"fake-state": len(machine.vcpus)})
-    monkeypatch.setattr(codec, "encode", lambda value: value)
+    real_encode = codec.encode  # virtio-mem's PLUGGED state goes through the real codec
+    monkeypatch.setattr(codec, "encode", lambda value: value if isinstance(value, dict) else real_encode(value))
     monkeypatch.setattr(incoming.Receiver, "state", lambda self, record: stream.parse_json(record))
     monkeypatch.setattr(snapshot, "_load_state", lambda machine, state: setattr(machine, "loaded", state))
 
@@ -87,6 +105,11 @@ def migrate(src: FakeMachine, dst: FakeMachine, hooks: SourceHooks | None = None
     thread.start()
     try:
         incoming.receive_migration(dst, b)  # type: ignore[arg-type]
+    except StreamError:
+        thread.join(10)
+        if errors and not isinstance(errors[0], OSError):
+            raise errors[0] from None  # the source's own failure, not the destination's follow-on
+        raise
     finally:
         b.close()
         thread.join(10)
@@ -117,6 +140,24 @@ def test_pages_zero_pages_and_pages_written_during_the_passes_arrive(no_kvm_stat
     assert stats.transferred < 20 * PAGE_SIZE
 
 
+def test_with_kvm_clear_dirty_log_a_page_written_before_its_chunk_is_read_goes_once(no_kvm_state: None) -> None:
+    """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: each 64 MiB chunk's log is cleared right before the chunk is read, so a
+    page written after the pass began but before its chunk was read is sent once, not again in the next pass."""
+    src, dst = FakeMachine(manual_dirty_log=True), FakeMachine()
+    src.guest_write(5, b"first" * 800)
+
+    def write_again(number: int) -> None:
+        if number == 1:  # pass 1 has begun (dirty logging is on), page 5 is not read yet
+            src.guest_write(5, b"again" * 800)
+
+    stats = migrate(src, dst, params=MigrationParameters(max_bandwidth=0, downtime_limit_ms=0, max_passes=5),
+                    between_passes=write_again)  # fmt: skip
+    assert dst.page(5) == src.page(5)
+    assert stats.normal == 1  # with KVM's own re-protection at the end of pass 1: 2 (pass 1, then pass 2)
+    assert src.vm.clears and src.vm.manual is False  # manual protection was used, and ended with the migration
+    assert stats.dirty_log == "manual-protect"
+
+
 def test_balloon_and_hinted_pages_are_not_sent_unless_written_after(no_kvm_state: None) -> None:
     src, dst = FakeMachine(), FakeMachine()
     for pfn in range(10, 20):
@@ -132,12 +173,85 @@ def test_balloon_and_hinted_pages_are_not_sent_unless_written_after(no_kvm_state
     assert stats.skipped["balloon"] == 2 and stats.skipped["free-page-hint"] == 3
 
 
+def test_pages_given_back_during_the_migration_count_as_reported_in_later_passes(no_kvm_state: None) -> None:
+    """Free page reporting discards pages (holes in the memfd) without a write the dirty log could see. In pass 1
+    a hole is `unbacked` (never backed or given back before: the same to the source); afterwards a page the host
+    no longer holds was written and given back since the previous pass: `reported`, sent as a ZERO marker (the
+    destination gives it back too), whether the guest had written it since it was sent or not."""
+    src, dst = FakeMachine(), FakeMachine()
+    ram = src.memory.regions[0]
+    for pfn in range(10, 20):
+        src.guest_write(pfn, b"x" * PAGE_SIZE)
+
+    def guest(number: int) -> None:
+        if number == 1:  # pass 1 starts: page 40 is allocated, written and reported free again
+            src.guest_write(40, b"w" * PAGE_SIZE)
+            ram.discard(40 * PAGE_SIZE, PAGE_SIZE)
+        if number == 2:  # page 10 (sent in pass 1, not written since) and page 11 are reported free
+            ram.discard(10 * PAGE_SIZE, 2 * PAGE_SIZE)
+
+    stats = migrate(src, dst, params=MigrationParameters(max_bandwidth=0, downtime_limit_ms=0, max_passes=3),
+                    between_passes=guest)  # fmt: skip
+    assert stats.skipped["reported"] == 3
+    assert stats.duplicate == 0  # none of them counted as a zero page sent
+    for pfn in range(64):
+        assert dst.page(pfn) == src.page(pfn), pfn
+    assert dst.memory.regions[0].view[10 * PAGE_SIZE] == 0
+
+
 def test_a_destination_of_another_size_refuses_before_any_ram(no_kvm_state: None) -> None:
     src, dst = FakeMachine(), FakeMachine(memory=2 * MiB)
     src.guest_write(1, b"y" * PAGE_SIZE)
     with pytest.raises(Exception, match="CONFIG.memory: .*--memory 4M|refused"):
         migrate(src, dst)
     assert dst.page(1) == bytes(PAGE_SIZE)
+
+
+def test_virtio_mem_blocks_keep_their_plugged_state_during_a_migration(no_kvm_state: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest asks to plug (and unplug) blocks while a pass is under way, right after its PLUGGED record:
+    the device answers BUSY (QEMU's virtio-mem does so while a migration runs), so the plugged bitmap the
+    destination got is the one whose pages come; after the migration the device plugs again."""
+    from memvisor.devices.mem import protocol
+    from memvisor.devices.mem.protocol import RESPONSE, MemRequest
+    from memvisor.virtio.testing import attach
+
+    VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG = protocol.VIRTIO_MEM_REQ_PLUG, protocol.VIRTIO_MEM_REQ_UNPLUG
+    VIRTIO_MEM_RESP_ACK, VIRTIO_MEM_RESP_BUSY = protocol.VIRTIO_MEM_RESP_ACK, protocol.VIRTIO_MEM_RESP_BUSY
+
+    src, dst = FakeMachine(vmem=True), FakeMachine(vmem=True)
+    device = src.devices[0].device
+    driver = attach(device, src.memory)
+
+    def request(kind: int, block: int) -> int:
+        queue = driver.queues[0]
+        head = queue.add_buffer([MemRequest(kind, VMEM_GPA + block * VMEM_BLOCK, 1).encode()], [RESPONSE.size])
+        queue.kick()
+        used = queue.get_used()
+        assert [h for h, _, _ in used] == [head]
+        return int(RESPONSE.unpack(used[0][2])[0])
+
+    assert request(VIRTIO_MEM_REQ_PLUG, 0) == VIRTIO_MEM_RESP_ACK
+    block_pfn = VMEM_GPA // PAGE_SIZE
+    src.guest_write(block_pfn, b"plugged before" * 100)
+    answers: list[int] = []
+    send_plugged = PreCopy._send_plugged
+
+    def plug_and_write_right_after(self: PreCopy) -> None:
+        send_plugged(self)
+        if not answers:  # the guest's driver plugs block 1 and writes it, then unplugs block 0, mid-pass
+            answers.append(request(VIRTIO_MEM_REQ_PLUG, 1))
+            if answers[0] == VIRTIO_MEM_RESP_ACK:
+                src.guest_write(block_pfn + VMEM_BLOCK // PAGE_SIZE, b"plugged during" * 100)
+            answers.append(request(VIRTIO_MEM_REQ_UNPLUG, 0))
+
+    monkeypatch.setattr(PreCopy, "_send_plugged", plug_and_write_right_after)
+    migrate(src, dst)
+    assert answers == [VIRTIO_MEM_RESP_BUSY, VIRTIO_MEM_RESP_BUSY]
+    target = dst.devices[0].device
+    assert target.plugged_ranges() == device.plugged_ranges() == [(VMEM_GPA, VMEM_BLOCK)]
+    assert dst.page(block_pfn) == src.page(block_pfn)
+    assert request(VIRTIO_MEM_REQ_PLUG, 1) == VIRTIO_MEM_RESP_ACK  # the source's device is free again
 
 
 def feed(records: list[bytes], header: bytes | None = None) -> socket.socket:
@@ -244,7 +358,8 @@ def test_the_job_reports_qemu_shapes_events_and_a_failure_leaves_the_source_runn
     assert [e for e in events if e[0] == "MIGRATION"] == [("MIGRATION", {"status": "setup"}),
                                                           ("MIGRATION", {"status": "failed"})]  # fmt: skip
     assert set(info["ram"]) >= {"transferred", "remaining", "total", "duplicate", "normal", "normal-bytes",
-                                "dirty-pages-rate", "mbps", "dirty-sync-count", "x-skipped-pages"}  # fmt: skip
+                                "dirty-pages-rate", "mbps", "dirty-sync-count", "x-skipped-pages",
+                                "x-dirty-log"}  # fmt: skip
     assert "total-time" in info and "setup-time" in info
     json.dumps(info)
 
@@ -279,9 +394,11 @@ def test_the_job_completes_and_cancel_stops_a_running_one(no_kvm_state: None, tm
         job.set_capabilities([{"capability": "xbzrle", "state": True}])
 
 
-@pytest.mark.parametrize("cut_after", ["config", "pages"])
+@pytest.mark.parametrize("cut_after", [stream.CONFIG, stream.PAGES, stream.STATE, stream.END],
+                         ids=["setup", "ram-pass", "device-state", "before-final-ack"])  # fmt: skip
 def test_a_connection_cut_fails_the_source_and_resumes_its_guest(no_kvm_state: None, tmp_path: Any,
-                                                                 cut_after: str) -> None:  # fmt: skip
+                                                                 cut_after: int) -> None:  # fmt: skip
+    """The destination goes away after receiving the first record of type `cut_after` (one test per phase)."""
     src = FakeMachine()
     for pfn in range(200):
         src.guest_write(pfn, bytes([pfn % 200 + 1]) * PAGE_SIZE)
@@ -295,10 +412,10 @@ def test_a_connection_cut_fails_the_source_and_resumes_its_guest(no_kvm_state: N
     conn, _ = listener.accept()
     stream.read_stream_header(conn)
     stream.read_record(conn, (stream.CONFIG,))
-    if cut_after == "pages":
+    if cut_after != stream.CONFIG:
         conn.sendall(stream.json_record(stream.ACK, {"ok": True}))
-        stream.read_record(conn)  # PASS
-        stream.read_record(conn)  # the first PAGES
+        while stream.read_record(conn).type != cut_after:
+            pass
     conn.close()
     listener.close()
     job.wait(10)
@@ -394,11 +511,11 @@ def test_the_throttle_holds_the_vcpus_more_with_each_pass_that_does_not_converge
         def __init__(self) -> None:
             self.paused, self.pauses, self.resumes = False, 0, 0
 
-        def pause(self, timeout: float = 5.0) -> bool:
+        def hold(self, timeout: float = 5.0) -> bool:
             self.paused, self.pauses = True, self.pauses + 1
             return True
 
-        def resume(self) -> None:
+        def release(self) -> None:
             self.paused, self.resumes = False, self.resumes + 1
 
     machine = Machine()

@@ -114,3 +114,20 @@ def test_plugged_contents_round_trip_into_a_fresh_inaccessible_region(tmp_path) 
     finally:
         region.close()
         setup.region.close()
+
+
+def test_the_block_bitmap_hands_out_a_copy_and_loads_only_its_own_length() -> None:
+    import numpy as np
+
+    from memvisor.devices.mem.blocks import BlockBitmap
+
+    bitmap = BlockBitmap(8)
+    bitmap.set_range(2, 3, True)
+    copy = bitmap.to_array()
+    copy[:] = False  # the caller's array, not the device's
+    assert bitmap.plugged_count == 3
+    with pytest.raises(ValueError, match="9 blocks given for a bitmap of 8"):
+        bitmap.load(np.ones(9, dtype=bool))
+    assert bitmap.plugged_count == 3
+    bitmap.load(np.arange(8) % 2 == 0)
+    assert list(bitmap.plugged_runs()) == [(0, 1), (2, 1), (4, 1), (6, 1)]

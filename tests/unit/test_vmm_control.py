@@ -633,6 +633,7 @@ def _machine_shell(vcpus: int) -> Machine:
     machine._threads = []
     machine._stopping = False
     machine._pause_requested = False
+    machine._held = False
     machine._parked = 0
     machine._outcome = None
     machine._outcome_listeners = []
@@ -672,6 +673,34 @@ def test_machine_pause_parks_every_vcpu_and_resume_releases_them(shell: Machine)
         time.sleep(0.05)
         assert not shell.paused
         assert all(after > before for after, before in zip(_runs(shell), frozen, strict=True))
+
+
+def test_a_migration_throttle_parks_the_vcpus_yet_the_machine_reads_running(shell: Machine) -> None:
+    """Auto-converge-like throttling holds the vCPUs part of the time, but the guest is not paused: query-status
+    says running (as QEMU's during a throttled migration); a `stop` in a held slice still stops it for good."""
+    from memvisor.control.commands import Context, execute
+    from memvisor.migration.throttle import Throttle
+
+    shell.devices = []
+    control = VmmControl()
+    control.attach(shell)
+    throttle = Throttle(shell, period=0.05)
+    for number in range(4, 12):  # eight passes that did not converge: held 90 % of each 50 ms
+        throttle.after_pass(number, converged=False)
+    try:
+        assert _wait_for(lambda: shell._parked == 2)  # inside a held slice
+        assert control.run_state() is RunState.RUNNING
+        assert execute(Context(control, lambda name, data: None), "query-status", {})["status"] == "running"
+        control.stop()  # the user stops the guest during a held slice
+        throttle.stop()
+        frozen = _runs(shell)
+        time.sleep(0.05)
+        assert control.run_state() is RunState.PAUSED and _runs(shell) == frozen
+        control.cont()
+        assert _wait_for(lambda: _runs(shell) != frozen)
+    finally:
+        throttle.stop()
+        control.detach()
 
 
 def test_machine_stop_while_paused_ends_the_vcpu_threads(shell: Machine) -> None:

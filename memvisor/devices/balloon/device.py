@@ -332,6 +332,43 @@ class BalloonDevice(VirtioDevice):
         """PAGE_POISON was negotiated and the guest's poison value is not zero: free pages must keep it."""
         return has_feature(self._features, VIRTIO_BALLOON_F_PAGE_POISON) and self.poison_val != 0
 
+    # --- snapshot (memvisor/devices/balloon/state.py) ----------------------------------------------------
+
+    @property
+    def held_stats_head(self) -> int | None:
+        """The head of the stats buffer the device holds until its next request, None when it holds none."""
+        return self._stats_head
+
+    @property
+    def inflated_bitmap(self) -> PageBitmap:
+        """The inflated pages, one bit per guest PFN of the RAM the balloon covers (empty before activation)."""
+        return self._inflated
+
+    def queue_indexes(self) -> list[int]:
+        """The indexes of the queues the driver activated, in order."""
+        with self.lock:
+            return sorted(self._roles)
+
+    def stop_stats_timer(self) -> None:
+        """Cancel the stats timer (a snapshot quiesces the device); `start_stats_timer` arms it again."""
+        with self.lock:
+            self._cancel_timer()
+
+    def start_stats_timer(self) -> None:
+        """Arm the stats timer for one polling interval, unless it is armed already."""
+        with self.lock:
+            if self._timer is None:
+                self._arm_timer()
+
+    def load_stats_holding(self, polling_interval: float, stats_head: int | None) -> None:
+        """A snapshot's polling interval and held stats buffer (a restore; the caller checked that the head is in
+        flight on the stats queue); the stats timer starts again from a whole interval."""
+        with self.lock:
+            self._stats_interval = polling_interval
+            self._stats_head = stats_head
+            self._cancel_timer()
+            self._arm_timer()
+
     # --- host API: statistics -----------------------------------------------------------------------------
 
     @property

@@ -72,6 +72,16 @@ class FreePageHinting:
         """The id of the latest round the host started, None before the first."""
         return self._current_id
 
+    @property
+    def next_id(self) -> int:
+        """The command id the next round will use."""
+        return self._next_id
+
+    def load_ids(self, next_id: int, current_id: int | None) -> None:
+        """A snapshot's command ids (a restore; the caller checked they fit 32 bits)."""
+        self._next_id = next_id
+        self._current_id = current_id
+
     # --- host side ---------------------------------------------------------------------------------------
 
     def start(self) -> int:

@@ -77,15 +77,13 @@ class BalloonState:
 
 def quiesce_balloon(device: BalloonDevice) -> None:
     """Stop the stats timer and complete every published buffer (call with the device lock held)."""
-    device._cancel_timer()
-    for index in sorted(device._roles):
+    device.stop_stats_timer()
+    for index in device.queue_indexes():
         device.notify(index)
 
 
 def resume_balloon(device: BalloonDevice) -> None:
-    with device.lock:
-        if device._timer is None:
-            device._arm_timer()
+    device.start_stats_timer()
 
 
 def save_balloon(device: BalloonDevice) -> BalloonState:
@@ -99,12 +97,12 @@ def save_balloon(device: BalloonDevice) -> BalloonState:
             stats_values=tuple(-1 if v is None else v for v in device.stats.values),
             stats_last_update_ms=math.floor(device.stats.last_update * 1000),  # floor: rounding up could pass a second
             stats_updates=device.stats.updates,
-            stats_head=-1 if device._stats_head is None else device._stats_head,
-            page_count=device._inflated.size,
-            inflated=_pack(device._inflated.bits),
+            stats_head=-1 if device.held_stats_head is None else device.held_stats_head,
+            page_count=device.inflated_bitmap.size,
+            inflated=_pack(device.inflated_bitmap.bits),
             hint_state=hinting.state.value,
             hint_config_cmd_id=hinting.config_cmd_id,
-            hint_next_id=hinting._next_id,
+            hint_next_id=hinting.next_id,
             hint_current_id=-1 if hinting.current_id is None else hinting.current_id,
             hinted=_pack(hinting.bitmap.bits),
             hint_page_count=hinting.bitmap.size,
@@ -133,23 +131,19 @@ def restore_balloon(device: BalloonDevice, state: BalloonState) -> None:
         device.num_pages = state.num_pages
         device.actual = state.actual
         device.poison_val = state.poison_val
-        device._stats_interval = state.stats_interval_ms / 1000
         device.stats.values = [None if v < 0 else v for v in state.stats_values]
         device.stats.last_update = state.stats_last_update_ms / 1000
         device.stats.updates = state.stats_updates
-        device._stats_head = None if state.stats_head < 0 else state.stats_head
-        if state.page_count and device._inflated.size == state.page_count:
-            device._inflated.bits[:] = _unpack(state.inflated, state.page_count)
+        if state.page_count and device.inflated_bitmap.size == state.page_count:
+            device.inflated_bitmap.bits[:] = _unpack(state.inflated, state.page_count)
         if state.hint_page_count and device.hinting.bitmap.size == state.hint_page_count:
             device.hinting.bitmap.bits[:] = _unpack(state.hinted, state.hint_page_count)
         hinting = device.hinting
         hinting.state = HintState(state.hint_state)
         hinting.config_cmd_id = state.hint_config_cmd_id
-        hinting._next_id = state.hint_next_id
-        hinting._current_id = None if state.hint_current_id < 0 else state.hint_current_id
+        hinting.load_ids(state.hint_next_id, None if state.hint_current_id < 0 else state.hint_current_id)
         device.counters = {name: 0 for name in COUNTER_NAMES} | {n: v for n, v in state.counters if n in COUNTER_NAMES}
-        device._cancel_timer()
-        device._arm_timer()
+        device.load_stats_holding(state.stats_interval_ms / 1000, None if state.stats_head < 0 else state.stats_head)
 
 
 def stats_queue_index(device: BalloonDevice, driver_features: int) -> int | None:

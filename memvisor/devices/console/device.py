@@ -84,6 +84,17 @@ class VirtioConsoleDevice(VirtioDevice):
         with self.lock:
             return len(self._pending)
 
+    def pending_output(self) -> bytes:
+        """The host bytes waiting for the guest (what `pending` counts), for a snapshot."""
+        with self.lock:
+            return bytes(self._pending)
+
+    def load_pending_output(self, data: bytes) -> None:
+        """Replace the waiting host bytes with a snapshot's (a restore, before the transport activates the device,
+        which hands them over; the caller checked their length)."""
+        with self.lock:
+            self._pending = bytearray(data)
+
     @property
     def active(self) -> bool:
         """The driver is ready and the device not broken."""

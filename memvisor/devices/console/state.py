@@ -28,11 +28,11 @@ class ConsoleState:
 
 def save_console(device: VirtioConsoleDevice) -> ConsoleState:
     with device.lock:
-        return ConsoleState(bytes(device._pending), tuple(sorted(device.counters.items())))
+        return ConsoleState(device.pending_output(), tuple(sorted(device.counters.items())))
 
 
 def restore_console(device: VirtioConsoleDevice, state: ConsoleState) -> None:
     """Before the transport (whose activation delivers the pending bytes)."""
     with device.lock:
-        device._pending = bytearray(state.pending)
+        device.load_pending_output(state.pending)
         device.counters = dict(state.counters)

@@ -31,6 +31,16 @@ class BlockBitmap:
     def all_unplugged(self, first: int, count: int) -> bool:
         return not self._bits[first:first + count].any()
 
+    def to_array(self) -> np.ndarray:
+        """A copy of the bitmap, one bool per block."""
+        return self._bits.copy()
+
+    def load(self, plugged: np.ndarray) -> None:
+        """Replace every bit with `plugged` (one bool per block; ValueError for another length)."""
+        if len(plugged) != len(self._bits):
+            raise ValueError(f"{len(plugged)} blocks given for a bitmap of {len(self._bits)}")
+        self._bits[:] = plugged
+
     def set_range(self, first: int, count: int, plugged: bool) -> None:
         self._bits[first:first + count] = plugged
 

@@ -388,6 +388,19 @@ class VirtioMemDevice(VirtioDevice):
             return False
         return True
 
+    def plugged_blocks(self) -> np.ndarray:
+        """One bool per block, True where plugged (a copy, for a snapshot)."""
+        with self.lock:
+            return self._bitmap.to_array()
+
+    def load_plugged_state(self, plugged: np.ndarray, requested_size: int, usable_region_size: int) -> None:
+        """A snapshot's plugged bitmap and sizes (a restore; the caller validated them against this region). The
+        host mapping is left as it was: `apply_plugged_access()` makes it match."""
+        with self.lock:
+            self._bitmap.load(plugged)
+            self._requested_size = requested_size
+            self._usable_region_size = usable_region_size
+
     def apply_plugged_access(self) -> None:
         """Make the host mapping match the bitmap: plugged runs read-write, the rest inaccessible.
 

@@ -48,7 +48,7 @@ class MemState:
 
 def save_mem(device: VirtioMemDevice) -> MemState:
     with device.lock:
-        bits = device._bitmap._bits
+        bits = device.plugged_blocks()
         return MemState(
             block_size=device.block_size,
             region_size=device.region_size,
@@ -71,8 +71,6 @@ def check_mem(device: VirtioMemDevice, state: MemState, where: str) -> None:
 def restore_mem(device: VirtioMemDevice, state: MemState) -> None:
     """Load the bitmap and sizes (the blocks' contents come with the memory image)."""
     with device.lock:
-        device._bitmap._bits[:] = state.plugged_blocks()
-        device._requested_size = state.requested_size
-        device._usable_region_size = state.usable_region_size
+        device.load_plugged_state(state.plugged_blocks(), state.requested_size, state.usable_region_size)
         device.apply_plugged_access()  # plugged blocks readable before the memory image goes into them
         device.counters = {name: 0 for name in COUNTER_NAMES} | {n: v for n, v in state.counters if n in COUNTER_NAMES}
