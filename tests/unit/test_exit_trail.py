@@ -169,6 +169,7 @@ def _run_machine(vcpu: FakeVcpu, console_fd: int, console_text: bytes = b"") -> 
     machine = Machine.__new__(Machine)
     machine._done = threading.Condition()
     machine._threads, machine._stopping, machine._pause_requested, machine._parked = [], False, False, 0
+    machine._held = False
     machine._outcome, machine._outcome_listeners = None, []
     machine._vcpu_states, machine._trails = {}, {}
     machine.exit_counts = collections.Counter()
