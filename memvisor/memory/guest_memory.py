@@ -25,6 +25,9 @@ A region may hold ranges nobody may touch (unplugged virtio-mem blocks): its own
 back them, and sets `MemoryRegion.accessible`, which every checked access consults: a descriptor, ring or
 discard into such a range raises `GuestMemoryError` like any address outside guest RAM.
 
+With MEMVISOR_DISCARD_LOG set, every discard and protect appends a line naming its caller, guest range and
+host offset (memvisor/memory/discard_log.py).
+
 Example::
 
     mem = GuestMemory()
@@ -45,7 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from memvisor.errors import GuestFault, HostFailure, MemvisorError, UsageError
-from memvisor.memory import libc
+from memvisor.memory import discard_log, libc
 from memvisor.memory.backend import DEFAULT_BACKEND, MemoryBackend, check_thp, hugepage_shortage_message
 from memvisor.memory.libc import PAGE_SIZE
 
@@ -198,22 +201,49 @@ class MemoryRegion:
             raise MemvisorError(f"cannot map {size} bytes of memory {name!r}: {err}; lower the size") from err
         return cls(gpa, size, name, readonly=False, host_addr=addr, fd=None)
 
-    def protect(self, offset: int, length: int, *, accessible: bool) -> None:
+    def protect(self, offset: int, length: int, *, accessible: bool, who: str = "protect") -> None:
         """Make [offset, offset+length) of the mapping inaccessible (PROT_NONE) or read-write again.
 
+        `who` names the caller in the discard log (memvisor/memory/discard_log.py) when one is in force.
         OSError when the kernel refuses (e.g. ENOMEM: too many mappings).
         """
         prot = libc.PROT_NONE
         if accessible:
             prot = libc.PROT_READ if self.readonly else libc.PROT_READ | libc.PROT_WRITE
-        libc.mprotect(self.host_addr + offset, length, prot)
+        log = discard_log.active
+        if log is None:
+            libc.mprotect(self.host_addr + offset, length, prot)
+            return
+        self._logged(log, who, "prot-rw" if accessible else "prot-none", offset, length,
+                     lambda: libc.mprotect(self.host_addr + offset, length, prot))  # fmt: skip
 
-    def discard(self, offset: int, length: int) -> None:
-        """Give the host back [offset, offset+length) of this region (page aligned, already checked)."""
+    def discard(self, offset: int, length: int, who: str = "discard") -> None:
+        """Give the host back [offset, offset+length) of this region (page aligned, already checked).
+
+        `who` names the caller in the discard log (memvisor/memory/discard_log.py) when one is in force."""
+        log = discard_log.active
+        if log is None:
+            self._discard(offset, length)
+            return
+        self._logged(log, who, "punch" if self.fd is not None else "dontneed", offset, length,
+                     lambda: self._discard(offset, length))  # fmt: skip
+
+    def _discard(self, offset: int, length: int) -> None:
         if self.fd is not None:
             libc.fallocate(self.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length)
         else:
             libc.madvise(self.host_addr + offset, length, libc.MADV_DONTNEED)
+
+    def _logged(self, log: discard_log.DiscardLog, who: str, op: str, offset: int, length: int,
+                action: Callable[[], None]) -> None:  # fmt: skip
+        """Run `action` and record it in `log`, failed or not (a failure is re-raised)."""
+        start = discard_log.now_ns()
+        try:
+            action()
+        except OSError as err:
+            log.record(start, who, op, self.gpa + offset, length, self.name, offset, err.strerror or str(err))
+            raise
+        log.record(start, who, op, self.gpa + offset, length, self.name, offset)
 
     def allocated_bytes(self) -> int:
         """Bytes the host really holds for this region."""
@@ -355,8 +385,9 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         self.write(gpa, _U64.pack(value & 0xFFFF_FFFF_FFFF_FFFF))
 
-    def discard(self, gpa: int, length: int) -> None:
-        """Give the host back the page-aligned range [gpa, gpa+length); it reads as zeros afterwards.
+    def discard(self, gpa: int, length: int, who: str = "discard") -> None:
+        """Give the host back the page-aligned range [gpa, gpa+length); it reads as zeros afterwards. `who`
+        names the caller in the discard log (memvisor/memory/discard_log.py).
 
         memfd and file regions get a hole punched (the file shrinks on disk, every mapping of it drops the
         pages); private anonymous regions get MADV_DONTNEED. Read-only regions cannot be discarded
@@ -373,7 +404,7 @@ class GuestMemory:
         if length == 0:
             return
         try:
-            region.discard(offset, length)
+            region.discard(offset, length, who)
         except OSError as err:
             raise DiscardError(f"cannot discard {gpa:#x}+{length:#x} of region {region.name!r}: "
                                    f"{err.strerror}") from err

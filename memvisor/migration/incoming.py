@@ -78,7 +78,7 @@ class Receiver:
             region.view[offset : offset + len(data)] = data
         else:
             try:
-                region.discard(offset, count * PAGE_SIZE)
+                region.discard(offset, count * PAGE_SIZE, "migration-zero")
             except OSError as error:
                 raise StreamError(f"ZERO: cannot clear {gpa:#x}+{count * PAGE_SIZE:#x}: {error.strerror}") from None
 

@@ -91,7 +91,8 @@ def test_inflate_256_pfns_discards_their_backing_in_one_punch(memory, monkeypatc
     assert before >= 2 * MiB
     calls = []
     real_discard = memory.discard
-    monkeypatch.setattr(memory, "discard", lambda gpa, length: (calls.append((gpa, length)), real_discard(gpa, length)))
+    monkeypatch.setattr(memory, "discard",
+                        lambda gpa, length, who: (calls.append((gpa, length)), real_discard(gpa, length, who)))
     pfns = list(range(RAM_PFN, RAM_PFN + 256))
     used = driver.inflate(pfns)
     assert [(written, data) for _, written, data in used] == [(0, b"")]
@@ -110,7 +111,8 @@ def test_scattered_pfns_coalesce_into_runs(memory, monkeypatch):
     device, driver = setup(memory)
     calls = []
     real_discard = memory.discard
-    monkeypatch.setattr(memory, "discard", lambda gpa, length: (calls.append((gpa, length)), real_discard(gpa, length)))
+    monkeypatch.setattr(memory, "discard",
+                        lambda gpa, length, who: (calls.append((gpa, length)), real_discard(gpa, length, who)))
     pfns = [RAM_PFN + 10, RAM_PFN + 3, RAM_PFN + 4, RAM_PFN + 5, RAM_PFN + 10, RAM_PFN + 100]
     driver.inflate(pfns)
     assert calls == [(RAM_GPA + 3 * 4096, 3 * 4096), (RAM_GPA + 10 * 4096, 4096), (RAM_GPA + 100 * 4096, 4096)]

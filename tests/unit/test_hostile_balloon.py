@@ -79,7 +79,7 @@ def test_a_host_discard_failure_is_not_blamed_on_the_guest(tmp_path: Path) -> No
     memory, _, balloon, driver, _ = _setup(tmp_path)
     region = memory.region_at(VMEM_GPA)
 
-    def refuse(offset: int, length: int) -> None:
+    def refuse(offset: int, length: int, who: str = "discard") -> None:
         raise OSError(5, "Input/output error")
 
     region.discard = refuse  # type: ignore[method-assign]

@@ -497,7 +497,7 @@ class BalloonDevice(VirtioDevice):
             self.count("pages_inflated", count)
         # On 2 MiB host pages only those whose 512 guest pages are all inflated (pages.py, whole_host_pages).
         for first, count in self._ram.whole_host_pages(runs, self._inflated):
-            if self._discard(first, count):
+            if self._discard(first, count, "balloon-inflate"):
                 self.count("bytes_discarded", count << BALLOON_PAGE_SHIFT)
         return 0
 
@@ -532,11 +532,12 @@ class BalloonDevice(VirtioDevice):
         self.count("pages_deflated", len(pages))
         return 0
 
-    def _discard(self, first: int, count: int) -> bool:
-        """Give pages the guest may use back to the host; a failure is the host's, logged and counted as such."""
+    def _discard(self, first: int, count: int, who: str) -> bool:
+        """Give pages the guest may use back to the host; a failure is the host's, logged and counted as such.
+        `who` names the path in the discard log (memvisor/memory/discard_log.py)."""
         assert self._memory is not None
         try:
-            self._memory.discard(first << BALLOON_PAGE_SHIFT, count << BALLOON_PAGE_SHIFT)
+            self._memory.discard(first << BALLOON_PAGE_SHIFT, count << BALLOON_PAGE_SHIFT, who)
         except (DiscardError, GuestMemoryError) as err:  # checked accessible before: the host's failure
             log.warning("balloon: %s", err)
             self.count("discard_failures")
@@ -612,7 +613,7 @@ class BalloonDevice(VirtioDevice):
             for first, count in self._accessible_runs(*clipped):
                 self.count("pages_reported", count)
                 whole = self._ram.inward(first, count)  # only whole host pages (hugetlbfs: 2 MiB aligned)
-                if not keep and whole is not None and self._discard(*whole):
+                if not keep and whole is not None and self._discard(*whole, "balloon-report"):
                     self.count("bytes_discarded", whole[1] << BALLOON_PAGE_SHIFT)
         return 0
 

@@ -176,7 +176,7 @@ class VirtioMemDevice(VirtioDevice):
         self._queue: SplitVirtqueue | None = None
         if unplugged_inaccessible:
             try:
-                region.protect(0, region.size, accessible=False)
+                region.protect(0, region.size, accessible=False, who="mem-init")
             except OSError as err:
                 raise UsageError(f"virtio-mem region {region.name!r}: cannot make unplugged memory inaccessible "
                                  f"({err.strerror}); raise vm.max_map_count or turn unplugged-inaccessible off") from err
@@ -223,7 +223,7 @@ class VirtioMemDevice(VirtioDevice):
     def system_reset(self) -> None:
         """The machine resets: unplug every block (section 5.15.5: SHOULD) and size the usable region anew."""
         with self.lock:
-            self._unplug_everything()
+            self._unplug_everything("mem-reset")
             self._resize_usable_region(can_shrink=True)
 
     def plugged_ranges(self) -> list[tuple[int, int]]:
@@ -363,7 +363,7 @@ class VirtioMemDevice(VirtioDevice):
         if self.busy:
             return VIRTIO_MEM_RESP_BUSY
         gpa, size = self.addr + first * self.block_size, count * self.block_size
-        done = self._plug(gpa, size) if plug else self._unplug(gpa, size)
+        done = self._plug(gpa, size) if plug else self._unplug(gpa, size, "mem-unplug")
         if not done:
             return VIRTIO_MEM_RESP_BUSY
         self._bitmap.set_range(first, count, plug)
@@ -375,7 +375,7 @@ class VirtioMemDevice(VirtioDevice):
         """Make [gpa, gpa+size) usable; False (nothing changed) when that fails."""
         try:
             if self.unplugged_inaccessible:
-                self.region.protect(gpa - self.addr, size, accessible=True)
+                self.region.protect(gpa - self.addr, size, accessible=True, who="mem-plug")
             if self.prealloc:
                 self._preallocate(gpa, size)
             if self.on_plug is not None:
@@ -383,8 +383,8 @@ class VirtioMemDevice(VirtioDevice):
         except Exception as err:  # the host could not back or map the blocks: BUSY, roll back
             log.warning("virtio-mem: plugging %#x+%#x failed: %s", gpa, size, err)
             self.count("hook_failures")
-            self._make_inaccessible(gpa, size)
-            self._discard(gpa, size)
+            self._make_inaccessible(gpa, size, "mem-plug-rollback")
+            self._discard(gpa, size, "mem-plug-rollback")
             return False
         return True
 
@@ -408,21 +408,22 @@ class VirtioMemDevice(VirtioDevice):
         into the plugged blocks. OSError when the kernel refuses the mprotect."""
         if not self.unplugged_inaccessible:
             return
-        self.region.protect(0, self.region.size, accessible=False)
+        self.region.protect(0, self.region.size, accessible=False, who="mem-restore")
         for first, count in self._bitmap.plugged_runs():
-            self.region.protect(first * self.block_size, count * self.block_size, accessible=True)
+            self.region.protect(first * self.block_size, count * self.block_size, accessible=True, who="mem-restore")
 
-    def _make_inaccessible(self, gpa: int, size: int) -> None:
+    def _make_inaccessible(self, gpa: int, size: int, who: str) -> None:
         if not self.unplugged_inaccessible:
             return
         try:
-            self.region.protect(gpa - self.addr, size, accessible=False)
+            self.region.protect(gpa - self.addr, size, accessible=False, who=who)
         except OSError as err:  # the blocks stay mapped: the discard below still frees them
             log.error("virtio-mem: cannot make %#x+%#x inaccessible: %s", gpa, size, err)
             self.count("hook_failures")
 
-    def _unplug(self, gpa: int, size: int) -> bool:
-        """Take [gpa, gpa+size) from the guest and give it back to the host; False if the VMM refused."""
+    def _unplug(self, gpa: int, size: int, who: str) -> bool:
+        """Take [gpa, gpa+size) from the guest and give it back to the host; False if the VMM refused. `who` names
+        the path in the discard log (memvisor/memory/discard_log.py)."""
         if self.on_unplug is not None:
             try:
                 self.on_unplug(gpa, size)
@@ -430,8 +431,8 @@ class VirtioMemDevice(VirtioDevice):
                 log.warning("virtio-mem: unmapping %#x+%#x failed: %s", gpa, size, err)
                 self.count("hook_failures")
                 return False
-        self._make_inaccessible(gpa, size)  # first, so the guest cannot fault a page back in after the discard
-        self._discard(gpa, size)
+        self._make_inaccessible(gpa, size, who)  # first, so the guest cannot fault a page back in after the discard
+        self._discard(gpa, size, who)
         return True
 
     def _preallocate(self, gpa: int, size: int) -> None:
@@ -443,10 +444,10 @@ class VirtioMemDevice(VirtioDevice):
         pages = np.frombuffer(self.region.view[offset:offset + size], dtype=np.uint8)
         pages[::_PAGE_SIZE] = 0  # one write per page: the content of a newly plugged block is undefined
 
-    def _discard(self, gpa: int, size: int) -> None:
+    def _discard(self, gpa: int, size: int, who: str) -> None:
         """Punch [gpa, gpa+size) out of the backing (a host operation: allowed on inaccessible blocks too)."""
         try:
-            self.region.discard(gpa - self.addr, size)
+            self.region.discard(gpa - self.addr, size, who)
         except OSError as err:
             log.warning("virtio-mem: discarding %#x+%#x failed: %s", gpa, size, err.strerror)
             self.count("discard_failures")
@@ -456,33 +457,33 @@ class VirtioMemDevice(VirtioDevice):
     def _unplug_all_request(self) -> int:
         if self.busy:
             return VIRTIO_MEM_RESP_BUSY
-        if not self._unplug_everything():
+        if not self._unplug_everything("mem-unplug-all"):
             return VIRTIO_MEM_RESP_BUSY
         self._resize_usable_region(can_shrink=True)  # no config interrupt for UNPLUG_ALL (5.15.4.2)
         return VIRTIO_MEM_RESP_ACK
 
-    def _unplug_everything(self) -> bool:
+    def _unplug_everything(self, who: str) -> bool:
         """Unplug every plugged run; False if the VMM refused one (the runs before it stay unplugged)."""
         changed = False
         ok = True
         for first, count in list(self._bitmap.plugged_runs()):
             gpa, size = self.addr + first * self.block_size, count * self.block_size
-            if not self._unplug(gpa, size):
+            if not self._unplug(gpa, size, who):
                 ok = False
                 break
             self._bitmap.set_range(first, count, False)
             self.count("bytes_unplugged", size)
             changed = True
         if ok:
-            self._discard_region()
+            self._discard_region(f"{who}-region")
         if changed:
             self._size_changed()
         return ok
 
-    def _discard_region(self) -> None:
+    def _discard_region(self, who: str) -> None:
         """Nothing is plugged: give the host back the whole region (whatever a guest wrote to unplugged blocks)."""
         try:
-            self.region.discard(0, self.region_size)
+            self.region.discard(0, self.region_size, who)
         except OSError as err:
             log.warning("virtio-mem: discarding the region failed: %s", err.strerror)
             self.count("discard_failures")
