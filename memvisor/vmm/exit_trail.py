@@ -18,6 +18,7 @@ import ctypes
 import time
 
 from memvisor.kvm import structs
+from memvisor.vmm import page_walk
 
 SYNC_CLASSES = structs.KVM_SYNC_X86_REGS | structs.KVM_SYNC_X86_SREGS | structs.KVM_SYNC_X86_EVENTS
 
@@ -112,3 +113,19 @@ def describe_events(events: structs.KvmVcpuEvents) -> str:
     if events.triple_fault.pending:
         found.append("triple fault pending")
     return ", ".join(found)
+
+
+def page_walk_lines(memory: page_walk.Reader, trail: ExitTrail) -> tuple[str, ...]:
+    """The guest's page tables walked from the trail's CR3 for its RIP, RSP and the IDT's #PF/#DF gates
+    (memvisor/vmm/page_walk.py); () without registers and special registers in the trail. Never raises: this runs
+    on the vCPU thread that met the triple fault, and the reset must happen whatever the tables hold."""
+    needed = structs.KVM_SYNC_X86_REGS | structs.KVM_SYNC_X86_SREGS
+    if trail.at_ns == 0 or trail.classes & needed != needed:
+        return ()
+    regs, sregs = trail.image.sync.regs, trail.image.sync.sregs
+    try:
+        report = page_walk.describe(memory, cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer,
+                                    rip=regs.rip, rsp=regs.rsp, idt_base=sregs.idt.base, idt_limit=sregs.idt.limit)
+    except Exception as err:  # a bug here must not keep the guest from resetting
+        return (f"page walk failed: {type(err).__name__}: {err}",)
+    return tuple(report.lines)

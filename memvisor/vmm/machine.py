@@ -39,7 +39,7 @@ from memvisor.vmm.config import MachineConfig
 from memvisor.vmm.console import Console
 from memvisor.vmm.dirty_log import PageMask
 from memvisor.vmm.dirty_tracker import DirtyConsumer, DirtyTracker
-from memvisor.vmm.exit_trail import SYNC_CLASSES, ExitTrail
+from memvisor.vmm.exit_trail import SYNC_CLASSES, ExitTrail, page_walk_lines
 from memvisor.vmm.loader import load_kernel
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -60,6 +60,7 @@ class Outcome:
     message: str = ""
     cause: str = ""  # for a reset: what asked for it (a triple fault, the i8042, ACPI, QMP)
     console_tail: tuple[str, ...] = ()  # for a triple fault: the guest console's last lines before it
+    page_walk: tuple[str, ...] = ()  # for a triple fault: its page tables walked from the last CR3 (page_walk.py)
 
 
 PortRead = Callable[[int], int]
@@ -293,11 +294,12 @@ class Machine:
         self._finish(Outcome(StopReason.POWEROFF))
 
     def request_reset(
-        self, cause: str = "the host asked for it (QMP system_reset)", *, console_tail: tuple[str, ...] = ()
+        self, cause: str = "the host asked for it (QMP system_reset)", *, console_tail: tuple[str, ...] = (),
+        page_walk: tuple[str, ...] = (),
     ) -> None:
         if self.console.panicked:
             return  # panic=-1 resets right after the panic; the panic is what ended the guest
-        self._finish(Outcome(StopReason.RESET, "the guest rebooted", cause, console_tail))
+        self._finish(Outcome(StopReason.RESET, "the guest rebooted", cause, console_tail, page_walk))
 
     def _on_triple_fault(self, vcpu: Vcpu) -> None:
         """KVM_EXIT_SHUTDOWN: a reset (as QEMU does: SHUTDOWN_CAUSE_GUEST_RESET) whose cause names where the
@@ -308,7 +310,8 @@ class Machine:
         last = trail.describe() if trail is not None else None
         if last is not None:
             cause += f"; its last exit before it: {last}"
-        self.request_reset(cause, console_tail=self.console.tail(CONSOLE_TAIL_LINES))
+        walk = page_walk_lines(self.memory, trail) if trail is not None else ()
+        self.request_reset(cause, console_tail=self.console.tail(CONSOLE_TAIL_LINES), page_walk=walk)
 
     def vcpu_states(self) -> list[str]:
         """After a reset or an error: each vCPU's registers as it left KVM_RUN (one line each, vCPU order).

@@ -167,6 +167,7 @@ def _report_reset(machine: Machine, console_fd: int) -> None:
         return
     what = f"the guest reset: {outcome.cause}" if outcome.reason is StopReason.RESET else outcome.message
     lines = [f"memvisor: {what}", *(f"memvisor:   {state}" for state in machine.vcpu_states())]
+    lines += [f"memvisor:   {line}" for line in outcome.page_walk]  # a triple fault: the tables as they read now
     text = "\n".join(lines) + "\n"
     tail = ""
     if outcome.console_tail:  # a triple fault: what the guest printed last (the console file has it already)

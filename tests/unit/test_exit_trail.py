@@ -19,6 +19,7 @@ import pytest
 
 from memvisor.kvm import structs
 from memvisor.kvm.ioctls import KvmIoctlError
+from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
 from memvisor.vmm import machine as machine_module
 from memvisor.vmm import session
 from memvisor.vmm.console import Console
@@ -165,8 +166,10 @@ def devnull() -> Iterator[int]:
     os.close(fd)
 
 
-def _run_machine(vcpu: FakeVcpu, console_fd: int, console_text: bytes = b"") -> Outcome:
+def _run_machine(vcpu: FakeVcpu, console_fd: int, console_text: bytes = b"", memory: GuestMemory | None = None
+                 ) -> Outcome:  # fmt: skip
     machine = Machine.__new__(Machine)
+    machine.memory = memory if memory is not None else GuestMemory()
     machine._done = threading.Condition()
     machine._threads, machine._stopping, machine._pause_requested, machine._parked = [], False, False, 0
     machine._held = False
@@ -208,16 +211,42 @@ def test_a_triple_fault_names_the_vcpus_last_position_and_the_console(devnull: i
     assert outcome.console_tail[0] == "line 11"
 
 
+def test_a_triple_fault_walks_the_page_tables_of_its_last_cr3(devnull: int) -> None:
+    from tests.unit.test_page_walk import CR4, EFER, Tables
+
+    with GuestMemory([MemoryRegion.memfd(0, 64 << 20, "ram0")]) as memory:
+        tables = Tables(memory)
+        tables.map(GUEST_RIP & ~0xFFF, 0x2A00000)
+        pd = tables.map(0xFFFFC90000013000, 0x2B00000)[2]
+        memory.discard(pd, PAGE)  # the stack's PD page reads as zeros now
+
+        def out_in_long_mode(page: FakeRunPage) -> int:
+            page.io_exit(0x3F8, GUEST_RIP, tables.cr3, GUEST_CR0)
+            page.image.sync.sregs.cr4, page.image.sync.sregs.efer = CR4, EFER
+            return structs.KVM_EXIT_IO
+
+        outcome = _run_machine(FakeVcpu([out_in_long_mode, _shutdown], sync_regs=True), devnull, memory=memory)
+    assert outcome.reason is StopReason.RESET
+    walk = outcome.page_walk
+    assert walk[0] == f"page walk from cr3={tables.cr3:#x} (4-level paging), the tables as they read now:"
+    assert f"rip {GUEST_RIP:#x}: maps to gpa {0x2A00000 | GUEST_RIP & 0xFFF:#x}; that page reads ALL ZEROS" in walk
+    assert "rsp 0xffffc90000013e58: NOT PRESENT at the PD" in walk
+    assert walk[-1] == f"page walk: table pages that read ALL ZEROS: {pd:#x}"
+    assert "IDT #PF gate (vector 14): beyond the IDT limit 0x0" in walk  # the fake's IDT is empty
+
+
 def test_without_sync_regs_the_cause_is_as_before(devnull: int) -> None:
     vcpu = FakeVcpu([_out(0x3F8, GUEST_RIP), _shutdown], sync_regs=False)
     outcome = _run_machine(vcpu, devnull)
     assert outcome.reason is StopReason.RESET
     assert outcome.cause == "triple fault on vCPU 0 (KVM_EXIT_SHUTDOWN)"
+    assert outcome.page_walk == ()
 
 
 def test_the_reset_report_prints_the_cause_and_the_console_tail(capsys: pytest.CaptureFixture[str]) -> None:
     outcome = Outcome(StopReason.RESET, "the guest rebooted", "triple fault on vCPU 0 (KVM_EXIT_SHUTDOWN); its "
-                      "last exit before it: HLT at rip=0x1", ("[  9.1] virtio_mem: plugged", "x"))  # fmt: skip
+                      "last exit before it: HLT at rip=0x1", ("[  9.1] virtio_mem: plugged", "x"),
+                      ("page walk from cr3=0x1000 (4-level paging), the tables as they read now:", "rip 0x1: ..."))  # fmt: skip
     machine = SimpleNamespace(outcome=outcome, vcpu_states=lambda: ["vCPU 0: rip=0xfff0"])
     session._report_reset(cast(Any, machine), 2)
     err = capsys.readouterr().err.splitlines()
@@ -225,6 +254,8 @@ def test_the_reset_report_prints_the_cause_and_the_console_tail(capsys: pytest.C
         "memvisor: the guest reset: triple fault on vCPU 0 (KVM_EXIT_SHUTDOWN); its last exit before it: HLT at "
         "rip=0x1",
         "memvisor:   vCPU 0: rip=0xfff0",
+        "memvisor:   page walk from cr3=0x1000 (4-level paging), the tables as they read now:",
+        "memvisor:   rip 0x1: ...",
         "memvisor:   the guest console's last lines before it:",
         "memvisor:   | [  9.1] virtio_mem: plugged",
         "memvisor:   | x",
