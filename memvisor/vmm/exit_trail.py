@@ -115,17 +115,23 @@ def describe_events(events: structs.KvmVcpuEvents) -> str:
     return ", ".join(found)
 
 
-def page_walk_lines(memory: page_walk.Reader, trail: ExitTrail) -> tuple[str, ...]:
-    """The guest's page tables walked from the trail's CR3 for its RIP, RSP and the IDT's #PF/#DF gates
-    (memvisor/vmm/page_walk.py); () without registers and special registers in the trail. Never raises: this runs
-    on the vCPU thread that met the triple fault, and the reset must happen whatever the tables hold."""
+def page_walk_lines(memory: page_walk.Reader, trail: ExitTrail, others: dict[int, ExitTrail] | None = None
+                    ) -> tuple[str, ...]:  # fmt: skip
+    """The guest's page tables walked from the trail's CR3 for its RIP, RSP, the last RIP of each vCPU in
+    `others` (by index) and the IDT's #PF/#DF gates (memvisor/vmm/page_walk.py); () without registers and special
+    registers in the trail. Never raises: this runs on the vCPU thread that met the triple fault, and the reset
+    must happen whatever the tables hold. (Another vCPU's trail may be mid-copy: its RIP is evidence, no more.)"""
     needed = structs.KVM_SYNC_X86_REGS | structs.KVM_SYNC_X86_SREGS
     if trail.at_ns == 0 or trail.classes & needed != needed:
         return ()
     regs, sregs = trail.image.sync.regs, trail.image.sync.sregs
+    extra = [(f"vCPU {index}'s last rip", int(other.image.sync.regs.rip))
+             for index, other in sorted((others or {}).items())
+             if other is not trail and other.at_ns and other.classes & structs.KVM_SYNC_X86_REGS]  # fmt: skip
     try:
         report = page_walk.describe(memory, cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer,
-                                    rip=regs.rip, rsp=regs.rsp, idt_base=sregs.idt.base, idt_limit=sregs.idt.limit)
+                                    rip=regs.rip, rsp=regs.rsp, idt_base=sregs.idt.base, idt_limit=sregs.idt.limit,
+                                    extra=extra)
     except Exception as err:  # a bug here must not keep the guest from resetting
         return (f"page walk failed: {type(err).__name__}: {err}",)
     return tuple(report.lines)

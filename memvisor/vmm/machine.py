@@ -310,7 +310,7 @@ class Machine:
         last = trail.describe() if trail is not None else None
         if last is not None:
             cause += f"; its last exit before it: {last}"
-        walk = page_walk_lines(self.memory, trail) if trail is not None else ()
+        walk = page_walk_lines(self.memory, trail, self._trails) if trail is not None else ()
         self.request_reset(cause, console_tail=self.console.tail(CONSOLE_TAIL_LINES), page_walk=walk)
 
     def vcpu_states(self) -> list[str]:

@@ -24,6 +24,7 @@ most 5 tables, so the cost is bounded whatever the guest wrote.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -216,8 +217,9 @@ class Report:
 
 
 def describe(reader: Reader, *, cr0: int, cr3: int, cr4: int, efer: int, rip: int, rsp: int,
-             idt_base: int | None = None, idt_limit: int = 0) -> Report:  # fmt: skip
-    """Walk RIP, RSP and (with the IDT's base) the #PF and #DF gates and their handlers from `cr3`."""
+             idt_base: int | None = None, idt_limit: int = 0, extra: Sequence[tuple[str, int]] = ()) -> Report:  # fmt: skip
+    """Walk RIP, RSP, the (label, address) pairs of `extra` (other vCPUs' last RIPs) and, with the IDT's base,
+    the #PF and #DF gates and their handlers, all from `cr3`."""
     report = Report()
     levels = paging_levels(cr0, cr4, efer)
     if not levels:
@@ -225,6 +227,7 @@ def describe(reader: Reader, *, cr0: int, cr3: int, cr4: int, efer: int, rip: in
         return report
     report.lines.append(f"page walk from cr3={cr3:#x} ({levels}-level paging), the tables as they read now:")
     walks = [("rip", walk(reader, cr3, rip, levels)), ("rsp", walk(reader, cr3, rsp, levels))]
+    walks += [(label, walk(reader, cr3, address, levels)) for label, address in extra]
     for label, result in walks:
         report.lines += _walk_lines(label, result)
     if idt_base is not None:

@@ -23,7 +23,14 @@ from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
 from memvisor.vmm import machine as machine_module
 from memvisor.vmm import session
 from memvisor.vmm.console import Console
-from memvisor.vmm.exit_trail import IMAGE_SIZE, SYNC_CLASSES, ExitTrail, RunImage, describe_events
+from memvisor.vmm.exit_trail import (
+    IMAGE_SIZE,
+    SYNC_CLASSES,
+    ExitTrail,
+    RunImage,
+    describe_events,
+    page_walk_lines,
+)
 from memvisor.vmm.machine import Machine, Outcome, StopReason
 
 PAGE = 4096
@@ -295,3 +302,30 @@ def test_enable_sync_regs_asks_kvm_and_never_sets_dirty_bits(
     assert asked == [(42, ioctls.KVM_CHECK_EXTENSION, ioctls.KVM_CAP_SYNC_REGS)]
     assert page.image.valid_regs == enabled
     assert page.image.dirty_regs == 0
+
+
+def test_the_walk_covers_the_other_vcpus_last_rips_and_never_raises() -> None:
+    from tests.unit.test_page_walk import CR4, EFER, Tables
+
+    with GuestMemory([MemoryRegion.memfd(0, 64 << 20, "ram0")]) as memory:
+        tables = Tables(memory)
+        tables.map(GUEST_RIP & ~0xFFF, 0x2A00000)
+        pages, trails = [FakeRunPage(), FakeRunPage()], {}
+        for index, (page, rip) in enumerate(zip(pages, (GUEST_RIP, 0xFFFFFFFFC0421000), strict=True)):
+            page.io_exit(0x3F8, rip, tables.cr3, GUEST_CR0)
+            page.image.sync.sregs.cr4, page.image.sync.sregs.efer = CR4, EFER
+            trails[index] = ExitTrail(page.address, SYNC_CLASSES)
+            trails[index].record()
+        lines = page_walk_lines(memory, trails[0], trails)
+        assert "vCPU 1's last rip 0xffffffffc0421000: NOT PRESENT at the PDPT" in lines
+        assert not any(line.startswith("vCPU 0's") for line in lines)  # the faulting vCPU's own is "rip"
+
+        class Broken:
+            def read(self, gpa: int, length: int) -> bytes:
+                raise RuntimeError("a bug in a reader")
+
+        assert page_walk_lines(Broken(), trails[0]) == ("page walk failed: RuntimeError: a bug in a reader",)
+        assert page_walk_lines(memory, ExitTrail(pages[0].address, SYNC_CLASSES)) == ()  # nothing recorded yet
+        registers_only = ExitTrail(pages[0].address, structs.KVM_SYNC_X86_REGS)
+        registers_only.record()
+        assert page_walk_lines(memory, registers_only) == ()  # no CR3 without the special registers
