@@ -131,7 +131,7 @@ def page_walk_lines(memory: page_walk.Reader, trail: ExitTrail, others: dict[int
     try:
         report = page_walk.describe(memory, cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer,
                                     rip=regs.rip, rsp=regs.rsp, idt_base=sregs.idt.base, idt_limit=sregs.idt.limit,
-                                    extra=extra)
+                                    extra=extra, at_ns=time.monotonic_ns())
     except Exception as err:  # a bug here must not keep the guest from resetting
         return (f"page walk failed: {type(err).__name__}: {err}",)
     return tuple(report.lines)

@@ -217,15 +217,18 @@ class Report:
 
 
 def describe(reader: Reader, *, cr0: int, cr3: int, cr4: int, efer: int, rip: int, rsp: int,
-             idt_base: int | None = None, idt_limit: int = 0, extra: Sequence[tuple[str, int]] = ()) -> Report:  # fmt: skip
+             idt_base: int | None = None, idt_limit: int = 0, extra: Sequence[tuple[str, int]] = (),
+             at_ns: int | None = None) -> Report:  # fmt: skip
     """Walk RIP, RSP, the (label, address) pairs of `extra` (other vCPUs' last RIPs) and, with the IDT's base,
-    the #PF and #DF gates and their handlers, all from `cr3`."""
+    the #PF and #DF gates and their handlers, all from `cr3`. `at_ns`: when (time.monotonic_ns(), the clock of
+    MEMVISOR_DISCARD_LOG), named in the first line."""
     report = Report()
     levels = paging_levels(cr0, cr4, efer)
     if not levels:
         report.lines.append(f"page walk: not in long mode (cr0={cr0:#x} cr4={cr4:#x} efer={efer:#x}): no walk")
         return report
-    report.lines.append(f"page walk from cr3={cr3:#x} ({levels}-level paging), the tables as they read now:")
+    when = f" at monotonic {at_ns} ns" if at_ns is not None else ""
+    report.lines.append(f"page walk{when} from cr3={cr3:#x} ({levels}-level paging), the tables as they read now:")
     walks = [("rip", walk(reader, cr3, rip, levels)), ("rsp", walk(reader, cr3, rsp, levels))]
     walks += [(label, walk(reader, cr3, address, levels)) for label, address in extra]
     for label, result in walks:

@@ -9,8 +9,10 @@ import collections
 import ctypes
 import errno
 import os
+import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any, cast
@@ -235,7 +237,9 @@ def test_a_triple_fault_walks_the_page_tables_of_its_last_cr3(devnull: int) -> N
         outcome = _run_machine(FakeVcpu([out_in_long_mode, _shutdown], sync_regs=True), devnull, memory=memory)
     assert outcome.reason is StopReason.RESET
     walk = outcome.page_walk
-    assert walk[0] == f"page walk from cr3={tables.cr3:#x} (4-level paging), the tables as they read now:"
+    assert re.fullmatch(rf"page walk at monotonic \d+ ns from cr3={tables.cr3:#x} \(4-level paging\), the tables as "
+                        "they read now:", walk[0])  # fmt: skip
+    assert int(walk[0].split()[4]) <= time.monotonic_ns()
     assert f"rip {GUEST_RIP:#x}: maps to gpa {0x2A00000 | GUEST_RIP & 0xFFF:#x}; that page reads ALL ZEROS" in walk
     assert "rsp 0xffffc90000013e58: NOT PRESENT at the PD" in walk
     assert walk[-1] == f"page walk: table pages that read ALL ZEROS: {pd:#x}"

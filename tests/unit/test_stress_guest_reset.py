@@ -3,6 +3,7 @@ memvisor's reset report out of memvisor's stderr."""
 
 import importlib.machinery
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ def script() -> ModuleType:
     spec = importlib.util.spec_from_loader(loader.name, loader)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[loader.name] = module  # its dataclasses look their module up there
     loader.exec_module(module)
     return module
 
@@ -160,3 +162,99 @@ def test_the_deliberate_triple_fault_checks_the_diagnostic(
     out = capsys.readouterr().out
     assert "resets 1 (0 not asked for)" in out and "diagnostic names a kernel address: OK" in out
     assert fake_vm.made[0].extra == ["--reboot", "exit", "--append", "reboot=t"]
+
+
+# --- leaving mechanisms out, and the page walk against memvisor's discard log ---------------------------------------
+
+WALK_REPORT = """\
+memvisor: the guest reset: triple fault on vCPU 1 (KVM_EXIT_SHUTDOWN); its last exit before it: HLT at rip=0x1
+memvisor:   vCPU 0: rip=0xfff0
+memvisor:   page walk at monotonic 5000000000 ns from cr3=0x1ee02000 (4-level paging), the tables as they read now:
+memvisor:   rip 0xffffffffb65f6a07: NOT PRESENT at the PD
+memvisor:       PML4 table 0x1ee02000 [511] = 0x1ee05067 present
+memvisor:       PDPT table 0x1ee05000 [510] = 0x1ee06063 present
+memvisor:       PD table 0x1ee06000 [435] = 0x0 NOT PRESENT, table page ALL ZEROS
+memvisor:   rsp 0xff6b6b5080123e18: maps to gpa 0x3123e18; that page reads ALL ZEROS
+memvisor:       PML4 table 0x1ee02000 [478] = 0x2a01067 present
+memvisor:       PDPT table 0x2a01000 [1] = 0x3000063 present (1G page)
+memvisor:   page walk: table pages that read ALL ZEROS: 0x1ee06000
+"""
+
+
+def test_mechanisms_can_be_left_out(script: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    args = script.parse_args(["--virtio-mem", "1G", "--no-virtio-mem"])
+    assert args.virtio_mem == 0
+    with pytest.raises(SystemExit):
+        script.parse_args(["--no-balloon"])
+    assert "--no-balloon without --virtio-mem or --hinting leaves nothing to move" in capsys.readouterr().err
+    assert script.parse_args(["--no-balloon", "--virtio-mem", "1G"]).no_balloon
+
+
+def test_rounds_without_the_balloon_leave_its_device_and_steps_out(
+    script: ModuleType, fake_vm: type[FakeGuestVM], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MEMVISOR_DISCARD_LOG", "")
+    args = script.parse_args(["--inside", "--rounds", "2", "--virtio-mem", "1G", "--no-balloon", "--logs", str(tmp_path)])
+    assert script.run(args) == 0
+    (vm,) = fake_vm.made
+    assert [d.split(",")[0] for d in vm.devices] == ["virtio-mem"]
+    out = capsys.readouterr().out
+    assert "no balloon steps" in out and "inflate" not in out.split("medians:")[1]
+    assert os.environ["MEMVISOR_DISCARD_LOG"] == str(tmp_path / "discards.log")  # what memvisor was started with
+
+
+def _discards(*entries: tuple[int, str, str, int, int]) -> list:
+    return [f"{at} {who} {op} gpa={first:#x}-{end:#x} len={end - first:#x} region=ram0 offset={first:#x}"
+            for at, who, op, first, end in entries]  # fmt: skip
+
+
+def test_a_zeroed_table_page_discarded_by_memvisor_is_named_with_its_path_and_time(script: ModuleType) -> None:
+    report = WALK_REPORT.splitlines()
+    log = _discards((4_480_000_000, "balloon-inflate", "punch", 0x1EE00000, 0x1EE08000),
+                    (4_500_000_000, "mem-unplug", "prot-none", 0x1EE06000, 0x1EE07000),
+                    (6_000_000_000, "mem-reset", "punch", 0x1EE06000, 0x1EE07000))  # after the walk: not counted
+    lines = script.correlate(report, script.parse_discards("\n".join(log) + "\n123 cut sho"))
+    assert lines[0] == ("zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): DISCARDED by memvisor 1 time(s) "
+                        "(balloon-inflate); the last: balloon-inflate (punch) 0.520 s before the page walk: gpa "
+                        "0x1ee00000-0x1ee08000, region ram0 offset 0x1ee00000")  # fmt: skip
+    assert lines[1].startswith("zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): made inaccessible 1 time(s)")
+    assert "zeroed page page 0x3123000 (rsp 0xff6b6b5080123e18): never discarded by memvisor (of 3 logged" in lines[2]
+    assert any(line.startswith("PML4 table page 0x1ee02000 (rip 0xffffffffb65f6a07): DISCARDED") for line in lines)
+    assert lines[-1].startswith("verdict: a page of the walks that reads all zeros WAS DISCARDED by memvisor")
+
+
+def test_a_zeroed_table_page_memvisor_never_discarded_points_elsewhere(script: ModuleType) -> None:
+    report = WALK_REPORT.splitlines()
+    lines = script.correlate(report, script.parse_discards("\n".join(_discards(
+        (1, "balloon-inflate", "punch", 0x40000000, 0x40001000))), ))  # fmt: skip
+    assert lines[0] == "zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): never discarded by memvisor (of 1 " \
+                       "logged operations)"  # fmt: skip
+    assert lines[-1].startswith("verdict: the pages that read all zeros were NOT discarded by memvisor")
+    calm = [line for line in report if "ALL ZEROS" not in line]
+    assert script.correlate(calm, [])[-1] == "verdict: no page of the walks reads all zeros"
+    assert script.correlate(report[:2], [])[-1].startswith("verdict: memvisor's reset report has no page walk")
+    assert script.correlate(report, None) == ["verdict: no discard log to match the page walk against"]
+
+
+def test_after_a_reset_the_script_prints_the_match(
+    script: ModuleType, fake_vm: type[FakeGuestVM], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MEMVISOR_DISCARD_LOG", "")
+
+    def reset(self: FakeGuestVM) -> None:
+        self.stderr_path.write_text(WALK_REPORT)
+        Path(os.environ["MEMVISOR_DISCARD_LOG"]).write_text(
+            "\n".join(_discards((4_000_000_000, "mem-unplug", "punch", 0x1EE06000, 0x1EE07000))) + "\n")
+        self.process.returncode = 0
+        raise ConnectionResetError("memvisor closed the QMP connection")
+
+    monkeypatch.setattr(FakeGuestVM, "_reset", reset)
+    fake_vm.reset_at = 3
+    args = script.parse_args(["--inside", "--rounds", "5", "--logs", str(tmp_path)])
+    assert script.run(args) == 1
+    out = capsys.readouterr().out
+    assert ("stress-guest-reset: page walk vs discards: zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): "
+            "DISCARDED by memvisor 1 time(s) (mem-unplug); the last: mem-unplug (punch) 1.000 s before") in out
+    assert "stress-guest-reset: page walk vs discards: verdict: a page of the walks that reads all zeros WAS" in out
