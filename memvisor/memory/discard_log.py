@@ -12,7 +12,9 @@ memvisor takes memory from under the guest appends one line to that file:
 - who: the path that asked (`balloon-inflate`, `balloon-report`, `mem-unplug`, `mem-unplug-all`,
   `mem-unplug-all-region`, `mem-plug-rollback`, `migration-zero`; `discard` for a caller that named none);
 - op: `punch` (fallocate PUNCH_HOLE on a memfd or file), `dontneed` (MADV_DONTNEED on private memory),
-  `prot-none` / `prot-rw` (a virtio-mem range made inaccessible / accessible again);
+  `prot-none` / `prot-rw` (a virtio-mem range made inaccessible / accessible again), and `give-back` (who:
+  `balloon-deflate`: not a discard, the moment the guest took ballooned pages back, so a page's story reads
+  discarded -> given back -> used);
 - gpa: the guest physical range [first, end) in hex, computed from the region's own base (not from the
   caller's arithmetic), so a wrong offset anywhere above shows up as a wrong range here;
 - region and offset: the host region (its name) and the offset in its memfd or mapping.

@@ -100,13 +100,14 @@ def test_balloon_inflate_and_reporting_name_their_paths(log_path: Path) -> None:
         device = BalloonDevice(TOTAL_RAM, free_page_reporting=True)
         driver = BalloonDriver(device, memory)
         driver.inflate([RAM_PFN + 7, RAM_PFN + 8, RAM_PFN + 300])
-        driver.deflate([RAM_PFN + 7])  # a deflate discards nothing
+        driver.deflate([RAM_PFN + 7])  # a deflate discards nothing: logged as the pages' return to the guest
         driver.report([(RAM_GPA + 4 * MiB, 2 * MiB)])
         region = memory.region_at(RAM_GPA)
         base = RAM_GPA - region.gpa
         assert entries(log_path) == [
             ("balloon-inflate", "punch", RAM_GPA + 7 * 4096, RAM_GPA + 9 * 4096, region.name, base + 7 * 4096),
             ("balloon-inflate", "punch", RAM_GPA + 300 * 4096, RAM_GPA + 301 * 4096, region.name, base + 300 * 4096),
+            ("balloon-deflate", "give-back", RAM_GPA + 7 * 4096, RAM_GPA + 8 * 4096, region.name, base + 7 * 4096),
             ("balloon-report", "punch", RAM_GPA + 4 * MiB, RAM_GPA + 6 * MiB, region.name, base + 4 * MiB),
         ]
     finally:

@@ -217,11 +217,17 @@ def test_a_zeroed_table_page_discarded_by_memvisor_is_named_with_its_path_and_ti
     lines = script.correlate(report, script.parse_discards("\n".join(log) + "\n123 cut sho"))
     assert lines[0] == ("zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): DISCARDED by memvisor 1 time(s) "
                         "(balloon-inflate); the last: balloon-inflate (punch) 0.520 s before the page walk: gpa "
-                        "0x1ee00000-0x1ee08000, region ram0 offset 0x1ee00000")  # fmt: skip
+                        "0x1ee00000-0x1ee08000, region ram0 offset 0x1ee00000; NOT given back to the guest since")  # fmt: skip
     assert lines[1].startswith("zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): made inaccessible 1 time(s)")
     assert "zeroed page page 0x3123000 (rsp 0xff6b6b5080123e18): never discarded by memvisor (of 3 logged" in lines[2]
     assert any(line.startswith("PML4 table page 0x1ee02000 (rip 0xffffffffb65f6a07): DISCARDED") for line in lines)
-    assert lines[-1].startswith("verdict: a page of the walks that reads all zeros WAS DISCARDED by memvisor")
+    assert lines[-1].startswith("verdict: a page of the walks that reads all zeros WAS DISCARDED by memvisor and not "
+                                "given back since (suspect a")  # fmt: skip
+    log.insert(1, "4490000000 balloon-deflate give-back gpa=0x1ee06000-0x1ee07000 len=0x1000 region=ram0 offset=0x1ee06000")
+    lines = script.correlate(report, script.parse_discards("\n".join(log)))
+    assert lines[0].endswith("; given back to the guest since by balloon-deflate (give-back) 0.510 s before the page "
+                             "walk: gpa 0x1ee06000-0x1ee07000, region ram0 offset 0x1ee06000")  # fmt: skip
+    assert lines[-1].startswith("verdict: the pages that read all zeros were discarded by memvisor but given back")
 
 
 def test_a_zeroed_table_page_memvisor_never_discarded_points_elsewhere(script: ModuleType) -> None:
@@ -232,7 +238,8 @@ def test_a_zeroed_table_page_memvisor_never_discarded_points_elsewhere(script: M
                        "logged operations)"  # fmt: skip
     assert lines[-1].startswith("verdict: the pages that read all zeros were NOT discarded by memvisor")
     calm = [line for line in report if "ALL ZEROS" not in line]
-    assert script.correlate(calm, [])[-1] == "verdict: no page of the walks reads all zeros"
+    assert script.correlate(calm, [])[-1] == ("verdict: no page of the walks reads all zeros; the last rip now: NOT "
+                                              "PRESENT at the PD")  # fmt: skip
     assert script.correlate(report[:2], [])[-1].startswith("verdict: memvisor's reset report has no page walk")
     assert script.correlate(report, None) == ["verdict: no discard log to match the page walk against"]
 

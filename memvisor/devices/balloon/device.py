@@ -73,6 +73,7 @@ from memvisor.devices.balloon.hinting import FreePageHinting, HintState
 from memvisor.devices.balloon.pages import BalloonRam, PageBitmap, RegionFilter, writable_region
 from memvisor.devices.balloon.stats import BalloonStats
 from memvisor.errors import UsageError
+from memvisor.memory import discard_log
 from memvisor.memory.guest_memory import DiscardError, GuestMemory, GuestMemoryError
 from memvisor.virtio.device import (
     VIRTIO_F_VERSION_1,
@@ -530,7 +531,23 @@ class BalloonDevice(VirtioDevice):
             self.count("errors", outside)
         self._inflated.clear_pages(pages)
         self.count("pages_deflated", len(pages))
+        log = discard_log.active
+        if log is not None:  # not a discard, but when a discarded page went back to the guest
+            self._log_deflate(log, pages)
         return 0
+
+    def _log_deflate(self, log: discard_log.DiscardLog, pages: set[int]) -> None:
+        assert self._memory is not None and self._ram is not None
+        now = discard_log.now_ns()
+        for first, count in self._ram.page_runs(pages)[0]:
+            gpa = first << BALLOON_PAGE_SHIFT
+            try:
+                region = self._memory.region_at(gpa)
+            except GuestMemoryError:  # in unplugged virtio-mem memory: named without an offset
+                log.record(now, "balloon-deflate", "give-back", gpa, count << BALLOON_PAGE_SHIFT, "?", 0)
+                continue
+            log.record(now, "balloon-deflate", "give-back", gpa, count << BALLOON_PAGE_SHIFT, region.name,
+                       gpa - region.gpa)  # fmt: skip
 
     def _discard(self, first: int, count: int, who: str) -> bool:
         """Give pages the guest may use back to the host; a failure is the host's, logged and counted as such.
