@@ -265,3 +265,25 @@ def test_after_a_reset_the_script_prints_the_match(
     assert ("stress-guest-reset: page walk vs discards: zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): "
             "DISCARDED by memvisor 1 time(s) (mem-unplug); the last: mem-unplug (punch) 1.000 s before") in out
     assert "stress-guest-reset: page walk vs discards: verdict: a page of the walks that reads all zeros WAS" in out
+
+
+def test_a_discard_log_elsewhere_is_used_and_copied_into_the_logs(
+    script: ModuleType, fake_vm: type[FakeGuestVM], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MEMVISOR_DISCARD_LOG", "/somewhere/else.log")
+    elsewhere = tmp_path / "run" / "discards-here.log"
+    elsewhere.parent.mkdir()
+    logs = tmp_path / "logs"
+    args = script.parse_args(["--inside", "--rounds", "1", "--logs", str(logs), "--discard-log", str(elsewhere)])
+
+    def balloon_discards(self: FakeGuestVM, name: str, **arguments: object) -> object:
+        if name == "balloon":
+            Path(os.environ["MEMVISOR_DISCARD_LOG"]).write_text("1 balloon-inflate punch gpa=0x0-0x1000 len=0x1000 "
+                                                                "region=ram0 offset=0x0\n")  # fmt: skip
+        return original(self, name, **arguments)
+
+    original = FakeGuestVM.cmd
+    monkeypatch.setattr(FakeGuestVM, "cmd", balloon_discards)
+    assert script.run(args) == 0
+    assert os.environ["MEMVISOR_DISCARD_LOG"] == str(elsewhere)
+    assert (logs / "discards.log").read_text() == elsewhere.read_text() != ""
