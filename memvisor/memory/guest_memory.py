@@ -245,6 +245,20 @@ class MemoryRegion:
             raise
         log.record(start, who, op, self.gpa + offset, length, self.name, offset)
 
+    def host_page_state(self, offset: int) -> str:
+        """Whether the host holds the page at `offset`, without touching it: "hole" or "allocated" in the memfd or
+        file (lseek SEEK_DATA), "not resident" or "resident" for private memory (mincore); "" when unknown."""
+        offset -= offset % PAGE_SIZE
+        if self.closed or not 0 <= offset < self.size:
+            return ""
+        try:
+            if self.fd is None:
+                return "resident" if libc.resident_pages(self.host_addr + offset, PAGE_SIZE) else "not resident"
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as err:
+            return "hole" if err.errno == errno.ENXIO else ""  # ENXIO: no data from there to the end
+        return "allocated" if data == offset else "hole"
+
     def allocated_bytes(self) -> int:
         """Bytes the host really holds for this region."""
         if self.closed:
@@ -408,6 +422,11 @@ class GuestMemory:
         except OSError as err:
             raise DiscardError(f"cannot discard {gpa:#x}+{length:#x} of region {region.name!r}: "
                                    f"{err.strerror}") from err
+
+    def host_page_state(self, gpa: int) -> str:
+        """MemoryRegion.host_page_state of the page holding `gpa` ("" outside guest RAM); reads nothing of it."""
+        region = self._find(gpa)
+        return "" if region is None else region.host_page_state(gpa - region.gpa)
 
     def allocated_bytes(self, region: MemoryRegion | None = None) -> int:
         """Bytes the host really holds for `region`, or for all regions."""

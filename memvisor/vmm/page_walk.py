@@ -4,7 +4,10 @@ A triple fault while delivering a #PF for an instruction fetch (issue 13) means 
 said "not present" for code it had just been running. This module answers, from the CR3 a vCPU last had (the
 exit trail, memvisor/vmm/exit_trail.py), what the tables say *now* for an address: at each level the table
 page's guest physical address (GPA), the index, the entry, whether it is present, and whether the whole table
-page reads as zeros (what a page given back to the host, or never written, reads as). `describe()` also decodes
+page reads as zeros (what a page given back to the host, or never written, reads as), and for a page that does,
+whether the host holds it at all ("host page: hole": not allocated in the memfd, as after a discard that nobody
+touched since; "allocated": zeros were written, or the page was faulted in after a discard). The host state is
+asked before the page is read, since reading a hole of a shared memfd allocates it. `describe()` also decodes
 the #PF and #DF gates of the IDT and walks their handlers.
 
 Layout (Intel SDM vol. 3A, 4.5 "4-level paging and 5-level paging"; AMD APM vol. 2, 5.3 "Long-mode page
@@ -51,6 +54,31 @@ class Reader(Protocol):
     def read(self, gpa: int, length: int) -> bytes: ...
 
 
+def _host_state(reader: Reader, gpa: int) -> str:
+    """GuestMemory.host_page_state when the reader has it (asked BEFORE reading: reading a hole of a shared memfd
+    makes the host allocate it)."""
+    probe = getattr(reader, "host_page_state", None)
+    return str(probe(gpa)) if probe is not None else ""
+
+
+class _FirstLook:
+    """A reader that remembers each page's host state as first seen: a later walk through the same table page (read
+    by an earlier walk, hence allocated now) still reports what the host held before memvisor looked."""
+
+    def __init__(self, reader: Reader) -> None:
+        self._reader = reader
+        self._states: dict[int, str] = {}
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return self._reader.read(gpa, length)
+
+    def host_page_state(self, gpa: int) -> str:
+        page = gpa & ~(PAGE - 1)
+        if page not in self._states:
+            self._states[page] = _host_state(self._reader, page)
+        return self._states[page]
+
+
 @dataclass(frozen=True)
 class Step:
     """One level of a walk: the table page at `table`, its entry `index` (None: the table could not be read)."""
@@ -61,6 +89,7 @@ class Step:
     entry: int | None
     table_zero: bool | None  # the whole table page reads as zeros (None: not readable)
     problem: str = ""  # why the table could not be read
+    host: str = ""  # the host's backing of the table page before the walk read it: "hole", "allocated", ...
 
     @property
     def present(self) -> bool:
@@ -79,6 +108,8 @@ class Step:
         if self.huge:
             state += f" ({'1G' if self.level == 3 else '2M'} page)"
         zeros = ", table page ALL ZEROS" if self.table_zero else ""
+        if self.table_zero and self.host:
+            zeros += f" (host page: {self.host})"
         return f"{where} = {self.entry:#x} {state}{zeros}"
 
 
@@ -90,6 +121,7 @@ class Walk:
     steps: list[Step] = field(default_factory=list)
     gpa: int | None = None  # the guest physical address it maps to, when every level was present
     page_zero: bool | None = None  # the 4 KiB page holding `gpa` reads as zeros (None: unknown)
+    page_host: str = ""  # the host's backing of that page before the walk read it
     problem: str = ""  # why there is no walk at all (not long mode, non-canonical address)
 
     def zeroed_tables(self) -> list[int]:
@@ -100,6 +132,8 @@ class Walk:
             return self.problem
         if self.gpa is not None:
             zeros = "; that page reads ALL ZEROS" if self.page_zero else ""
+            if self.page_zero and self.page_host:
+                zeros += f" (host page: {self.page_host})"
             return f"maps to gpa {self.gpa:#x}{zeros}"
         last = self.steps[-1] if self.steps else None
         if last is None:
@@ -142,12 +176,13 @@ def walk(reader: Reader, cr3: int, address: int, levels: int) -> Walk:
     table = cr3 & ADDRESS_MASK
     for level in range(levels, 0, -1):
         index = (address >> (12 + 9 * (level - 1))) & 0x1FF
+        host = _host_state(reader, table)
         data, problem = _read(reader, table, PAGE)
         if data is None:
             result.steps.append(Step(level, table, index, None, None, problem))
             return result
         entry = int.from_bytes(data[index * 8 : index * 8 + 8], "little")
-        step = Step(level, table, index, entry, data == ZERO_PAGE)
+        step = Step(level, table, index, entry, data == ZERO_PAGE, host=host)
         result.steps.append(step)
         if not step.present:
             return result
@@ -159,6 +194,7 @@ def walk(reader: Reader, cr3: int, address: int, levels: int) -> Walk:
     else:
         gpa = table | (address & (PAGE - 1))
     result.gpa = gpa
+    result.page_host = _host_state(reader, gpa)
     page, _ = _read(reader, gpa & ~(PAGE - 1), PAGE)
     result.page_zero = None if page is None else page == ZERO_PAGE
     return result
@@ -223,6 +259,7 @@ def describe(reader: Reader, *, cr0: int, cr3: int, cr4: int, efer: int, rip: in
     the #PF and #DF gates and their handlers, all from `cr3`. `at_ns`: when (time.monotonic_ns(), the clock of
     MEMVISOR_DISCARD_LOG), named in the first line."""
     report = Report()
+    reader = _FirstLook(reader)
     levels = paging_levels(cr0, cr4, efer)
     if not levels:
         report.lines.append(f"page walk: not in long mode (cr0={cr0:#x} cr4={cr4:#x} efer={efer:#x}): no walk")

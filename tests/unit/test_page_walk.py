@@ -86,7 +86,9 @@ def test_a_present_4k_mapping_names_every_table_and_the_gpa(memory: GuestMemory)
 def test_a_leaf_page_that_reads_zeros_is_said_so(memory: GuestMemory) -> None:
     t = Tables(memory)
     t.map(TEXT & ~0xFFF, 0x2A00000)
-    assert run(memory, t.cr3, TEXT).summary() == "maps to gpa 0x2a003c4; that page reads ALL ZEROS"
+    assert run(memory, t.cr3, TEXT).summary() == "maps to gpa 0x2a003c4; that page reads ALL ZEROS (host page: hole)"
+    memory.write(0x2A00000, bytes(4096))  # zeros written: the host holds the page
+    assert run(memory, t.cr3, TEXT).summary() == "maps to gpa 0x2a003c4; that page reads ALL ZEROS (host page: allocated)"
 
 
 @pytest.mark.parametrize(("level", "name"), [(4, "PML4"), (3, "PDPT"), (2, "PD"), (1, "PT")])
@@ -115,8 +117,27 @@ def test_a_zeroed_table_page_is_named(memory: GuestMemory) -> None:
     assert result.steps[-1].table == pd and result.steps[-1].entry == 0 and result.steps[-1].table_zero
     assert result.zeroed_tables() == [pd]
     assert report.zeroed_tables == [pd]
-    assert f"    PD table {pd:#x} [13] = 0x0 NOT PRESENT, table page ALL ZEROS" in report.lines
+    # The rip walk read the hole first (which makes the host allocate it): the rsp walk through the same page
+    # still reports the host's state as first seen.
+    assert report.lines.count(f"    PD table {pd:#x} [13] = 0x0 NOT PRESENT, table page ALL ZEROS (host page: hole)") == 2
     assert report.lines[-1] == f"page walk: table pages that read ALL ZEROS: {pd:#x}"
+    assert memory.host_page_state(pd) == "allocated"  # why the first look is kept
+    memory.write(pd, bytes(4096))  # a table page the guest (or anyone) filled with zeros: allocated, not a hole
+    assert run(memory, t.cr3, TEXT).steps[-1].describe().endswith("table page ALL ZEROS (host page: allocated)")
+
+
+def test_the_host_state_of_a_page_is_read_without_touching_it() -> None:
+    with GuestMemory([MemoryRegion.memfd(0, 4 * MiB, "ram0"), MemoryRegion.anonymous(8 * MiB, 4 * MiB, "anon")]) as m:
+        assert m.host_page_state(0x1000) == "hole" and m.host_page_state(0x1000) == "hole"
+        m.write(0x1234, b"x")
+        assert m.host_page_state(0x1000) == "allocated"
+        m.discard(0x1000, 0x1000)
+        assert m.host_page_state(0x1FFF) == "hole"
+        assert m.host_page_state(4 * MiB - 4096) == "hole"  # no data up to the end of the memfd: ENXIO
+        assert m.host_page_state(8 * MiB) == "not resident"
+        m.write(8 * MiB, b"x")
+        assert m.host_page_state(8 * MiB + 5) == "resident"
+        assert m.host_page_state(6 * MiB) == "" and m.host_page_state(1 << 40) == ""
 
 
 def test_cr3_outside_guest_ram_is_reported_and_never_read(memory: GuestMemory) -> None:

@@ -173,8 +173,8 @@ memvisor:   page walk at monotonic 5000000000 ns from cr3=0x1ee02000 (4-level pa
 memvisor:   rip 0xffffffffb65f6a07: NOT PRESENT at the PD
 memvisor:       PML4 table 0x1ee02000 [511] = 0x1ee05067 present
 memvisor:       PDPT table 0x1ee05000 [510] = 0x1ee06063 present
-memvisor:       PD table 0x1ee06000 [435] = 0x0 NOT PRESENT, table page ALL ZEROS
-memvisor:   rsp 0xff6b6b5080123e18: maps to gpa 0x3123e18; that page reads ALL ZEROS
+memvisor:       PD table 0x1ee06000 [435] = 0x0 NOT PRESENT, table page ALL ZEROS (host page: allocated)
+memvisor:   rsp 0xff6b6b5080123e18: maps to gpa 0x3123e18; that page reads ALL ZEROS (host page: hole)
 memvisor:       PML4 table 0x1ee02000 [478] = 0x2a01067 present
 memvisor:       PDPT table 0x2a01000 [1] = 0x3000063 present (1G page)
 memvisor:   page walk: table pages that read ALL ZEROS: 0x1ee06000
@@ -215,11 +215,12 @@ def test_a_zeroed_table_page_discarded_by_memvisor_is_named_with_its_path_and_ti
                     (4_500_000_000, "mem-unplug", "prot-none", 0x1EE06000, 0x1EE07000),
                     (6_000_000_000, "mem-reset", "punch", 0x1EE06000, 0x1EE07000))  # after the walk: not counted
     lines = script.correlate(report, script.parse_discards("\n".join(log) + "\n123 cut sho"))
-    assert lines[0] == ("zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): DISCARDED by memvisor 1 time(s) "
+    assert lines[0] == ("zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07, host page: allocated): DISCARDED by memvisor 1 time(s) "
                         "(balloon-inflate); the last: balloon-inflate (punch) 0.520 s before the page walk: gpa "
                         "0x1ee00000-0x1ee08000, region ram0 offset 0x1ee00000; NOT given back to the guest since")  # fmt: skip
-    assert lines[1].startswith("zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): made inaccessible 1 time(s)")
-    assert "zeroed page page 0x3123000 (rsp 0xff6b6b5080123e18): never discarded by memvisor (of 3 logged" in lines[2]
+    assert lines[1].startswith("zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07, host page: allocated): made "
+                           "inaccessible 1 time(s)")
+    assert "zeroed page page 0x3123000 (rsp 0xff6b6b5080123e18, host page: hole): never discarded by memvisor (of 3" in lines[2]
     assert any(line.startswith("PML4 table page 0x1ee02000 (rip 0xffffffffb65f6a07): DISCARDED") for line in lines)
     assert lines[-1].startswith("verdict: a page of the walks that reads all zeros WAS DISCARDED by memvisor and not "
                                 "given back since (suspect a")  # fmt: skip
@@ -234,8 +235,8 @@ def test_a_zeroed_table_page_memvisor_never_discarded_points_elsewhere(script: M
     report = WALK_REPORT.splitlines()
     lines = script.correlate(report, script.parse_discards("\n".join(_discards(
         (1, "balloon-inflate", "punch", 0x40000000, 0x40001000))), ))  # fmt: skip
-    assert lines[0] == "zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): never discarded by memvisor (of 1 " \
-                       "logged operations)"  # fmt: skip
+    assert lines[0] == ("zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07, host page: allocated): never "
+                        "discarded by memvisor (of 1 logged operations)")  # fmt: skip
     assert lines[-1].startswith("verdict: the pages that read all zeros were NOT discarded by memvisor")
     calm = [line for line in report if "ALL ZEROS" not in line]
     assert script.correlate(calm, [])[-1] == ("verdict: no page of the walks reads all zeros; the last rip now: NOT "
@@ -262,8 +263,8 @@ def test_after_a_reset_the_script_prints_the_match(
     args = script.parse_args(["--inside", "--rounds", "5", "--logs", str(tmp_path)])
     assert script.run(args) == 1
     out = capsys.readouterr().out
-    assert ("stress-guest-reset: page walk vs discards: zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07): "
-            "DISCARDED by memvisor 1 time(s) (mem-unplug); the last: mem-unplug (punch) 1.000 s before") in out
+    assert ("stress-guest-reset: page walk vs discards: zeroed PD table page 0x1ee06000 (rip 0xffffffffb65f6a07, host "
+            "page: allocated): DISCARDED by memvisor 1 time(s) (mem-unplug); the last: mem-unplug (punch) 1.000 s before") in out
     assert "stress-guest-reset: page walk vs discards: verdict: a page of the walks that reads all zeros WAS" in out
 
 
