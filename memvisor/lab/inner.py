@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 
+from memvisor.lab.cpus import bring_cpus_online
 from memvisor.lab.kvm_keys import hold_kvm_static_keys
 from memvisor.lab.mux import (
     CONTROL,
@@ -325,6 +326,11 @@ def main() -> int:
         print(f"mvlab: holding KVM's static keys ({len(held)} fds)", file=sys.stderr, flush=True)
     except OSError as error:
         print(f"mvlab: cannot hold KVM's static keys ({error}): guests may wedge the lab", file=sys.stderr, flush=True)
+    try:  # only now, with the kernel's text patched on one CPU (plan.py: maxcpus=1)
+        brought = bring_cpus_online()
+        print(f"mvlab: brought CPUs {brought} online at uptime {_uptime()} s", file=sys.stderr, flush=True)
+    except OSError as error:
+        print(f"mvlab: cannot bring the other CPUs online ({error}): the lab runs on fewer", file=sys.stderr, flush=True)
     port = find_port()
     fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     print(f"mvlab: port {port} open at uptime {_uptime()} s", file=sys.stderr, flush=True)

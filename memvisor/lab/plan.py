@@ -209,6 +209,12 @@ def qemu_command(machine: LabMachine) -> list[str]:
             "unknown_nmi_panic=1",
             "panic_print=0x40",
             "mitigations=off",
+            # The lab's kernel patches its own text when KVM loads and when the agent first opens a VM
+            # (static keys and calls: INT3 over a live instruction, then IPIs). Under QEMU's multi-threaded
+            # TCG a CPU can keep executing the stale INT3 and wedge the boot (caught in CI: CPU 0 looping at
+            # asm_exc_int3 inside __schedule with the runqueue lock held, CPU 1 spinning on it). The lab
+            # boots on one CPU; the agent brings the others online once that patching is done (inner.py).
+            *(["maxcpus=1"] if machine.cpus > 1 else []),
             _kernel_word("python", machine.python),
             _kernel_word("root", machine.root),
             *[

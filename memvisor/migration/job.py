@@ -216,6 +216,6 @@ def balloon_hooks(adapter: Any) -> SourceHooks:
 
     def inflated() -> Any:
         with device.lock:
-            return device._inflated.to_array()
+            return device.inflated_bitmap.to_array()
 
     return SourceHooks(hint_start=hint_start, hint_stop=adapter.hint_stop, hinted=hinted, inflated=inflated)

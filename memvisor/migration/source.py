@@ -281,8 +281,7 @@ class PreCopy:
         for attached in self.machine.devices:
             device = attached.device
             if isinstance(device, VirtioMemDevice):
-                with device.lock:
-                    plugged = np.asarray(device._bitmap._bits, dtype=bool)
+                plugged = device.plugged_blocks()  # a copy, taken under the device's lock
                 per_block = device.block_size // PAGE_SIZE
                 first = device.addr // PAGE_SIZE
                 mask[first : first + plugged.size * per_block] = ~np.repeat(plugged, per_block)

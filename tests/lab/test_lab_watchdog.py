@@ -25,6 +25,14 @@ OVERHEAD = 120
 HEARTBEAT = 20
 
 
+def allowed(limit: float, stderr: str) -> float:
+    """`limit` plus, when the lab did not start the first time and was started again (it says "trying once
+    more"), the time that first attempt was given: these tests time the deadline, not the lab's boot."""
+    from memvisor.lab.runner import BOOT_TIMEOUT
+
+    return limit + (BOOT_TIMEOUT if "trying once more" in stderr else 0)
+
+
 def memvisor(*args: str, env: dict[str, str] | None = None, timeout: float = 400) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "memvisor", *args], capture_output=True, text=True, cwd=REPO,
@@ -42,7 +50,7 @@ def test_the_deadline_ends_the_command_with_a_diagnosis() -> None:
     result, took = memvisor("lab", "--memory", "2G", "--timeout", "15", "--", "sleep", "600")
     print(f"took {took:.1f} s:\n{result.stderr}")  # the diagnosis as a user sees it (pytest -s)
     assert result.returncode == 125, result.stderr
-    assert took < 15 + OVERHEAD
+    assert took < allowed(15 + OVERHEAD, result.stderr)
     assert "`sleep 600` did not end within its deadline of 15 s" in result.stderr
     folder = kept_folder(result.stderr)
     diagnosis = (folder / "agent-diagnosis.txt").read_text()
@@ -59,7 +67,7 @@ def test_a_wedged_lab_is_caught_by_the_heartbeat_and_explained() -> None:
                             env={"MEMVISOR_LAB_HEARTBEAT_TIMEOUT": str(HEARTBEAT)})  # fmt: skip
     print(f"took {took:.1f} s:\n{result.stderr}")
     assert result.returncode == 125, result.stderr
-    assert took < HEARTBEAT + OVERHEAD
+    assert took < allowed(HEARTBEAT + OVERHEAD, result.stderr)
     assert "the lab stopped answering: no heartbeat" in result.stderr
     assert "the agent inside the lab did not answer" in result.stderr
     folder = kept_folder(result.stderr)
@@ -103,5 +111,5 @@ def test_a_wedged_guest_ends_memvisor_run_on_time() -> None:
     result, took = memvisor("run", "--lab", "on", "--memory", "256M", "--exec", stop_agent, "--timeout", "20")
     print(f"took {took:.1f} s:\n{result.stderr}")
     assert result.returncode == 125, result.stderr
-    assert took < 20 + 240, result.stderr  # the lab's and the guest's boots, then 20 s
+    assert took < allowed(20 + 240, result.stderr), result.stderr  # the lab's and the guest's boots, then 20 s
     assert "did not finish within 20 s" in result.stderr
