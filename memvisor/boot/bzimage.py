@@ -8,6 +8,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from memvisor.boot.layout import KERNEL_LOAD_ADDR
 from memvisor.errors import MemvisorError
 
 SETUP_HEADER_OFFSET = 0x1F1
@@ -15,6 +16,7 @@ BOOT_FLAG = 0xAA55
 HEADER_MAGIC = b"HdrS"
 MIN_BOOT_PROTOCOL = 0x020C  # 2.12: xloadflags and 64-bit entry
 XLF_KERNEL_64 = 1 << 0
+ENTRY_64_OFFSET = 0x200
 
 # (name, offset in the image, struct format): the setup header fields memvisor reads.
 _FIELDS = {
@@ -44,6 +46,16 @@ class BzImage:
     cmdline_size: int
     pref_address: int
     init_size: int
+
+    @property
+    def load_end(self) -> int:
+        """One past the last byte the kernel needs while it decompresses itself (init_size from its load address)."""
+        return KERNEL_LOAD_ADDR + max(self.init_size, len(self.kernel))
+
+    @property
+    def entry_point(self) -> int:
+        """The 64-bit entry: 0x200 into the protected-mode kernel (boot.rst, "64-bit BOOT PROTOCOL")."""
+        return KERNEL_LOAD_ADDR + ENTRY_64_OFFSET
 
 
 def _field(data: bytes, name: str) -> int | bytes:

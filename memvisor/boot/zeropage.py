@@ -2,7 +2,7 @@
 
 import struct
 
-from memvisor.boot.bzimage import SETUP_HEADER_OFFSET, BzImage
+from memvisor.boot.bzimage import SETUP_HEADER_OFFSET
 from memvisor.boot.e820 import E820_ENTRY, E820_MAX_ENTRIES_ZEROPAGE, E820Entry
 
 BOOT_PARAMS_SIZE = 4096
@@ -29,7 +29,7 @@ VID_MODE_NORMAL = 0xFFFF
 
 
 def build_zero_page(
-    image: BzImage,
+    setup_header: bytes,
     *,
     cmdline_addr: int,
     initrd_addr: int,
@@ -37,11 +37,11 @@ def build_zero_page(
     e820: list[E820Entry],
     rsdp_addr: int,
 ) -> bytes:
-    """The 4 KiB boot_params for a 64-bit direct boot of `image`."""
+    """The 4 KiB boot_params for a 64-bit boot of the kernel whose setup header (from offset 0x1f1) is given."""
     if len(e820) > E820_MAX_ENTRIES_ZEROPAGE:
         raise ValueError("too many e820 entries for the zero page")
     page = bytearray(BOOT_PARAMS_SIZE)
-    page[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + len(image.setup_header)] = image.setup_header
+    page[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + len(setup_header)] = setup_header
     struct.pack_into("<H", page, VID_MODE, VID_MODE_NORMAL)
     page[TYPE_OF_LOADER] = LOADER_UNDEFINED
     page[LOADFLAGS] |= LOADED_HIGH | CAN_USE_HEAP

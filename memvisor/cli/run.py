@@ -42,7 +42,11 @@ def add_run_command(subparsers: Any) -> None:
                         "huge pages; shmem_enabled must allow them) or hugetlb (2 MiB hugetlbfs pages from the "
                         "pool in /proc/sys/vm/nr_hugepages); prealloc=on allocates all of boot RAM at start")  # fmt: skip
     parser.add_argument("--vcpus", "--smp", type=int, default=1, help=f"number of vCPUs, 1 to {MAX_VCPUS} (default 1)")
-    parser.add_argument("--kernel", type=Path, help="a bzImage to boot instead of the built Debian kernel")
+    parser.add_argument("--kernel", type=Path,
+                        help="a kernel to boot instead of the built Debian one: a bzImage (it decompresses itself "
+                             "in the guest) or an uncompressed x86_64 vmlinux ELF (loaded as is and entered at "
+                             "startup_64, much faster under emulation; no KASLR). The built image boots its "
+                             "vmlinux")  # fmt: skip
     parser.add_argument("--initrd", type=Path, help="an initramfs to use instead of the built one")
     parser.add_argument("--flavour", choices=["default", "cloud"], default="default",
                         help="Debian kernel flavour: default (-amd64) or cloud (-cloud-amd64)")  # fmt: skip
@@ -81,7 +85,7 @@ def _machine_config(args: argparse.Namespace) -> MachineConfig:
         from memvisor.guest.image import ensure_guest_image
 
         image = ensure_guest_image(args.flavour, progress=lambda line: print(f"memvisor: {line}", file=sys.stderr))
-        kernel, initrd = image.kernel, image.initrd
+        kernel, initrd = image.boot_kernel, image.initrd
     console = None if args.console in (None, "-") else Path(args.console)
     config = MachineConfig(
         memory=memory,

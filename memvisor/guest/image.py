@@ -20,6 +20,7 @@ with the agent (agent.sh) on the second UART, /dev/ttyS1.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -32,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from memvisor.boot.vmlinux import write_direct_boot_kernel
 from memvisor.errors import MemvisorError
 from memvisor.guest import cpio, elf
 from memvisor.guest.cpio import InitramfsEntry
@@ -112,16 +114,25 @@ _BASE_DIRS = (
     "dev", "tmp", "run", "root", "mnt", "var",
 )  # fmt: skip
 _IMAGE_META = "image.json"
+VMLINUX = "vmlinux"
 
 
 @dataclass(frozen=True)
 class GuestImage:
     """A bootable kernel and initramfs in the cache."""
 
-    kernel: Path
+    kernel: Path  # the bzImage, as Debian ships it
     initrd: Path
     kernel_release: str
     flavour: str
+    # The same kernel uncompressed and compacted (memvisor/boot/vmlinux.py), which `memvisor run` boots by
+    # default: no decompression in the guest. None in a cache made before it existed and not writable here.
+    vmlinux: Path | None = None
+
+    @property
+    def boot_kernel(self) -> Path:
+        """What memvisor boots when no --kernel is given: the vmlinux where there is one, else the bzImage."""
+        return self.vmlinux or self.kernel
 
 
 # --- generic building blocks --------------------------------------------------------------------------------
@@ -269,10 +280,28 @@ def _image_dir(kind: str, flavour: str, key: str, cache: Path) -> Path:
 def _load_image(folder: Path) -> GuestImage | None:
     try:
         meta = json.loads((folder / _IMAGE_META).read_text())
-        image = GuestImage(folder / "vmlinuz", folder / "initrd.img", meta["kernel_release"], meta["flavour"])
+        vmlinux = folder / VMLINUX if (folder / VMLINUX).is_file() else None
+        image = GuestImage(
+            folder / "vmlinuz", folder / "initrd.img", meta["kernel_release"], meta["flavour"], vmlinux
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return image if image.kernel.is_file() and image.initrd.is_file() else None
+
+
+def _with_vmlinux(image: GuestImage, progress: Progress) -> GuestImage:
+    """`image` with its compact vmlinux, made now beside the bzImage if missing (images built before it existed).
+
+    Written atomically, so processes already using the image are not disturbed. Without a payload memvisor can
+    unpack, the image stays bzImage-only."""
+    if image.vmlinux is not None:
+        return image
+    target = image.kernel.parent / VMLINUX
+    if progress:
+        progress(f"unpacking the kernel for direct boot: {target}")
+    if not write_direct_boot_kernel(image.kernel, target):
+        return image
+    return dataclasses.replace(image, vmlinux=target)
 
 
 @contextmanager
@@ -314,7 +343,7 @@ def _build_image(
     final = _image_dir(kind, flavour, key, cache)
     found = _load_image(final)
     if found is not None:
-        return found
+        return _with_vmlinux(found, progress) if kind == "guest" and cache_writable(cache) else found
     if not cache_writable(cache):
         raise MemvisorError(
             f"the {kind} image ({flavour}) is not in the cache {cache}, which is read-only here (inside the lab): "
@@ -323,7 +352,7 @@ def _build_image(
     with _build_lock(cache):
         found = _load_image(final)
         if found is not None:
-            return found
+            return _with_vmlinux(found, progress) if kind == "guest" else found
         roots = {pin.package: fetch_pin(pin, progress=progress, cache=cache) for pin in used}
         if progress:
             progress(f"building the {kind} initramfs ({flavour} kernel, {used[0].package} {used[0].version})")
@@ -337,6 +366,8 @@ def _build_image(
             stage(staging, roots, kernel_root)
             build_initramfs(out / "initrd.img", staging)
             shutil.copyfile(kernel_root / "boot" / f"vmlinuz-{release}", out / "vmlinuz")
+            if kind == "guest":
+                write_direct_boot_kernel(out / "vmlinuz", out / VMLINUX)
             meta = {
                 "kind": kind,
                 "flavour": flavour,

@@ -12,50 +12,29 @@ lab boots the bzImage as before.
 from __future__ import annotations
 
 import hashlib
-import lzma
 import os
 import struct
 import tempfile
-import zlib
 from pathlib import Path
+
+from memvisor.boot.elf import ELF64_PHDR, PT_NOTE
+from memvisor.boot.vmlinux import decompress_payload
+
+__all__ = ["decompress_payload", "has_pvh_entry", "pvh_kernel"]
 
 # ELF64 header fields used here (System V ABI, ELF-64 Object File Format 1.5, "ELF Header").
 ELF_MAGIC = b"\x7fELF\x02\x01"  # 64-bit, little endian
 ELF64_PHOFF = struct.Struct("<Q")  # at offset 0x20
 ELF64_PHNUM = struct.Struct("<HH")  # e_phentsize, e_phnum at offset 0x36
-# ELF64 program header (same spec, "Program Header").
-ELF64_PHDR = struct.Struct("<IIQQQQQQ")
-PT_NOTE = 4
 # An ELF note header: namesz, descsz, type (same spec, "Note Section").
 NOTE_HEADER = struct.Struct("<III")
 # Xen's public/elfnote.h: the 32-bit physical entry point of a PVH kernel.
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 
-XZ_MAGIC = b"\xfd7zXZ\x00"
-GZIP_MAGIC = b"\x1f\x8b\x08"
-
 
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "memvisor" / "lab"
-
-
-def decompress_payload(bzimage: bytes) -> bytes | None:
-    """The vmlinux inside a bzImage (XZ or gzip payloads), or None if none is found."""
-    start = bzimage.find(XZ_MAGIC)
-    if start >= 0:
-        try:
-            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
-        except lzma.LZMAError:
-            return None
-    start = bzimage.find(GZIP_MAGIC)
-    if start >= 0:
-        try:
-            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            return decompressor.decompress(bzimage[start:])
-        except zlib.error:
-            return None
-    return None
 
 
 def has_pvh_entry(elf: bytes) -> bool:

@@ -32,7 +32,7 @@ class MachineConfig:
     def validate(self) -> None:
         self.validate_resources()
         if not self.kernel.is_file():
-            raise UsageError(f"kernel {self.kernel} does not exist: give --kernel a bzImage or omit it")
+            raise UsageError(f"kernel {self.kernel} does not exist: give --kernel a bzImage or vmlinux, or omit it")
         if self.initrd is not None and not self.initrd.is_file():
             raise UsageError(f"initramfs {self.initrd} does not exist: give --initrd a file or omit it")
 

@@ -1,17 +1,30 @@
-"""Putting a kernel, its initramfs, command line, boot tables and ACPI into guest memory."""
+"""Putting a kernel, its initramfs, command line, boot tables and ACPI into guest memory.
 
+Two kinds of kernel: a bzImage (its protected-mode part at 16 MiB, entered at its 64-bit entry, which
+decompresses the kernel) and an uncompressed ELF vmlinux (each loadable segment at its physical address,
+entered at the ELF entry: boot/elf.py). Everything else, the zero page included, is the same for both.
+"""
+
+import ctypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from memvisor.boot import layout, pagetables
 from memvisor.boot.acpi.tables import AcpiTables
-from memvisor.boot.bzimage import BzImage
+from memvisor.boot.bzimage import BzImage, parse_bzimage
 from memvisor.boot.e820 import build_e820
+from memvisor.boot.elf import ElfKernel, is_elf, parse_elf_kernel
 from memvisor.boot.zeropage import build_zero_page
 from memvisor.errors import MemvisorError
 from memvisor.memory.guest_memory import GuestMemory
 
-ENTRY_64_OFFSET = 0x200
+KernelImage = BzImage | ElfKernel
+
+
+def read_kernel(path: Path) -> KernelImage:
+    """The kernel at `path`, a vmlinux (ELF) or a bzImage, parsed; MemvisorError naming what is wrong."""
+    return parse_elf_kernel(path) if is_elf(path) else parse_bzimage(path)
 
 
 @dataclass(frozen=True)
@@ -21,13 +34,12 @@ class LoadedKernel:
     initrd_size: int
 
 
-def initrd_address(image: BzImage, initrd_size: int, memory_size: int) -> int:
+def initrd_address(image: KernelImage, initrd_size: int, memory_size: int) -> int:
     """The highest page-aligned address for the initramfs below both low RAM's end and initrd_addr_max."""
     low_end = layout.ram_ranges(memory_size)[0][1]
     top = min(low_end, image.initrd_addr_max + 1)
     address = (top - initrd_size) & ~(layout.PAGE_SIZE - 1)
-    kernel_end = layout.KERNEL_LOAD_ADDR + max(image.init_size, len(image.kernel))
-    if address < kernel_end:
+    if address < image.load_end:
         raise MemvisorError(
             f"the initramfs ({initrd_size >> 20} MiB) does not fit in guest memory above the kernel: give more --memory"
         )
@@ -35,19 +47,19 @@ def initrd_address(image: BzImage, initrd_size: int, memory_size: int) -> int:
 
 
 def load_kernel(
-    memory: GuestMemory, image: BzImage, initrd: Path | None, cmdline: str, memory_size: int, acpi: AcpiTables
+    memory: GuestMemory, image: KernelImage, initrd: Path | None, cmdline: str, memory_size: int, acpi: AcpiTables
 ) -> LoadedKernel:
     encoded = cmdline.encode() + b"\0"
     if len(encoded) > min(image.cmdline_size + 1, layout.CMDLINE_MAX):
         raise MemvisorError(
             f"the kernel command line is {len(encoded)} bytes, over the kernel's limit: shorten --append"
         )
-    if (
-        layout.KERNEL_LOAD_ADDR + max(image.init_size, len(image.kernel))
-        > layout.ram_ranges(memory_size)[0][1]
-    ):
+    if image.load_end > layout.ram_ranges(memory_size)[0][1]:
         raise MemvisorError("the kernel does not fit in guest memory: give more --memory")
-    memory.write(layout.KERNEL_LOAD_ADDR, image.kernel)
+    if isinstance(image, ElfKernel):
+        _load_segments(memory, image)
+    else:
+        memory.write(layout.KERNEL_LOAD_ADDR, image.kernel)
     initrd_addr = initrd_size = 0
     if initrd is not None:
         try:
@@ -64,7 +76,7 @@ def load_kernel(
     for address, blob in acpi.blobs.items():
         memory.write(address, blob)
     zero_page = build_zero_page(
-        image,
+        image.setup_header,
         cmdline_addr=layout.CMDLINE_ADDR,
         initrd_addr=initrd_addr,
         initrd_size=initrd_size,
@@ -72,4 +84,28 @@ def load_kernel(
         rsdp_addr=acpi.rsdp_addr,
     )
     memory.write(layout.ZERO_PAGE_ADDR, zero_page)
-    return LoadedKernel(layout.KERNEL_LOAD_ADDR + ENTRY_64_OFFSET, initrd_addr, initrd_size)
+    return LoadedKernel(image.entry_point, initrd_addr, initrd_size)
+
+
+def _load_segments(memory: GuestMemory, image: ElfKernel) -> None:
+    """Read each segment from the file straight into guest memory (no copy through Python), zero the rest."""
+    try:
+        fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
+    try:
+        for segment in image.segments:
+            done = 0
+            while done < segment.filesz:
+                view = memory.view(segment.paddr + done, segment.filesz - done)
+                got = os.preadv(fd, [view], segment.offset + done)
+                if got <= 0:
+                    raise MemvisorError(f"kernel {image.path} ended early while loading it: download it again")
+                done += got
+            tail = segment.memsz - segment.filesz
+            if tail:
+                ctypes.memset(memory.host_address(segment.paddr + segment.filesz, tail), 0, tail)
+    except OSError as error:
+        raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
+    finally:
+        os.close(fd)

@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 from memvisor.boot import cpu, layout
 from memvisor.boot.acpi.tables import NumaMemory, VirtioMmioSlot, build_acpi_tables
-from memvisor.boot.bzimage import parse_bzimage
 from memvisor.devices.acpi_pm import AcpiPowerManagement
 from memvisor.devices.console import VirtioConsoleDevice
 from memvisor.devices.i8042 import I8042
@@ -40,7 +39,7 @@ from memvisor.vmm.console import Console
 from memvisor.vmm.dirty_log import PageMask
 from memvisor.vmm.dirty_tracker import DirtyConsumer, DirtyTracker
 from memvisor.vmm.exit_trail import SYNC_CLASSES, ExitTrail, page_walk_lines
-from memvisor.vmm.loader import load_kernel
+from memvisor.vmm.loader import load_kernel, read_kernel
 
 KICK_SIGNAL = signal.SIGUSR1
 CONSOLE_TAIL_LINES = 20  # console lines a triple fault's report carries
@@ -236,7 +235,7 @@ class Machine:
 
     # Boot.
     def load(self) -> None:
-        image = parse_bzimage(self.config.kernel)
+        image = read_kernel(self.config.kernel)
         acpi = build_acpi_tables(
             self.config.vcpus,
             [(layout.COM1_PORT, layout.COM1_GSI), (layout.COM2_PORT, layout.COM2_GSI)],

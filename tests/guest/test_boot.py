@@ -89,3 +89,19 @@ def test_guest_reboot_restarts_the_guest_by_default(tmp_path) -> None:  # type: 
         assert wait_until(uptime_after_restart, timeout=240, interval=2, what="the guest to boot again")
         assert vm.console_text().count("memvisor-init: started") == 2
         assert vm.process.poll() is None  # memvisor kept running across the reboot
+
+
+def test_the_image_boots_its_vmlinux_directly_and_its_bzimage_still_boots(run_guest) -> None:  # type: ignore[no-untyped-def]
+    from memvisor.guest.image import ensure_guest_image
+
+    image = ensure_guest_image("default")
+    assert image.vmlinux is not None, "the guest image has no vmlinux beside its bzImage"
+    # A direct boot enters the kernel at its link address (no decompressor, so no KASLR): _text is where the
+    # vmlinux was linked. (Through the bzImage's decompressor KASLR moves it, to one of ~500 slots, so a check of
+    # that would fail now and then.)
+    direct = run_guest("grep -w _text /proc/kallsyms")
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout.split()[0] == "ffffffff81000000", direct.stdout
+    through = run_guest("uname -r", "--kernel", str(image.kernel), "--initrd", str(image.initrd))
+    assert through.returncode == 0, through.stderr
+    assert through.stdout.strip() == image.kernel_release

@@ -91,7 +91,7 @@ def _zero_page(tmp_path: Path, **kwargs: int) -> tuple[bytes, bytes, list[E820En
         "rsdp_addr": 0xE0000,
     }
     arguments.update(kwargs)
-    page = zeropage.build_zero_page(image, e820=table, **arguments)
+    page = zeropage.build_zero_page(image.setup_header, e820=table, **arguments)
     return page, image.setup_header, table
 
 
@@ -155,10 +155,10 @@ def test_too_many_e820_entries(tmp_path: Path) -> None:
     entries = [E820Entry(i << 20, 1 << 20, 1) for i in range(129)]
     with pytest.raises(ValueError, match="too many e820"):
         zeropage.build_zero_page(
-            image, cmdline_addr=0, initrd_addr=0, initrd_size=0, e820=entries, rsdp_addr=0
+            image.setup_header, cmdline_addr=0, initrd_addr=0, initrd_size=0, e820=entries, rsdp_addr=0
         )
     page = zeropage.build_zero_page(
-        image, cmdline_addr=0, initrd_addr=0, initrd_size=0, e820=entries[:128], rsdp_addr=0
+        image.setup_header, cmdline_addr=0, initrd_addr=0, initrd_size=0, e820=entries[:128], rsdp_addr=0
     )
     assert page[0x1E8] == 128
 
@@ -171,7 +171,7 @@ def test_real_kernel_setup_header_is_kept() -> None:
         pytest.skip("no Debian kernel in the image cache")
     image = parse_bzimage(path)
     page = zeropage.build_zero_page(
-        image, cmdline_addr=0x20000, initrd_addr=0, initrd_size=0, e820=build_e820(1 << 30), rsdp_addr=0xE0000
+        image.setup_header, cmdline_addr=0x20000, initrd_addr=0, initrd_size=0, e820=build_e820(1 << 30), rsdp_addr=0xE0000
     )
     data = path.read_bytes()
     header_end = 0x202 + data[0x201]
