@@ -9,7 +9,12 @@ Boot time is wall time from spawning the VMM process to the guest's /init printi
 console ("memvisor-init: started at uptime X"), for both VMMs, same kernel, initramfs, command line and
 memory; X, the guest's own uptime at that moment, is reported too: the difference is the VMM's start-up,
 firmware and kernel decompression. QEMU 7.2 `-machine pc` boots through its firmware (SeaBIOS); `--microvm`
-adds QEMU's `-machine microvm` (qboot) as a third row; memvisor boots the bzImage directly in 64-bit mode.
+adds QEMU's `-machine microvm` (qboot); memvisor enters the kernel directly in 64-bit mode.
+
+Each VMM boots both forms of the same kernel (`--kernels`): the bzImage Debian ships (the kernel decompresses
+itself in the guest) and the guest image's vmlinux (uncompressed; memvisor loads its segments and enters
+startup_64, QEMU boots it through its PVH note, SeaBIOS still first). `memvisor run` boots the vmlinux by
+default; QEMU users pass the bzImage. The ratios compare like with like, and each VMM's usual choice.
 The runs are interleaved, and which VMM boots first rotates from run to run (memvisor, QEMU, ...; then QEMU,
 memvisor, ...), so that load from other work on the machine and any warm-up falls on all of them alike. The
 table shows medians, the number of boots behind each, and the boots that failed (a failed boot is reported and
@@ -23,7 +28,9 @@ in QEMU's memory): their sizes are printed under the table, to be read against t
 
 import argparse
 import collections
+import collections.abc
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import re
@@ -135,8 +142,28 @@ def microvm_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path) -> 
     return qemu_argv(kernel, initrd, memory_mib, console, machine="microvm")
 
 
-def _median(values: list[float]) -> float:
+def _median(values: collections.abc.Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One column: a VMM and the kernel file it boots."""
+
+    name: str
+    argv: Argv
+    kernel: str  # "bzImage" or "vmlinux"
+    vmm: str  # "memvisor" or "QEMU"
+
+
+def variants(microvm: bool, kernels: list[str]) -> list[Variant]:
+    found = []
+    for kernel in kernels:
+        found.append(Variant(f"memvisor {kernel}", memvisor_argv, kernel, "memvisor"))
+        found.append(Variant(f"QEMU pc {kernel}", qemu_argv, kernel, "QEMU"))
+        if microvm:
+            found.append(Variant(f"QEMU microvm {kernel}", microvm_argv, kernel, "QEMU"))
+    return found
 
 
 def main() -> int:
@@ -145,6 +172,8 @@ def main() -> int:
     parser.add_argument("--memory", type=int, default=1024, help="guest memory in MiB")
     parser.add_argument("--microvm", action="store_true", help="also boot QEMU -machine microvm (qboot)")
     parser.add_argument("--json", help="also write the raw numbers to this file ('-': print them)")
+    parser.add_argument("--kernels", default="bzImage,vmlinux",
+                        help="which kernel files each VMM boots, comma-separated: bzImage, vmlinux")  # fmt: skip
     parser.add_argument("--memory-backend", choices=list(QEMU_BACKENDS), default="4k",
                         help="host pages behind guest RAM, for both VMMs (sets the host's shmem THP and hugetlbfs "
                         "pool for the run and puts them back: needs root)")  # fmt: skip
@@ -179,37 +208,41 @@ def _benchmark(args: argparse.Namespace) -> int:
     if stale:
         print(f"warning: {len(stale)} memvisor modules have no fresh bytecode (e.g. {stale[0].relative_to(REPO)}): "
               "run `python -m compileall -q memvisor` on the host first", file=sys.stderr)  # fmt: skip
-    vmms: dict[str, Argv] = {"memvisor": memvisor_argv, "QEMU pc": qemu_argv}
-    if args.microvm:
-        vmms["QEMU microvm"] = microvm_argv
+    kernels = [kernel.strip() for kernel in args.kernels.split(",") if kernel.strip()]
+    if not kernels or set(kernels) - {"bzImage", "vmlinux"}:
+        sys.exit(f"--kernels {args.kernels!r}: give bzImage, vmlinux or both, comma-separated")
+    if "vmlinux" in kernels and image.vmlinux is None:
+        sys.exit("the guest image has no vmlinux: run `memvisor image build` on the host first")
+    files = {"bzImage": image.kernel, "vmlinux": image.vmlinux or image.kernel}
+    vmms = {variant.name: variant for variant in variants(args.microvm, kernels)}
     results: dict[str, dict[str, list[float]]] = {name: {"boot": [], "uptime": [], "vmm_rss": []} for name in vmms}
     failures: dict[str, list[str]] = {name: [] for name in vmms}
-    exits_per_boot: list[dict[str, int]] = []
+    exits_per_boot: list[tuple[dict[str, int], str]] = []
     names = list(vmms)
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             order = names[run % len(names):] + names[:run % len(names)]  # who boots first rotates
             for name in order:
                 console = Path(tmp) / f"{name.replace(' ', '-')}-{run}.log"
-                argv = vmms[name](image.kernel, image.initrd, args.memory, console)
-                qmp_socket = console.with_suffix(".qmp") if name == "memvisor" else None
+                variant = vmms[name]
+                argv = variant.argv(files[variant.kernel], image.initrd, args.memory, console)
+                qmp_socket = console.with_suffix(".qmp") if variant.vmm == "memvisor" else None
                 try:
                     seconds, uptime, rss, exits = boot_once(argv, console, qmp_socket)
                 except Exception as err:
                     failures[name].append(f"run {run + 1}: {err}")
-                    print(f"run {run + 1}: {name:12s} FAILED: {err}", flush=True)
+                    print(f"run {run + 1}: {name:24s} FAILED: {err}", flush=True)
                     continue
                 own = rss.get("RssAnon", 0) + rss.get("RssFile", 0)  # guest RAM is RssShmem (memfd) for all
                 results[name]["boot"].append(seconds)
                 results[name]["uptime"].append(uptime)
                 results[name]["vmm_rss"].append(own / (1 << 20))
                 if exits is not None:
-                    exits_per_boot.append(exits)
-                print(f"run {run + 1}: {name:12s} /init after {seconds:6.2f} s (guest uptime {uptime:5.2f} s), "
+                    exits_per_boot.append((exits, variant.kernel))
+                print(f"run {run + 1}: {name:24s} /init after {seconds:6.2f} s (guest uptime {uptime:5.2f} s), "
                       f"VMM RSS {own / (1 << 20):6.1f} MiB" + (f", {sum(exits.values())} exits" if exits else ""),
                       flush=True)  # fmt: skip
     medians = {name: {key: _median(values) for key, values in numbers.items()} for name, numbers in results.items()}
-    totals = [sum(exits.values()) for exits in exits_per_boot]
     print()
     print(f"| median ({args.memory} MiB on {BACKEND} pages, 1 vCPU; {args.runs} runs, first VMM rotating) | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
@@ -219,16 +252,24 @@ def _benchmark(args: argparse.Namespace) -> int:
         print(f"| {label} | " + " | ".join(cells) + " |")
     print("| boots behind the medians (failed) | "
           + " | ".join(f"{len(results[name]['boot'])} ({len(failures[name])})" for name in names) + " |")  # fmt: skip
-    ratios = [f"{medians['memvisor']['boot'] / medians[name]['boot']:.2f}" for name in names[1:]]
-    print("| memvisor / QEMU, spawn to /init | - | " + " | ".join(ratios) + " |")
-    exit_cell = f"{_median(totals):.0f} (n={len(totals)}, {min(totals)}-{max(totals)})" if totals else "-"
-    print(f"| exits reaching Python to /init, timed boots | {exit_cell} |" + " - |" * (len(names) - 1))
+    print()
+    for kernel in kernels:
+        for qemu in (n for n in names if vmms[n].vmm == "QEMU" and vmms[n].kernel == kernel):
+            ratio = medians[f"memvisor {kernel}"]["boot"] / medians[qemu]["boot"]
+            print(f"memvisor / QEMU, spawn to /init, same kernel file: memvisor {kernel} / {qemu} = {ratio:.2f}")
+    if "vmlinux" in kernels and "bzImage" in kernels:
+        ratio = medians["memvisor vmlinux"]["boot"] / medians["QEMU pc bzImage"]["boot"]
+        print(f"memvisor / QEMU, each VMM's usual kernel: memvisor vmlinux / QEMU pc bzImage = {ratio:.2f}")
+    for kernel in kernels:
+        totals = [sum(exits.values()) for exits, boot in exits_per_boot if boot == kernel]
+        cell = f"{_median(totals):.0f} (n={len(totals)}, {min(totals)}-{max(totals)})" if totals else "-"
+        print(f"memvisor exits reaching Python to /init (timed boots, {kernel}): {cell}")
     print()
     if exits_per_boot:
-        last = collections.Counter(exits_per_boot[-1])
+        last = collections.Counter(exits_per_boot[-1][0])
         print("exits by kind (last timed boot): " + ", ".join(f"{kind} {count}" for kind, count in last.most_common()))
-    print(f"blobs QEMU holds in its own memory (fw_cfg), inside its RSS: kernel {image.kernel.stat().st_size / (1 << 20):.1f} "
-          f"MiB, initramfs {image.initrd.stat().st_size / (1 << 20):.1f} MiB")  # fmt: skip
+    sizes = ", ".join(f"{kernel} {files[kernel].stat().st_size / (1 << 20):.1f} MiB" for kernel in kernels)
+    print(f"blobs QEMU holds in its own memory (fw_cfg), inside its RSS: {sizes}, initramfs {image.initrd.stat().st_size / (1 << 20):.1f} MiB")  # fmt: skip
     for name in names:
         for failure in failures[name]:
             print(f"{name} FAILED {failure}")
