@@ -148,5 +148,6 @@ def write_direct_boot_kernel(bzimage: Path, target: Path) -> bool:
         file.write(compact)
         file.flush()
         os.fsync(file.fileno())
+    os.chmod(file.name, 0o644)  # as readable as the bzImage beside it (the temp file was made 0600)
     os.replace(file.name, target)
     return True
