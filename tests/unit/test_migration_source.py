@@ -4,9 +4,15 @@ free page hints, and A -> B -> A under a guest that keeps writing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import struct
+import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -197,3 +203,104 @@ def test_a_dirty_page_skipped_as_hinted_is_not_wanted_again_in_the_next_pass(
     assert stats.skipped["free-page-hint"] == 1
     assert stats.dirty_log == "manual-protect"
 
+
+
+class GuestWriter:
+    """A guest process that keeps writing a counter into pages of the machine it runs on (RAM and plugged
+    virtio-mem), as a vCPU would: each write is logged by the (fake) KVM. Parking it (`park`) is what quiescing
+    the machine does to its vCPUs; after a migration the writer goes on on the destination (`move_to`)."""
+
+    def __init__(self, pfns: list[int]) -> None:
+        self.pfns = pfns
+        self.machine: FakeMachine | None = None
+        self.writes = 0
+        self.gate = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="guest-writer", daemon=True)
+
+    def _loop(self) -> None:
+        rng = random.Random(9)
+        while not self._stop.is_set():
+            with self.gate:
+                if self.machine is not None:
+                    pfn = rng.choice(self.pfns)
+                    self.writes += 1
+                    self.machine.guest_write(pfn, struct.pack("<QQ", pfn, self.writes) * (PAGE_SIZE // 16))
+            time.sleep(0.0002)
+
+    def move_to(self, machine: FakeMachine) -> None:
+        with self.gate:
+            self.machine = machine
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def park(self) -> None:
+        with self.gate:  # a write under way finishes first
+            self.machine = None
+
+    def wait_for_writes(self, count: int) -> None:
+        """Block (the migration's thread, at a pass's start) until the guest wrote `count` pages more (unless it
+        is parked: the final pass)."""
+        if self.machine is None:
+            return
+        target, deadline = self.writes + count, time.monotonic() + 10
+        while self.writes < target and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert self.writes >= target, "the guest writer stalled"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def same_memory(dst: FakeMachine, src: FakeMachine) -> None:
+    """Every RAM page and every plugged virtio-mem page of `dst` equals `src`'s; the plugged blocks agree."""
+    plugged = src.devices[0].device.plugged_ranges()
+    assert dst.devices[0].device.plugged_ranges() == plugged
+    pfns = [*range(PAGES), *(pfn for gpa, size in plugged for pfn in range(gpa // PAGE_SIZE, (gpa + size) // PAGE_SIZE))]
+    different = [pfn for pfn in pfns if dst.page(pfn) != src.page(pfn)]
+    assert not different, f"{len(different)} pages differ, the first {different[:8]}"
+
+
+def test_a_to_b_and_back_to_a_with_a_guest_writing_during_every_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A -> B, then B -> A (a new process on A's side, as `memvisor run --incoming` always is), with the guest
+    writing all along: the pages it writes during a pass go again in the next one, its vCPUs are parked for
+    the final pass, and each destination ends with the memory of its source (RAM and plugged virtio-mem) and
+    the same plugged blocks. A logs with KVM_CLEAR_DIRTY_LOG per chunk, B with KVM_GET_DIRTY_LOG's clearing."""
+    import memvisor.vmm.snapshot as snapshot
+
+    fake_machine_state(monkeypatch)
+    a = FakeMachine(vmem=True, manual_dirty_log=True)
+    plug(a, 2)
+    vmem_pfn = a.devices[0].device.addr // PAGE_SIZE
+    hot = [*range(0, PAGES, 4), *range(vmem_pfn, vmem_pfn + 2 * VMEM_BLOCK // PAGE_SIZE, 8)]
+    for pfn in hot:
+        a.guest_write(pfn, struct.pack("<Q", pfn) * (PAGE_SIZE // 8))
+    writer = GuestWriter(hot)
+
+    @contextlib.contextmanager
+    def quiesced(machine: Any) -> Iterator[None]:
+        writer.park()  # the source stays paused after its migration ("postmigrate"): the writer moves on
+        yield
+
+    monkeypatch.setattr(snapshot, "quiesced", quiesced)
+    params = MigrationParameters(max_bandwidth=16 << 20, downtime_limit_ms=0, max_passes=3)
+    writer.move_to(a)
+    try:
+        legs = [(a, FakeMachine(vmem=True)), (None, FakeMachine(vmem=True, manual_dirty_log=True))]
+        source_machine = a
+        for _, destination in legs:
+            sent_before = writer.writes
+            stats = migrate(source_machine, destination, params=params,
+                            between_passes=lambda number: writer.wait_for_writes(20))  # fmt: skip
+            assert writer.machine is None  # parked for the final pass, never resumed on the source
+            same_memory(destination, source_machine)
+            assert destination.loaded == {"fake-state": 0}
+            assert 2 <= stats.passes <= 4  # 1 to 3 passes with the guest writing, then the final one
+            assert writer.writes - sent_before >= 20 * (stats.passes - 1)
+            assert stats.normal > len(hot)  # pages written during the passes went again
+            writer.move_to(destination)
+            source_machine = destination
+        assert stats.dirty_log == "kvm-clears"
+    finally:
+        writer.stop()
