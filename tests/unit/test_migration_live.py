@@ -395,12 +395,16 @@ def test_migrate_incoming_with_a_stream_uri_answers_at_once_and_reports_a_failur
     release = threading.Event()
     seen: list[str] = []
 
-    def receive(uri: str) -> None:
+    def listen(uri: str) -> Any:  # the port opens at once; the receive runs in the slot's thread
         seen.append(uri)
-        release.wait(5)
-        raise StreamError("CONFIG.vcpus: the source has 2, this command line 1: start the destination with --vcpus 2")
 
-    slot = IncomingSlot(lambda path: None, receive)
+        def receive() -> None:
+            release.wait(5)
+            raise StreamError("CONFIG.vcpus: the source has 2, this command line 1: start the destination with --vcpus 2")
+
+        return receive
+
+    slot = IncomingSlot(lambda path: None, listen)
     slot.migrate_incoming("tcp:127.0.0.1:4444")  # returns while the receive runs
     with pytest.raises(MachineError, match="already been started"):
         slot.migrate_incoming("tcp:127.0.0.1:4444")

@@ -287,9 +287,8 @@ def test_a_to_b_and_back_to_a_with_a_guest_writing_during_every_pass(monkeypatch
     params = MigrationParameters(max_bandwidth=16 << 20, downtime_limit_ms=0, max_passes=3)
     writer.move_to(a)
     try:
-        legs = [(a, FakeMachine(vmem=True)), (None, FakeMachine(vmem=True, manual_dirty_log=True))]
         source_machine = a
-        for _, destination in legs:
+        for destination in (FakeMachine(vmem=True), FakeMachine(vmem=True, manual_dirty_log=True)):  # B, new A
             sent_before = writer.writes
             stats = migrate(source_machine, destination, params=params,
                             between_passes=lambda number: writer.wait_for_writes(20))  # fmt: skip
