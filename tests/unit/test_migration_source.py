@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import struct
 import threading
 import time
@@ -44,9 +45,19 @@ def in_child(test: Callable[[], None]) -> None:
         finally:
             os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_end)
+            pytest.fail("the migration in the child process did not end within 120 s")
+        time.sleep(0.02)
+    with os.fdopen(read_end, "rb") as pipe:  # the report (at most 8000 bytes) fits the pipe's buffer
         report = pipe.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         pytest.fail(f"the migration killed its process with signal {os.WTERMSIG(status)}")
     assert os.WEXITSTATUS(status) == 0, report
