@@ -11,12 +11,16 @@ failure raises StreamError (or StateError) naming the record and field; the call
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from memvisor.errors import MemvisorError
 from memvisor.migration import stream
 from memvisor.migration.stream import PAGE_SIZE, StreamError
+from memvisor.migration.transport import accept, listen, parse_uri
 
 if TYPE_CHECKING:
     from memvisor.memory.guest_memory import MemoryRegion
@@ -162,38 +166,64 @@ def receive_migration(machine: Machine, conn: socket.socket, progress: Progress 
             progress(receiver.received)
 
 
-def receive_live(machine: Machine, uri: str, give_up: Callable[[], bool]) -> bool:
-    """`--incoming tcp:...|unix:...`: listen, take one connection, receive into `machine`; True when loaded,
-    False when `give_up()` ended the wait. A broken or refused stream raises MemvisorError (exit 125)."""
-    import contextlib
-    import os
+class IncomingListener:
+    """`--incoming tcp:...|unix:...` and migrate-incoming: the port is opened here (MemvisorError naming the URI
+    when it cannot be: the caller's answer), then `receive` takes one connection into a machine."""
 
-    from memvisor.errors import MemvisorError
-    from memvisor.migration.transport import accept, listen, parse_uri
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.endpoint = parse_uri(uri)
+        try:
+            self._sock: socket.socket | None = listen(self.endpoint)
+        except OSError as error:
+            raise MemvisorError(f"cannot listen on {uri}: {error.strerror or error}: free it or give another URI") from None
 
-    endpoint = parse_uri(uri)
-    try:
-        listener = listen(endpoint)
-    except OSError as error:
-        raise MemvisorError(f"--incoming {uri}: cannot listen: {error.strerror or error}") from None
-    try:
-        conn = accept(listener, give_up)
-    finally:
-        listener.close()
-        if endpoint.kind == "unix":
+    def close(self) -> None:
+        """Stop listening (a unix socket's file goes too); a no-op the second time."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        sock.close()
+        if self.endpoint.kind == "unix":
             with contextlib.suppress(OSError):
-                os.unlink(str(endpoint.address))
-    if conn is None:
-        return False
-    try:
-        with conn:
-            receive_migration(machine, conn)
-    except StreamError as error:
-        raise MemvisorError(f"the incoming migration failed: {error}") from None
-    except OSError as error:
-        raise MemvisorError(f"the incoming migration failed: the connection broke ({error.strerror or error})") from None
-    except MemvisorError:
-        raise
-    except Exception as error:  # e.g. KVM refusing a state that passed every check: still one line, exit 125
-        raise MemvisorError(f"the incoming migration failed: {type(error).__name__}: {error}") from None
-    return True
+                os.unlink(str(self.endpoint.address))
+
+    def receive(self, machine: Machine, give_up: Callable[[], bool]) -> bool:
+        """Take one connection and receive into `machine`; True when loaded, False when `give_up()` ended the
+        wait. A broken or refused stream raises MemvisorError (exit 125). The port closes either way."""
+        if self._sock is None:
+            raise MemvisorError(f"{self.uri}: the incoming port was closed already")
+        try:
+            conn = accept(self._sock, give_up)
+        finally:
+            self.close()
+        if conn is None:
+            return False
+        try:
+            with conn:
+                receive_migration(machine, conn)
+        except StreamError as error:
+            raise MemvisorError(f"the incoming migration failed: {error}") from None
+        except OSError as error:
+            raise MemvisorError(f"the incoming migration failed: the connection broke ({error.strerror or error})") from None
+        except MemvisorError:
+            raise
+        except Exception as error:  # e.g. KVM refusing a state that passed every check: still one line, exit 125
+            raise MemvisorError(f"the incoming migration failed: {type(error).__name__}: {error}") from None
+        return True
+
+
+def receive_live(machine: Machine, uri: str, give_up: Callable[[], bool]) -> bool:
+    """`--incoming tcp:...|unix:...`: listen, take one connection, receive into `machine` (IncomingListener)."""
+    return IncomingListener(uri).receive(machine, give_up)
+
+
+def deferred_listen(machine: Machine, give_up: Callable[[], bool]) -> Callable[[str], Callable[[], bool]]:
+    """`--incoming defer` + migrate-incoming tcp:/unix: (memvisor.vmm.migration.IncomingSlot): a call opens the
+    port before migrate-incoming answers (raising if it cannot) and returns the receive, for a thread."""
+
+    def open_port(uri: str) -> Callable[[], bool]:
+        listener = IncomingListener(uri)
+        return lambda: listener.receive(machine, give_up)
+
+    return open_port

@@ -25,13 +25,17 @@ What is not sent (counted by reason in `MigrationStats.skipped`):
   balloon page inflated and deflated again in between. They go as ZERO records (12 bytes a run), so the
   destination gives them back too instead of keeping what the previous pass sent;
 Zero pages with backing go as ZERO records (QEMU's "duplicate"), 12 bytes for a run.
+Pages are read with pread from each region's memfd (pages.py), never through the VMM's mapping: a block
+unplugged under a pass (a machine reset unplugs them all, `busy` or not) is PROT_NONE there, and reads as a
+hole of zeros from the file; the next pass's PLUGGED record carries the change.
+The passes converge on the dirty pages a pass would send: pages written and then hinted free, inflated or
+unplugged since cost the final pass nothing (`_to_send`).
 On the destination a page not sent reads as zero, or holds content the guest declared it does not need.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from memvisor.errors import MemvisorError
 from memvisor.migration import stream
+from memvisor.migration.pages import RegionReader
 from memvisor.migration.stream import PAGE_SIZE
 from memvisor.migration.throttle import Throttle
 
@@ -123,7 +128,8 @@ def virtio_mem_held(machine: Machine) -> Iterator[None]:
 
     Without this a block plugged after a pass's PLUGGED record had its pages sent into memory the destination
     still held unplugged (it refused the stream), and a block unplugged mid-pass was read through its
-    now-inaccessible mapping. The flag is set under the device's lock: a request being answered finishes first."""
+    now-inaccessible mapping (pages are read from the memfd now, pages.py, which a machine reset's unplugging
+    cannot fault). The flag is set under the device's lock: a request being answered finishes first."""
     from memvisor.devices.mem.device import VirtioMemDevice
 
     held: list[tuple[VirtioMemDevice, bool]] = []
@@ -139,27 +145,6 @@ def virtio_mem_held(machine: Machine) -> Iterator[None]:
         for device, before in held:
             with device.lock:
                 device.busy = before
-
-
-def data_mask(region: MemoryRegion) -> np.ndarray:
-    """Bool per page of `region`: True where the host holds data (SEEK_DATA), all True without a file."""
-    import numpy as np
-
-    pages = region.size // PAGE_SIZE
-    fd = getattr(region, "fd", None)
-    if fd is None:
-        return np.ones(pages, dtype=bool)
-    mask = np.zeros(pages, dtype=bool)
-    offset = 0
-    while offset < region.size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data past offset
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), region.size)
-        mask[start // PAGE_SIZE : -(-end // PAGE_SIZE)] = True
-        offset = end
-    return mask
 
 
 def _runs(pfns: np.ndarray, limit: int) -> Iterator[tuple[int, int]]:
@@ -185,6 +170,7 @@ class Sender:
         self.sock, self.stats, self.params, self.cancelled = sock, stats, params, cancelled
         self._window_start = time.monotonic()
         self._window_bytes = 0
+        self._buffer = memoryview(bytearray(stream.MAX_PAGES_PER_RECORD * PAGE_SIZE))  # one record's pages
 
     def send(self, *pieces: bytes | memoryview) -> None:
         if self.cancelled.is_set():
@@ -210,10 +196,10 @@ class Sender:
         for first, count in _runs(np.flatnonzero(pages) + start, stream.MAX_ZERO_RUN):
             self.send(stream.zero_record(region.gpa + first * PAGE_SIZE, count))
 
-    def send_region_pages(self, region: MemoryRegion, start: int, wanted: np.ndarray, backed: np.ndarray, *,
-                          first_pass: bool) -> None:  # fmt: skip
-        """Send the pages `start + i` of `region` for which `wanted[i]`: data, or ZERO runs (`backed[i]` False:
-        a hole, zero without reading it; a read of a memfd hole would allocate it)."""
+    def send_region_pages(self, region: MemoryRegion, reader: RegionReader, start: int, wanted: np.ndarray,
+                          backed: np.ndarray, *, first_pass: bool) -> None:  # fmt: skip
+        """Send the pages `start + i` of `region` for which `wanted[i]`: data read with `reader` (from the memfd,
+        never through the mapping: pages.py), or ZERO runs (`backed[i]` False: a hole, zero without reading it)."""
         import numpy as np
 
         unbacked = wanted & ~backed
@@ -224,8 +210,8 @@ class Sender:
             self.stats.skipped["reported"] += int(np.count_nonzero(unbacked))
         self.stats.remaining = max(0, self.stats.remaining - int(np.count_nonzero(unbacked)) * PAGE_SIZE)
         for first, count in _runs(np.flatnonzero(wanted & backed) + start, stream.MAX_PAGES_PER_RECORD):
-            offset = first * PAGE_SIZE
-            view = region.view[offset : offset + count * PAGE_SIZE]
+            view = self._buffer[: count * PAGE_SIZE]
+            reader.read(first * PAGE_SIZE, view)
             nonzero = np.asarray(np.frombuffer(view, dtype=np.uint64).reshape(count, PAGE_SIZE // 8).any(axis=1))
             edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
             for part in np.split(np.arange(count), edges):
@@ -254,6 +240,7 @@ class PreCopy:
         self.stats.total = sum(r.size for r in self.regions)
         self._consumer: DirtyConsumer | None = None  # the dirty tracker's, while run() runs
         self._backed: dict[str, np.ndarray] = {}  # region name -> pages the host backed at the last pass's look
+        self._readers: dict[str, RegionReader] = {}  # region name -> its reader (pages.py), while run() runs
         self.on_active: Callable[[], None] = lambda: None
         self.on_pass: Callable[[int], None] = lambda number: None
 
@@ -294,6 +281,15 @@ class PreCopy:
             "balloon": self._fit(hooks.inflated() if hooks.inflated else None),
         }
 
+    def _to_send(self, dirty: np.ndarray) -> np.ndarray:
+        """The pages of `dirty` a pass would send now: not hinted free since their write (the guest wrote them,
+        then freed and hinted them), not inflated, not unplugged. Convergence is judged on these: the others
+        cost the final pass nothing, and a pass just to skip them again would be one pass too many."""
+        spared = self._hinted()
+        for skip in self._skip_masks().values():
+            spared |= skip
+        return dirty & ~spared
+
     def _hinted(self) -> np.ndarray:
         """Pages hinted free and not written since: read again for every chunk (hints arrive during a pass)."""
         return self._fit(self.hooks.hinted() if self.hooks.hinted else None)
@@ -321,7 +317,8 @@ class PreCopy:
         self.stats.remaining = int(np.count_nonzero(wanted)) * PAGE_SIZE
         for region in self.regions:
             base, pages = region.gpa // PAGE_SIZE, region.size // PAGE_SIZE
-            backed = data_mask(region)
+            reader = self._readers[region.name]
+            backed = reader.data_mask()
             previous = self._backed.get(region.name)
             self._backed[region.name] = backed
             if previous is not None:  # backed at the previous look, not written since, not backed now
@@ -340,18 +337,38 @@ class PreCopy:
                 if consumer is not None and consumer.manual:  # before reading: a write from now on is logged
                     self.machine.dirty_tracker.clear(region.gpa + start * PAGE_SIZE, (end - start) * PAGE_SIZE)
                 part = wanted[base + start : base + end].copy()
-                if not part.any():
-                    continue
-                before = int(np.count_nonzero(part))
-                for reason, skip in [*skips.items(), ("free-page-hint", self._hinted())]:
-                    hit = part & skip[base + start : base + end]
-                    self.stats.skipped[reason] += int(np.count_nonzero(hit))
-                    part &= ~hit
-                self.stats.remaining = max(0, self.stats.remaining - (before - int(np.count_nonzero(part))) * PAGE_SIZE)
-                if consumer is not None and consumer.manual:  # read below, after the clear: their bits are stale
-                    consumer.forget(base + start, part & backed[start:end])
-                self.sender.send_region_pages(region, start, part, backed[start:end], first_pass=first_pass)
+                if part.any():
+                    chunk_skips = {reason: skip[base + start : base + end] for reason, skip in skips.items()}
+                    self._send_chunk(region, reader, start, part, chunk_skips, backed[start:end], first_pass=first_pass)
         self.stats.remaining = 0
+
+    def _send_chunk(self, region: MemoryRegion, reader: RegionReader, start: int, part: np.ndarray,
+                    skips: dict[str, np.ndarray], backed: np.ndarray, *, first_pass: bool) -> None:  # fmt: skip
+        """The wanted pages `part` of the chunk at page `start` of `region`, its log cleared just now: skip what
+        `skips` (read at the pass's start) and the hints (read now) spare, send the rest."""
+        import numpy as np
+
+        base = region.gpa // PAGE_SIZE
+        before = int(np.count_nonzero(part))
+        settled = np.zeros(part.size, dtype=bool)
+        for reason, skip in [*skips.items(), ("free-page-hint", self._hinted()[base + start : base + start + part.size])]:
+            hit = part & skip
+            self.stats.skipped[reason] += int(np.count_nonzero(hit))
+            part &= ~hit
+            if reason == "free-page-hint":
+                settled = hit
+        self.stats.remaining = max(0, self.stats.remaining - (before - int(np.count_nonzero(part))) * PAGE_SIZE)
+        consumer = self._consumer
+        if consumer is not None and consumer.manual:
+            # The clear's read of KVM handed out again the bits of pages written before it. Those of the pages
+            # read below are stale (the read sees those writes), and so are those of the pages skipped as
+            # hinted: the hints were read after the clear, with every write it found applied first, so such a
+            # write came before its page's hint; a write after the clear is logged anew. Forgotten, neither
+            # comes back in the next pass (a hinted page did, to be skipped once more, and the pass count read
+            # one high). Balloon and virtio-mem skips were judged at the pass's start, before the clear: a page
+            # deflated and written in between keeps its bit.
+            consumer.forget(base + start, (part & backed) | settled)
+        self.sender.send_region_pages(region, reader, start, part, backed, first_pass=first_pass)
 
     def _wait_ack(self, what: str) -> None:
         self.sock.settimeout(ACK_TIMEOUT)
@@ -384,8 +401,12 @@ class PreCopy:
         self.stats.dirty_log = "manual-protect" if consumer.manual else "kvm-clears"
         hinting = False
         stack = contextlib.ExitStack()
-        stack.enter_context(virtio_mem_held(self.machine))
         try:
+            for region in self.regions:
+                reader = RegionReader(region)
+                stack.callback(reader.close)
+                self._readers[region.name] = reader
+            stack.enter_context(virtio_mem_held(self.machine))
             self.sender.send(stream.stream_header(), stream.json_record(stream.CONFIG, machine_config(self.machine)))
             self._wait_ack("the configuration")
             if self.hooks.hint_start is not None:
@@ -403,11 +424,12 @@ class PreCopy:
                 elapsed = max(time.monotonic() - pass_start, 1e-3)
                 wanted = self._fit(consumer.take_mask())
                 dirty = int(np.count_nonzero(wanted))
+                to_send = int(np.count_nonzero(self._to_send(wanted)))
                 bandwidth = max((self.stats.transferred - sent_before) / elapsed, 1.0)
                 self.stats.mbps = bandwidth * 8 / 1e6
                 self.stats.dirty_pages_rate = int(dirty / elapsed)
-                self.stats.expected_downtime_ms = int(dirty * PAGE_SIZE / bandwidth * 1000)
-                self.stats.remaining = dirty * PAGE_SIZE
+                self.stats.expected_downtime_ms = int(to_send * PAGE_SIZE / bandwidth * 1000)
+                self.stats.remaining = to_send * PAGE_SIZE
                 converged = self.stats.expected_downtime_ms <= self.params.downtime_limit_ms
                 if converged or self.stats.passes >= self.params.max_passes:
                     break

@@ -25,7 +25,8 @@ class Endpoint:
 
     def __str__(self) -> str:
         if isinstance(self.address, tuple):
-            return f"tcp:{self.address[0]}:{self.address[1]}"
+            host, port = self.address
+            return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
         return f"unix:{self.address}"
 
 

@@ -126,9 +126,12 @@ class IncomingSlot:
     starts the vCPUs. A refused snapshot ends memvisor (exit 125), as QEMU ends after a failed incoming migration.
     """
 
-    def __init__(self, load: Callable[[Path], object], receive: Callable[[str], object] | None = None) -> None:
+    def __init__(self, load: Callable[[Path], object],
+                 listen: Callable[[str], Callable[[], object]] | None = None) -> None:  # fmt: skip
         self._load = load
-        self._receive = receive  # tcp:/unix: live migration (memvisor/migration/incoming.py), in a thread
+        # tcp:/unix: live migration (memvisor/migration/incoming.py, deferred_listen): listen(uri) opens the port
+        # (raising MemvisorError if it cannot) and returns the receive, which runs in a thread
+        self._listen = listen
         self._lock = threading.Lock()
         self._event = threading.Event()
         self._started = False
@@ -137,8 +140,8 @@ class IncomingSlot:
     def migrate_incoming(self, uri: str) -> None:
         from memvisor.migration.transport import is_stream_uri
 
-        if self._receive is not None and is_stream_uri(uri):
-            self._migrate_live(uri, self._receive)
+        if self._listen is not None and is_stream_uri(uri):
+            self._migrate_live(uri, self._listen)
             return
         if not uri.startswith(FILE_PREFIX) or len(uri) == len(FILE_PREFIX):
             raise MachineError(f"migration URI {uri!r} is not supported: memvisor restores from files, give file:PATH")
@@ -154,16 +157,21 @@ class IncomingSlot:
         finally:
             self._event.set()
 
-    def _migrate_live(self, uri: str, receive: Callable[[str], object]) -> None:
-        """Listen now (the reply says whether that worked), receive in a thread (QEMU answers at once too)."""
+    def _migrate_live(self, uri: str, listen: Callable[[str], Callable[[], object]]) -> None:
+        """Listen now (the reply says whether that worked: a port that cannot be opened may be retried with
+        another URI, as QEMU allows), receive in a thread (QEMU answers at once too)."""
         with self._lock:
             if self._started:
                 raise MachineError("The incoming migration has already been started")
+            try:
+                receive = listen(uri)
+            except MemvisorError as error:
+                raise MachineError(str(error)) from None
             self._started = True
 
         def run() -> None:
             try:
-                receive(uri)
+                receive()
             except Exception as error:  # any failure ends memvisor (125), never a half-loaded guest that runs
                 self.error = str(error) or type(error).__name__
             finally:

@@ -189,12 +189,9 @@ def _wait_for_incoming(machine: Machine, server: "VmmControlServer") -> bool:
 
         restore_snapshot(machine, path)
 
-    def receive(uri: str) -> None:
-        from memvisor.migration.incoming import receive_live
+    from memvisor.migration.incoming import deferred_listen
 
-        receive_live(machine, uri, lambda: machine.outcome is not None)
-
-    slot = IncomingSlot(load, receive)
+    slot = IncomingSlot(load, deferred_listen(machine, lambda: machine.outcome is not None))
     server.control.incoming = slot
     try:
         loaded = slot.wait(lambda: machine.outcome is not None)

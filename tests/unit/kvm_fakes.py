@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import numpy as np
 
@@ -20,9 +21,11 @@ def kvm_bitmap(dirty: set[int], pages: int) -> bytes:
 
 
 class FakeVm:
-    """Memslots and per-slot dirty pages, as KVM keeps them; get_dirty_log hands them out once."""
+    """Memslots and per-slot dirty pages, as KVM keeps them; get_dirty_log hands them out once. Thread-safe, as
+    KVM is: a guest writer thread may log pages while the VMM reads the log."""
 
     def __init__(self, slots: list[tuple[int, int]]) -> None:
+        self.lock = threading.RLock()
         self.slots = {i: MemorySlot(i, gpa, size, 0x7F0000000000 + gpa, 0) for i, (gpa, size) in enumerate(slots)}
         self.written: dict[int, set[int]] = {i: set() for i in self.slots}
         self.calls: list[tuple[int, int]] = []
@@ -35,15 +38,17 @@ class FakeVm:
         info = self.slots[slot]
         assert info.flags & structs.KVM_MEM_LOG_DIRTY_PAGES, "KVM refuses a slot without dirty logging"
         pages = info.size >> 12
-        data = kvm_bitmap(self.written[slot], pages)
+        with self.lock:
+            data = kvm_bitmap(self.written[slot], pages)
+            self.written[slot] = set()
         assert len(bitmap) >= len(data)
         ctypes.memmove(bitmap, data, len(data))
-        self.written[slot] = set()
 
     def write(self, gpa: int) -> None:
         for info in self.slots.values():
             if info.guest_phys_addr <= gpa < info.guest_phys_addr + info.size:
-                self.written[info.slot].add((gpa - info.guest_phys_addr) >> 12)
+                with self.lock:
+                    self.written[info.slot].add((gpa - info.guest_phys_addr) >> 12)
 
 
 class ManualFakeVm(FakeVm):
@@ -71,7 +76,8 @@ class ManualFakeVm(FakeVm):
         if not self.manual:
             super().get_dirty_log(slot, bitmap)
             return
-        data = kvm_bitmap(self.written[slot], self.slots[slot].size >> 12)
+        with self.lock:
+            data = kvm_bitmap(self.written[slot], self.slots[slot].size >> 12)
         ctypes.memmove(bitmap, data, len(data))
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: ctypes.Array) -> None:  # type: ignore[type-arg]
@@ -80,5 +86,6 @@ class ManualFakeVm(FakeVm):
         assert first_page % 64 == 0 and (num_pages % 64 == 0 or first_page + num_pages == pages), "EINVAL"
         assert first_page + num_pages <= pages and len(bytes(bitmap)) >= bitmap_bytes(num_pages)
         bits = unpack_dirty_bitmap(bytes(bitmap), num_pages)
-        self.written[slot] -= {first_page + i for i in np.flatnonzero(bits).tolist()}
+        with self.lock:
+            self.written[slot] -= {first_page + i for i in np.flatnonzero(bits).tolist()}
         self.clears.append((slot, first_page, num_pages))
