@@ -12,8 +12,8 @@ restores and cold-boots memvisor: about 4-6 minutes under TCG):
 benchmarks/memory_vs_qemu.py, whose VM classes this reuses), then saved:
 - idle: booted, agent answering, nothing else;
 - idle-hinted: the same with `free-page-hint=on` on memvisor's balloon and a hint round before `stop`, as
-  `memvisor snapshot` runs it (QEMU's column is its plain idle guest: QEMU asks for hints only during a
-  running precopy, and its free-page-hint needs an iothread);
+  `memvisor snapshot` runs it (QEMU's column is its plain idle guest: QEMU asks for hints only while a
+  precopy runs, not for a guest stopped before `migrate`, and it drops free-page-hint without an iothread);
 - filled-freed: the guest fills 600M of tmpfs and removes it, free page reporting on (waits until the host
   holds at least 400M less);
 - balloon-512M: the balloon inflated to 512M (free page reporting off).
@@ -51,6 +51,7 @@ from memvisor.guest.image import find_guest_image  # noqa: E402
 
 MiB = 1 << 20
 SCENARIOS = ("idle", "idle-hinted", "filled-freed", "balloon-512M")
+PYTHON_FLAGS: list[str] = []  # --importtime
 
 
 def save(vm: Vm, uri: str, path: Path) -> dict[str, Any]:
@@ -96,8 +97,9 @@ def guest_use(vm: Vm) -> dict[str, float]:
             "ram_minus_free_mib": 1024 - values["MemFree"] / MiB}  # fmt: skip
 
 
-def hint_round(vm: Vm, timeout: float = 15.0) -> int:
-    """memvisor's x-balloon-hint-start, wait for the guest's STOP, x-balloon-hint-stop (as `memvisor snapshot`)."""
+def hint_round(vm: Vm, timeout: float = 240.0) -> int:
+    """memvisor's x-balloon-hint-start, wait for the guest's STOP, x-balloon-hint-stop (as `memvisor snapshot`;
+    60-100 s under the lab's TCG for a 1G guest)."""
     vm.cmd("x-balloon-hint-start")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and vm.cmd("x-query-balloon-hints")[-1]["state"] not in ("stopped", "done"):
@@ -108,7 +110,7 @@ def hint_round(vm: Vm, timeout: float = 15.0) -> int:
 def memvisor_argv(work: Path, kernel: Path, initrd: Path, reporting: bool, sock: Path, hinting: bool = False) -> list[str]:
     balloon = "virtio-balloon,id=balloon0" + (",free-page-reporting=on" if reporting else "")
     balloon += ",free-page-hint=on" if hinting else ""  # the restore needs the devices of the saved guest
-    return [sys.executable, "-m", "memvisor", "run", "--lab", "off", "--memory", "1G", "--kernel", str(kernel),
+    return [sys.executable, *PYTHON_FLAGS, "-m", "memvisor", "run", "--lab", "off", "--memory", "1G", "--kernel", str(kernel),
             "--initrd", str(initrd), "--qmp", str(sock), "--console", str(work / "restore-console.log"),
             "--device", balloon]  # fmt: skip
 
@@ -202,7 +204,13 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="an empty folder for the VMs and files")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios")
+    parser.add_argument("--importtime", action="store_true",
+                        help="run the restored and the cold-booted memvisor with python -X importtime (its stderr "
+                             "log in the scenario's folder shows where start-up time goes)")  # fmt: skip
     args = parser.parse_args()
+    if args.importtime:
+        global PYTHON_FLAGS
+        PYTHON_FLAGS = ["-X", "importtime"]
     image = find_guest_image("default")
     if image is None:
         print("no guest image: run `memvisor image build` first", file=sys.stderr)

@@ -6,7 +6,7 @@ Restore with `memvisor run --incoming file:PATH` and the same --memory, --vcpus 
 
 With a balloon that negotiated free page hinting (`--device virtio-balloon,id=b0,free-page-hint=on`) and a
 running VM, a hint round runs first (x-balloon-hint-start, until the guest has hinted all its free 4 MiB
-blocks or HINT_TIMEOUT, then x-balloon-hint-stop): the save leaves out the pages hinted free and not written
+blocks, or --hint-timeout, then x-balloon-hint-stop): the save leaves out the pages hinted free and not written
 since (memvisor.vmm.snapshot.hinted_free), which the guest's allocator has no use for. `--no-hints` skips it.
 """
 
@@ -21,7 +21,8 @@ from typing import Any, TextIO
 from memvisor.errors import MemvisorError
 
 POLL = 0.2
-HINT_TIMEOUT = 15.0
+HINT_TIMEOUT = 180.0  # a guest hints its free memory in well under a second on KVM, in 60-100 s under TCG
+HINT_ANSWER = 10.0  # a driver that has not echoed the command id by then is not going to
 SAVE_TIMEOUT = 3600.0
 BAR_WIDTH = 30
 
@@ -32,21 +33,27 @@ def build_snapshot(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="let the VM run again once it is saved")
     parser.add_argument("--no-hints", action="store_true",
                         help="do not ask the guest's balloon driver for free page hints first")  # fmt: skip
+    parser.add_argument("--hint-timeout", type=float, default=HINT_TIMEOUT, metavar="SECONDS",
+                        help=f"end the hint round after this long (default {HINT_TIMEOUT:.0f})")  # fmt: skip
 
 
-def hint_round(qmp: Any, timeout: float = HINT_TIMEOUT, poll: float = POLL) -> int:
-    """Ask the guest for free page hints and end the round when it has sent them all (or after `timeout`);
-    returns the bytes hinted (0 when the VM has no balloon with free page hinting: nothing to ask)."""
+def hint_round(qmp: Any, timeout: float = HINT_TIMEOUT, poll: float = POLL, answer: float = HINT_ANSWER) -> int:
+    """Ask the guest for free page hints and end the round when it has sent them all, when it has not taken
+    the round up within `answer` seconds, or after `timeout`; returns the bytes hinted (0 when the VM has no
+    balloon with free page hinting: nothing to ask). Hints that came in before the end count either way."""
     from memvisor.control.client import QmpCommandError
 
     try:
         qmp.execute("x-balloon-hint-start")
     except QmpCommandError:  # no balloon, or its driver did not negotiate free-page-hint
         return 0
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < timeout:
         cycles = qmp.execute("x-query-balloon-hints")
-        if cycles and cycles[-1].get("state") in ("stopped", "done"):  # the guest sent STOP: all hinted
+        state = cycles[-1].get("state") if cycles else None
+        if state in ("stopped", "done"):  # the guest sent STOP: it hinted every free block it could take
+            break
+        if state == "requested" and elapsed >= answer:  # the guest's driver does not take the round up
             break
         time.sleep(poll)
     status = qmp.execute("x-balloon-hint-stop")  # DONE: the guest takes its blocks back (writes are logged)
@@ -68,7 +75,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
     with _connect(args) as qmp:
         was_running = qmp.execute("query-status").get("status") == "running"
         if was_running and not args.no_hints:
-            hinted = hint_round(qmp)
+            hinted = hint_round(qmp, args.hint_timeout)
             if bar is not None and hinted:
                 bar.write(f"the guest hinted {hinted >> 20}M free\n")
         qmp.execute("stop")

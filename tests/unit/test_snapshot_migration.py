@@ -112,7 +112,8 @@ class _HintQmp:
     """The QMP of a VM whose balloon hints `rounds` polls long (None: no balloon with free page hinting)."""
 
     def __init__(self, rounds: int | None) -> None:
-        self.rounds, self.calls = rounds, []  # type: list[str]
+        self.rounds, self.state = rounds, "running"
+        self.calls: list[str] = []
 
     def execute(self, command: str, arguments: Any = None) -> Any:
         self.calls.append(command)
@@ -120,7 +121,7 @@ class _HintQmp:
             raise QmpCommandError(command, "GenericError", "the balloon's driver did not negotiate free page hinting")
         if command == "x-query-balloon-hints":
             self.rounds -= 1
-            return [{"cmd-id": 2, "state": "running" if self.rounds > 0 else "stopped", "pages": 10, "bytes": 40960}]
+            return [{"cmd-id": 2, "state": self.state if self.rounds > 0 else "stopped", "pages": 10, "bytes": 40960}]
         return {"cmd-id": 2, "state": "done", "pages": 10, "bytes": 40960}
 
 
@@ -129,7 +130,10 @@ def test_the_snapshot_verb_asks_for_hints_until_the_guest_has_sent_them_all() ->
     assert hint_round(qmp, timeout=5, poll=0) == 40960
     assert qmp.calls == ["x-balloon-hint-start", *["x-query-balloon-hints"] * 3, "x-balloon-hint-stop"]
     slow = _HintQmp(10**9)  # a guest that never finishes: the round ends at the timeout all the same
-    assert hint_round(slow, timeout=0.05, poll=0.01) == 40960 and slow.calls[-1] == "x-balloon-hint-stop"
+    assert hint_round(slow, timeout=0.05, poll=0.01, answer=0) == 40960 and slow.calls[-1] == "x-balloon-hint-stop"
+    deaf = _HintQmp(10**9)
+    deaf.state = "requested"  # a driver that never echoes the command id: given up after `answer` seconds
+    assert hint_round(deaf, timeout=60, poll=0.01, answer=0.05) == 40960 and deaf.calls[-1] == "x-balloon-hint-stop"
     none = _HintQmp(None)  # no hinting balloon: nothing asked, the save goes on
     assert hint_round(none) == 0 and none.calls == ["x-balloon-hint-start"]
 
