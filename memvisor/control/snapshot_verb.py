@@ -104,6 +104,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
     state = "running" if args.resume else "paused (cont resumes it, quit ends it)"
     print(
         f"snapshot: {path}: {human_size(ram.get('transferred', 0))} of {human_size(ram.get('total', 0))} RAM written, "
+        f"{human_size(ram.get('skipped', 0) * 4096)} hinted free left out, "
         f"{human_size(info.get('x-file-allocated', 0))} on disk, in {info.get('total-time', 0) / 1000:.1f} s; "
         f"the VM is {state}"
     )

@@ -5,7 +5,7 @@
 - The pages to write are decided first (memvisor.snapshot.memory.present_pages: backed and not all zeros,
   minus the pages `free` names: hinted free by the guest and not written since), so the space they need is
   known before anything is written: with less free space than that in the destination's filesystem
-  (statvfs f_bavail) the save is refused at once, naming the path, the space needed and the space free.
+  (statvfs f_bavail, f_bfree for root) the save is refused at once, naming the path, the space needed and the space free.
 - The file is written under a temporary name in the destination's directory (`.NAME.XXXX.partial`, mode
   0600), fsynced (the header last, memvisor.snapshot.fileformat), then renamed over PATH and the directory
   fsynced: a snapshot already at PATH stays whole until the new one is complete.
@@ -57,12 +57,13 @@ def mib(size: int) -> str:
 
 
 def free_space(directory: Path) -> int | None:
-    """Bytes an unprivileged writer may still use in `directory`'s filesystem (None if it cannot be asked)."""
+    """Bytes this process may still write in `directory`'s filesystem (None if it cannot be asked): root may
+    use the blocks the filesystem reserves for it (f_bfree), anyone else only f_bavail."""
     try:
         stat = os.statvfs(directory)
     except OSError:
         return None
-    return stat.f_bavail * stat.f_frsize
+    return (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail) * stat.f_frsize
 
 
 def pages_to_write(region: MemoryRegion, free: np.ndarray | None) -> tuple[np.ndarray, int]:

@@ -17,7 +17,7 @@ from memvisor.vmm.snapshot import SaveResult
 
 
 def _result(path: Path) -> SaveResult:
-    return SaveResult(path, 300 << 20, 1 << 30, (1 << 30) + (4 << 20), 301 << 20, 0.5)
+    return SaveResult(path, 300 << 20, 1 << 30, (1 << 30) + (4 << 20), 301 << 20, 0.5, free_skipped=200 << 20)
 
 
 def test_a_completed_job_reports_bytes_and_emits_events(tmp_path: Path) -> None:
@@ -35,6 +35,7 @@ def test_a_completed_job_reports_bytes_and_emits_events(tmp_path: Path) -> None:
     assert info["status"] == "completed"
     assert info["ram"]["transferred"] == 300 << 20 and info["ram"]["total"] == 1 << 30
     assert info["ram"]["remaining"] == 0
+    assert info["ram"]["skipped"] == (200 << 20) // 4096  # pages hinted free and left out
     assert info["x-file-allocated"] == 301 << 20
     assert "total-time" in info
     assert [data["status"] for name, data in events if name == "MIGRATION"] == ["setup", "active", "completed"]
