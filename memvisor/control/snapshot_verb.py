@@ -4,10 +4,12 @@ The VM is left paused (as QEMU leaves it after a migrate) unless --resume is giv
 bar shows the bytes written. A failed save exits 125 with the reason; a VM that was running goes on running.
 Restore with `memvisor run --incoming file:PATH` and the same --memory, --vcpus and --device.
 
-With a balloon that negotiated free page hinting (`--device virtio-balloon,id=b0,free-page-hint=on`) and a
-running VM, a hint round runs first (x-balloon-hint-start, until the guest has hinted all its free 4 MiB
-blocks, or --hint-timeout, then x-balloon-hint-stop): the save leaves out the pages hinted free and not written
-since (memvisor.vmm.snapshot.hinted_free), which the guest's allocator has no use for. `--no-hints` skips it.
+Experimental, with `--hints`: with a balloon that negotiated free page hinting (`--device
+virtio-balloon,id=b0,free-page-hint=on`) and a running VM, a hint round runs first (x-balloon-hint-start, until
+the guest has hinted all its free 4 MiB blocks, or --hint-timeout, then x-balloon-hint-stop): the save leaves
+out the pages hinted free and not written since (memvisor.vmm.snapshot.hinted_free), which the guest's allocator
+has no use for. Not the default yet: in its first lab run the guest restored from such a snapshot reset while
+it booted, which is not understood (tests/guest/test_snapshot.py keeps that test, run on request).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def build_snapshot(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("socket", metavar="SOCK", help="the VM's QMP socket (memvisor run --qmp SOCK)")
     parser.add_argument("path", metavar="PATH", type=Path, help="the snapshot file to write")
     parser.add_argument("--resume", action="store_true", help="let the VM run again once it is saved")
-    parser.add_argument("--no-hints", action="store_true",
-                        help="do not ask the guest's balloon driver for free page hints first")  # fmt: skip
+    parser.add_argument("--hints", action="store_true",
+                        help="experimental: ask the guest's balloon driver for free page hints first and leave the "
+                             "hinted pages out of the file")  # fmt: skip
     parser.add_argument("--hint-timeout", type=float, default=HINT_TIMEOUT, metavar="SECONDS",
                         help=f"end the hint round after this long (default {HINT_TIMEOUT:.0f})")  # fmt: skip
 
@@ -74,7 +77,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
     bar: TextIO | None = sys.stderr if sys.stderr.isatty() else None
     with _connect(args) as qmp:
         was_running = qmp.execute("query-status").get("status") == "running"
-        if was_running and not args.no_hints:
+        if was_running and args.hints:
             hinted = hint_round(qmp, args.hint_timeout)
             if bar is not None and hinted:
                 bar.write(f"the guest hinted {hinted >> 20}M free\n")
