@@ -201,9 +201,11 @@ def _connect_qmp(path: Path, process: subprocess.Popen[bytes], timeout: float) -
 class MemvisorVm(Vm):
     name = "memvisor"
 
-    def __init__(self, work: Path, kernel: Path, initrd: Path, *, reporting: bool, pmem: Path | None) -> None:
+    def __init__(self, work: Path, kernel: Path, initrd: Path, *, reporting: bool, pmem: Path | None,
+                 hinting: bool = False) -> None:  # fmt: skip
         sock = work / "mv-qmp.sock"
         balloon = "virtio-balloon,id=balloon0" + (",free-page-reporting=on" if reporting else "")
+        balloon += ",free-page-hint=on" if hinting else ""
         argv = [sys.executable, "-m", "memvisor", "run", "--lab", "off", "--memory", "1G", "--kernel", str(kernel),
                 "--initrd", str(initrd), "--qmp", str(sock), "--console", str(work / "mv-console.log"),
                 "--device", balloon]  # fmt: skip

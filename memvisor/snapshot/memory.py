@@ -2,8 +2,9 @@
 
 Saving: a page is written only if the host holds it (SEEK_DATA/SEEK_HOLE on the region's memfd: pages never
 touched, taken by the balloon, given back by free page reporting or unplugged from virtio-mem are holes) and
-it is not all zeros. Runs of such pages go out in one pwrite each at their fixed offset; every other page
-stays a hole in the file.
+it is not all zeros (and, decided by the caller, was not hinted free by the guest and left unwritten since:
+memvisor.snapshot.writer). Runs of such pages go out in one pwrite each at their fixed offset; every other
+page stays a hole in the file.
 
 Loading: only the pages the bitmap marks are read, straight into the fresh (all-hole) guest RAM with preadv,
 and checked against their chunk's CRC-32; everything else stays a hole in guest RAM.
@@ -92,10 +93,20 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
 
 
 def save_region(
-    fd: int, region: MemoryRegion, name: str, bitmap_offset: int, data_offset: int, progress: Progress
+    fd: int,
+    region: MemoryRegion,
+    name: str,
+    bitmap_offset: int,
+    data_offset: int,
+    progress: Progress,
+    present: np.ndarray | None = None,
 ) -> RegionImage:
-    """Write the region's bitmap and present pages; returns where they are, with their checksums."""
-    present = present_pages(region)
+    """Write the region's bitmap and present pages (`present`: a bool per page, by default
+    `present_pages(region)`); returns where they are, with their checksums."""
+    if present is None:
+        present = present_pages(region)
+    if present.shape != (region.size // PAGE_SIZE,):
+        raise ValueError(f"present mask of {present.shape} for a region of {region.size // PAGE_SIZE} pages")
     bitmap = np.packbits(present, bitorder="little").tobytes()
     _pwrite_all(fd, bitmap, bitmap_offset)
     crcs = bytearray()

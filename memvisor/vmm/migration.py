@@ -113,6 +113,7 @@ class MigrationJob:
                 "dirty-sync-count": 1,
             }
             if self._result is not None:
+                reply["ram"]["skipped"] = self._result.free_skipped // 4096  # hinted free, not written since
                 reply["x-file-size"] = self._result.file_size
                 reply["x-file-allocated"] = self._result.allocated
             if self._error:

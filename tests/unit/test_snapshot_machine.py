@@ -128,3 +128,32 @@ def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(MemvisorError, match="cannot open snapshot"):
         restore_snapshot(_machine(), tmp_path / "nothing.snap")
+
+
+@pytest.mark.parametrize("keep", [0, 20, 4096 + 100, None])  # empty, part of the header, header only, no state
+def test_a_truncated_file_is_refused_naming_the_problem(tmp_path: Path, keep: int | None) -> None:
+    machine = _machine()
+    path = tmp_path / "vm.snap"
+    _write(path, machine, _state(machine))
+    os.truncate(path, path.stat().st_size - 10 if keep is None else keep)
+    target = _machine()
+    with pytest.raises(fileformat.SnapshotFileError, match=r"^the file is truncated: .*\d"):
+        restore_snapshot(target, path)
+    assert target.vcpus == [] and target.memory.regions[0].allocated_bytes() == 0
+
+
+def test_a_directory_or_an_unreadable_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memvisor.errors import MemvisorError
+
+    with pytest.raises(MemvisorError, match=r"is not a regular file"):
+        restore_snapshot(_machine(), tmp_path)
+    machine = _machine()
+    path = tmp_path / "vm.snap"
+    _write(path, machine, _state(machine))
+
+    def failing_pread(fd: int, length: int, offset: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "pread", failing_pread)
+    with pytest.raises(MemvisorError, match=rf"^reading snapshot {path} failed: Input/output error$"):
+        restore_snapshot(_machine(), path)

@@ -6,17 +6,18 @@ from typing import Any
 
 import pytest
 
+from memvisor.control.client import QmpCommandError
 from memvisor.control.commands import Context, execute
 from memvisor.control.errors import QmpError
 from memvisor.control.machine_api import MachineError
-from memvisor.control.snapshot_verb import progress_line
+from memvisor.control.snapshot_verb import hint_round, progress_line
 from memvisor.errors import MemvisorError
 from memvisor.vmm.migration import MigrationJob, parse_file_uri
 from memvisor.vmm.snapshot import SaveResult
 
 
 def _result(path: Path) -> SaveResult:
-    return SaveResult(path, 300 << 20, 1 << 30, (1 << 30) + (4 << 20), 301 << 20, 0.5)
+    return SaveResult(path, 300 << 20, 1 << 30, (1 << 30) + (4 << 20), 301 << 20, 0.5, free_skipped=200 << 20)
 
 
 def test_a_completed_job_reports_bytes_and_emits_events(tmp_path: Path) -> None:
@@ -34,6 +35,7 @@ def test_a_completed_job_reports_bytes_and_emits_events(tmp_path: Path) -> None:
     assert info["status"] == "completed"
     assert info["ram"]["transferred"] == 300 << 20 and info["ram"]["total"] == 1 << 30
     assert info["ram"]["remaining"] == 0
+    assert info["ram"]["skipped"] == (200 << 20) // 4096  # pages hinted free and left out
     assert info["x-file-allocated"] == 301 << 20
     assert "total-time" in info
     assert [data["status"] for name, data in events if name == "MIGRATION"] == ["setup", "active", "completed"]
@@ -105,6 +107,36 @@ def test_qmp_commands_reach_the_machine() -> None:
 def test_progress_line() -> None:
     assert progress_line(0, 0).startswith("[" + "." * 30 + "]")
     assert progress_line(512 << 20, 1 << 30) == "[" + "#" * 15 + "." * 15 + "]  50%  512M/1024M"
+
+
+class _HintQmp:
+    """The QMP of a VM whose balloon hints `rounds` polls long (None: no balloon with free page hinting)."""
+
+    def __init__(self, rounds: int | None) -> None:
+        self.rounds, self.state = rounds, "running"
+        self.calls: list[str] = []
+
+    def execute(self, command: str, arguments: Any = None) -> Any:
+        self.calls.append(command)
+        if self.rounds is None:
+            raise QmpCommandError(command, "GenericError", "the balloon's driver did not negotiate free page hinting")
+        if command == "x-query-balloon-hints":
+            self.rounds -= 1
+            return [{"cmd-id": 2, "state": self.state if self.rounds > 0 else "stopped", "pages": 10, "bytes": 40960}]
+        return {"cmd-id": 2, "state": "done", "pages": 10, "bytes": 40960}
+
+
+def test_the_snapshot_verb_asks_for_hints_until_the_guest_has_sent_them_all() -> None:
+    qmp = _HintQmp(3)
+    assert hint_round(qmp, timeout=5, poll=0) == 40960
+    assert qmp.calls == ["x-balloon-hint-start", *["x-query-balloon-hints"] * 3, "x-balloon-hint-stop"]
+    slow = _HintQmp(10**9)  # a guest that never finishes: the round ends at the timeout all the same
+    assert hint_round(slow, timeout=0.05, poll=0.01, answer=0) == 40960 and slow.calls[-1] == "x-balloon-hint-stop"
+    deaf = _HintQmp(10**9)
+    deaf.state = "requested"  # a driver that never echoes the command id: given up after `answer` seconds
+    assert hint_round(deaf, timeout=60, poll=0.01, answer=0.05) == 40960 and deaf.calls[-1] == "x-balloon-hint-stop"
+    none = _HintQmp(None)  # no hinting balloon: nothing asked, the save goes on
+    assert hint_round(none) == 0 and none.calls == ["x-balloon-hint-start"]
 
 
 def test_incoming_slot_loads_once_and_wakes_the_waiter(tmp_path: Path) -> None:
