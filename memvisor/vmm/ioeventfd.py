@@ -231,6 +231,11 @@ class DeviceEvents:
         """Queue notifies that came through an ioeventfd instead of an MMIO exit."""
         return sum(window.notifies for window in self.windows)
 
+    @property
+    def interrupts(self) -> int:
+        """Interrupts raised through an irqfd."""
+        return sum(irqfd.raised for irqfd in self.irqfds.values())
+
     def start(self) -> None:
         """Start the device-event thread and register the ioeventfds of the windows already DRIVER_OK (a restore)."""
         self.loop.start()

@@ -128,6 +128,7 @@ class Machine:
 
     def __init__(self, config: MachineConfig, console_fd: int | None = None) -> None:
         config.validate()
+        eventfds = requested()  # MEMVISOR_IOEVENTFD, checked before anything is made
         self.config = config
         self.kvm = Kvm()
         self.vm: Vm = self.kvm.create_vm()
@@ -152,7 +153,7 @@ class Machine:
         self.vm.set_tss_addr(layout.TSS_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2()
-        if requested():
+        if eventfds:
             self.device_events = DeviceEvents(self.vm)
         for index, (gpa, size) in enumerate(layout.ram_ranges(config.memory)):
             region = MemoryRegion.memfd(gpa, size, f"ram{index}", config.memory_backend)
