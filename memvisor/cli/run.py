@@ -19,6 +19,8 @@ LAB_HEADROOM = 1536 << 20
 BOOT_TIMEOUT = 300.0
 # Beyond the guest's boot and the command: memvisor's start inside the lab and the guest's poweroff.
 LAB_MARGIN = 90.0
+# What the inner `memvisor run` inherits: the locale and user, and memvisor's own experimental switches.
+LAB_ENVIRONMENT = ("LANG", "TERM", "HOME", "USER", "MEMVISOR_IOEVENTFD")
 
 
 def add_run_command(subparsers: Any) -> None:
@@ -70,6 +72,9 @@ def add_run_command(subparsers: Any) -> None:
 
 
 def _machine_config(args: argparse.Namespace) -> MachineConfig:
+    from memvisor.vmm.ioeventfd import requested
+
+    requested()  # a wrong MEMVISOR_IOEVENTFD is refused before the image or the lab is made
     memory = parse_size(args.memory, "--memory")
     backend = parse_memory_backend(args.memory_backend)
     if not 1 <= args.vcpus <= MAX_VCPUS:
@@ -146,7 +151,7 @@ def _run_through_lab(args: argparse.Namespace, argv: list[str], config: MachineC
         inner,
         memory=lab_memory_for(config.memory),
         cwd=os.getcwd(),
-        env={key: value for key, value in os.environ.items() if key in ("LANG", "TERM", "HOME", "USER")},
+        env={key: value for key, value in os.environ.items() if key in LAB_ENVIRONMENT},
         shares=shares,
         forwards=forwards,
         stdin=args.command is None and sys.stdin.isatty(),

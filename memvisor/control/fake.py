@@ -224,6 +224,11 @@ class FakeMachine:
     def exit_counts(self) -> dict[str, int]:
         return {}  # the fake machine runs no vCPU
 
+    eventfd_counts_reply: dict[str, int] | None = None  # what eventfd_counts answers (None: the fast path is off)
+
+    def eventfd_counts(self) -> dict[str, int] | None:
+        return self.eventfd_counts_reply
+
     def host_memory(self) -> dict[str, int]:
         # The fake host holds what the balloon leaves the guest, what is plugged, and half of each pmem file.
         held = {"ram": self._balloon.actual_bytes() if self._balloon else self._ram}

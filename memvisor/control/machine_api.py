@@ -223,5 +223,9 @@ class MachineControl(Protocol):
     def exit_counts(self) -> dict[str, int]:
         """VM exits that reached the VMM since start, by kind ("mmio", "io 0x3f8", ...): what a device costs."""
 
+    def eventfd_counts(self) -> dict[str, int] | None:
+        """With MEMVISOR_IOEVENTFD=1: the virtio queue notifies that came through ioeventfds instead of exits and
+        the interrupts raised through irqfds ("notifies", "interrupts"); None when that fast path is off."""
+
     def set_event_sink(self, sink: EventSink | None) -> None:
         """Install the function the machine calls for each event (None: drop events)."""

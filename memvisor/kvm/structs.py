@@ -186,13 +186,27 @@ class KvmIrqLevel(ctypes.Structure):
 
 
 class KvmIrqfd(ctypes.Structure):
-    """struct kvm_irqfd (KVM_IRQFD)."""
+    """struct kvm_irqfd (<linux/kvm.h>; api.rst "KVM_IRQFD"): a write to eventfd `fd` raises `gsi` in the in-kernel
+    irqchip. Without KVM_IRQFD_FLAG_RESAMPLE KVM pulses the line (1 then 0), what an edge-triggered line needs;
+    `resamplefd` is only read with that flag. KVM_IRQFD_FLAG_DEASSIGN removes the (fd, gsi) pair again.
+
+        offset 0 fd u32, 4 gsi u32, 8 flags u32, 12 resamplefd u32, 16 pad[16]: 32 bytes
+    """
 
     _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
 
 
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+
+
 class KvmIoeventfd(ctypes.Structure):
-    """struct kvm_ioeventfd (KVM_IOEVENTFD)."""
+    """struct kvm_ioeventfd (<linux/kvm.h>; api.rst "KVM_IOEVENTFD"): a guest write of `len` bytes to MMIO (or,
+    with KVM_IOEVENTFD_FLAG_PIO, port) address `addr` signals eventfd `fd` inside KVM instead of exiting to the
+    VMM; with KVM_IOEVENTFD_FLAG_DATAMATCH only a write whose value equals `datamatch` does (others exit as
+    before). KVM_IOEVENTFD_FLAG_DEASSIGN removes the registration with the same addr, len, fd and datamatch.
+
+        offset 0 datamatch u64, 8 addr u64, 16 len u32, 20 fd s32, 24 flags u32, 28 pad[36]: 64 bytes
+    """
 
     _fields_ = [
         ("datamatch", u64),
@@ -206,6 +220,7 @@ class KvmIoeventfd(ctypes.Structure):
 
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 
 class KvmDirtyLog(ctypes.Structure):

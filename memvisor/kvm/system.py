@@ -135,6 +135,20 @@ class Vm:
     def irq_line(self, gsi: int, level: int) -> None:
         ioctl(self.fd, ioctls.KVM_IRQ_LINE, structs.KvmIrqLevel(irq=gsi, level=level))
 
+    def ioeventfd(self, fd: int, address: int, length: int, datamatch: int | None, *, deassign: bool = False) -> None:
+        """KVM_IOEVENTFD: a guest MMIO write of `length` bytes at `address` (of value `datamatch`, unless None)
+        signals eventfd `fd` instead of exiting; with `deassign`, remove that same registration again."""
+        flags = 0 if datamatch is None else structs.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if deassign:
+            flags |= structs.KVM_IOEVENTFD_FLAG_DEASSIGN
+        request = structs.KvmIoeventfd(datamatch=datamatch or 0, addr=address, len=length, fd=fd, flags=flags)
+        ioctl(self.fd, ioctls.KVM_IOEVENTFD, request)
+
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
+        """KVM_IRQFD without resampling: a write to eventfd `fd` pulses `gsi` (an edge); `deassign` removes it."""
+        flags = structs.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        ioctl(self.fd, ioctls.KVM_IRQFD, structs.KvmIrqfd(fd=fd, gsi=gsi, flags=flags))
+
     # VM-wide state for snapshots: kvmclock, the in-kernel interrupt controllers and the PIT.
     def get_clock(self) -> structs.KvmClockData:
         data = structs.KvmClockData()

@@ -451,6 +451,11 @@ class VmmControl:
         with self._use() as machine:
             return dict(machine.exit_counts)
 
+    def eventfd_counts(self) -> dict[str, int] | None:
+        with self._use() as machine:
+            events = machine.device_events
+            return None if events is None else {"notifies": events.notifies, "interrupts": events.interrupts}
+
     # --- guest agent --------------------------------------------------------------------------------------------
 
     def guest_exec(self, command: str, timeout: float) -> ExecResult:

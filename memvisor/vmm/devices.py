@@ -10,7 +10,6 @@ Each device model is imported where it is built: a guest without `--device` star
 Python imports run at emulation speed and are most of the start-up).
 """
 
-import functools
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from memvisor.errors import UsageError
 from memvisor.memory.guest_memory import MemoryRegion
 from memvisor.units import format_size
 from memvisor.virtio.device import VirtioDevice
-from memvisor.virtio.mmio import MMIO_WINDOW_SIZE, VirtioMmioTransport
+from memvisor.virtio.mmio import VirtioMmioTransport
 from memvisor.vmm.device_specs import DeviceSpec, parse_device_specs
 from memvisor.vmm.machine import Machine
 
@@ -138,8 +137,8 @@ def attach_devices(machine: Machine) -> list[AttachedDevice]:
             machine.add_memory_region(region, readonly=readonly)
             next_gpa = _align_up(region.gpa + region.size, DEVICE_REGION_ALIGN)
         base, gsi = machine.allocate_virtio_slot()
-        transport = VirtioMmioTransport(device, machine.memory, functools.partial(machine.pulse_irq, gsi))
-        machine.add_mmio(base, MMIO_WINDOW_SIZE, transport)
+        transport = VirtioMmioTransport(device, machine.memory, machine.virtio_interrupt(gsi))
+        machine.add_virtio_window(base, transport)
         attached.append(AttachedDevice(spec, device, transport, base, gsi, region))
     machine.devices = attached
     return attached

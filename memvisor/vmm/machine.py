@@ -4,6 +4,8 @@ Lifecycle: `Machine(config)` builds everything (nothing runs yet); `start()` sta
 `wait()` blocks until the guest powers off, resets (with --reboot exit), panics or `stop()` is called, and
 returns why. Device emulation runs on the vCPU thread that exited; devices get callbacks, never KVM handles.
 `pause()` parks every vCPU thread (the guest is frozen, devices still answer the host) until `resume()`.
+With MEMVISOR_IOEVENTFD=1 (experimental, memvisor/vmm/ioeventfd.py) virtio queue notifies run on a device-event
+thread instead and virtio interrupts go through irqfds.
 """
 
 import collections
@@ -39,6 +41,7 @@ from memvisor.vmm.console import Console
 from memvisor.vmm.dirty_log import PageMask
 from memvisor.vmm.dirty_tracker import DirtyConsumer, DirtyTracker
 from memvisor.vmm.exit_trail import SYNC_CLASSES, ExitTrail, page_walk_lines
+from memvisor.vmm.ioeventfd import DeviceEvents, requested
 from memvisor.vmm.loader import load_kernel, read_kernel
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -120,8 +123,11 @@ def _ignore_signal(signum: int, frame: object) -> None:
 class Machine:
     """One VM. Build it, `start()`, then `wait()`."""
 
+    device_events: DeviceEvents | None = None  # the opt-in eventfd fast path (MEMVISOR_IOEVENTFD=1)
+
     def __init__(self, config: MachineConfig, console_fd: int | None = None) -> None:
         config.validate()
+        eventfds = requested()  # MEMVISOR_IOEVENTFD, checked before anything is made
         self.config = config
         self.kvm = Kvm()
         self.vm: Vm = self.kvm.create_vm()
@@ -146,6 +152,8 @@ class Machine:
         self.vm.set_tss_addr(layout.TSS_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2()
+        if eventfds:
+            self.device_events = DeviceEvents(self.vm)
         for index, (gpa, size) in enumerate(layout.ram_ranges(config.memory)):
             region = MemoryRegion.memfd(gpa, size, f"ram{index}", config.memory_backend)
             self.memory.add(region)
@@ -161,9 +169,9 @@ class Machine:
         self._agent_on_com2 = False
         self.agent_console = VirtioConsoleDevice(functools.partial(self._agent_output, False))
         base, gsi = self.allocate_virtio_slot()
-        transport = VirtioMmioTransport(self.agent_console, self.memory, functools.partial(self.pulse_irq, gsi))
+        transport = VirtioMmioTransport(self.agent_console, self.memory, self.virtio_interrupt(gsi))
         self.agent_transport = transport  # for snapshots (memvisor/vmm/snapshot.py)
-        self.add_mmio(base, MMIO_WINDOW_SIZE, transport)
+        self.add_virtio_window(base, transport)
         self.com2 = Serial16550(
             functools.partial(self._agent_output, True), lambda level: self.vm.irq_line(layout.COM2_GSI, level)
         )
@@ -219,6 +227,18 @@ class Machine:
         self.virtio_slots.append(VirtioMmioSlot(base, gsi))
         return base, gsi
 
+    def virtio_interrupt(self, gsi: int) -> Callable[[], None]:
+        """What a virtio transport on `gsi` calls to raise its interrupt: `pulse_irq`, or with the eventfd fast
+        path a write to the GSI's irqfd (the same edge, made by KVM)."""
+        if self.device_events is None:
+            return functools.partial(self.pulse_irq, gsi)
+        return self.device_events.interrupt(gsi)
+
+    def add_virtio_window(self, base: int, transport: VirtioMmioTransport) -> None:
+        """Put a virtio-mmio transport on the MMIO bus at `base` (behind its ioeventfds with the fast path)."""
+        window = transport if self.device_events is None else self.device_events.window(base, transport)
+        self.add_mmio(base, MMIO_WINDOW_SIZE, window)
+
     def pulse_irq(self, gsi: int) -> None:
         """An edge on `gsi` (virtio-mmio interrupts are edge-triggered, active high in the DSDT)."""
         self.vm.irq_line(gsi, 1)
@@ -269,6 +289,8 @@ class Machine:
             classes = vcpu.enable_sync_regs(SYNC_CLASSES)  # 0 without KVM_CAP_SYNC_REGS: then no trail
             if classes:
                 self._trails[vcpu.index] = ExitTrail(vcpu.run_address, classes)
+        if self.device_events is not None:
+            self.device_events.start()
         for vcpu in self.vcpus:
             thread = threading.Thread(
                 target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True
@@ -374,6 +396,8 @@ class Machine:
         self._kick_all()
         with self._done:
             parked = self._done.wait_for(lambda: self._parked >= len(self._threads) or self._stopping, timeout)
+        if parked and self.device_events is not None:  # the notifies the guest made before it parked: handled
+            parked = self.device_events.flush(timeout)
         if parked and not self._stopping:
             for vcpu in self.vcpus:  # KVM_KVMCLOCK_CTRL: the guest will not take the pause for a soft lockup
                 with contextlib.suppress(KvmIoctlError):
@@ -403,6 +427,8 @@ class Machine:
         return outcome
 
     def close(self) -> None:
+        if self.device_events is not None:  # no notify handler runs while the devices close
+            self.device_events.close()
         for attached in self.devices:
             closer = getattr(attached.device, "close", None) or attached.device.reset
             with contextlib.suppress(Exception):

@@ -857,3 +857,16 @@ def test_every_fixture_is_compared() -> None:
         assert source.count(f'"{name}"') >= 2, f"{name} is named only in SINGLE_FIXTURES"
     assert recorded - cases - SINGLE_FIXTURES == set(), "recorded but never compared"
     assert (cases | SINGLE_FIXTURES) - recorded == set(), "compared but not recorded"
+
+
+def test_x_query_exits_has_no_eventfd_part_without_the_fast_path(any_server: QmpServer) -> None:
+    reply = qmp(any_server, "x-query-exits")["return"]
+    assert set(reply) == {"total", "kinds"}
+    assert reply["total"] == sum(kind["count"] for kind in reply["kinds"])
+
+
+def test_x_query_exits_counts_eventfd_traffic_apart_from_exits(server: QmpServer, machine: FakeMachine) -> None:
+    machine.eventfd_counts_reply = {"notifies": 3, "interrupts": 4}  # MEMVISOR_IOEVENTFD=1
+    reply = qmp(server, "x-query-exits")["return"]
+    assert reply["eventfd"] == {"notifies": 3, "interrupts": 4}
+    assert reply["total"] == 0  # not exits: the benchmarks' per-GiB sums stay exits only

@@ -94,6 +94,8 @@ class StubMachine:
     paused: bool = False
     pause_calls: int = 0
     started: bool = True
+    exit_counts: dict[str, int] = field(default_factory=dict)
+    device_events: Any = None  # MEMVISOR_IOEVENTFD's fast path: off
 
     def __post_init__(self) -> None:
         self.config = SimpleNamespace(memory=512 * MiB, vcpus=self.vcpus, numa_nodes=self.numa_nodes,
@@ -733,3 +735,9 @@ def test_machine_paused_before_start_parks_at_once() -> None:
         with contextlib.suppress(Exception):
             signal.signal(machine_module.KICK_SIGNAL, previous)
 
+
+
+def test_eventfd_counts_come_from_the_fast_path_when_it_is_on(rig: Rig) -> None:
+    assert rig.control.eventfd_counts() is None  # off: MEMVISOR_IOEVENTFD unset
+    rig.machine.device_events = SimpleNamespace(notifies=7, interrupts=9)
+    assert rig.control.eventfd_counts() == {"notifies": 7, "interrupts": 9}
