@@ -473,3 +473,17 @@ def test_qemus_deliberate_triple_fault_is_checked_by_its_event(
                                  monkeypatch, capsys)  # fmt: skip
     assert status == 0, out
     assert "resets 1 (0 not asked for)" in out and "was seen (SHUTDOWN, reason guest-reset): OK" in out
+
+
+def test_a_qemu_that_does_not_boot_shows_its_own_words(
+    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def boot_qemu(args: Any, logs: Path, private: Path) -> None:
+        (logs / "qemu-stderr.log").write_text("qemu-system-x86_64: failed to initialize kvm: Permission denied\n")
+        raise RuntimeError("the VMM exited with status 1 before it answered")
+
+    monkeypatch.setattr(script, "boot_qemu", boot_qemu)
+    status = script.run(script.parse_args(["--inside", "--vmm", "qemu", "--logs", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert status == 1 and "the guest did not boot: the VMM exited with status 1" in out
+    assert "qemu-stderr.log | qemu-system-x86_64: failed to initialize kvm: Permission denied" in out
