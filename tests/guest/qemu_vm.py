@@ -217,7 +217,10 @@ class AgentSocket:
             if remaining <= 0:
                 raise TimeoutError(f"no whole line from QEMU's agent in time; partial: {self.buffer[-200:]!r}")
             self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)  # raises TimeoutError (socket.timeout) at the deadline
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:  # socket.timeout says only "timed out"
+                raise TimeoutError(f"no whole line from QEMU's agent in time; partial: {self.buffer[-200:]!r}") from None
             if not data:
                 raise RuntimeError("QEMU's agent socket closed")
             self.buffer += data
@@ -233,7 +236,11 @@ class AgentSocket:
         deadline = time.monotonic() + timeout
         output = []
         while True:
-            parts = self._line(deadline).split(b" ", 2)
+            try:
+                line = self._line(deadline)
+            except TimeoutError as error:
+                raise TimeoutError(f"QEMU's guest agent did not finish {command!r} within {timeout:.0f} s ({error})") from None
+            parts = line.split(b" ", 2)
             if len(parts) < 2 or parts[0] != ident:
                 continue  # a late PONG
             if parts[1] in (b"O", b"E") and len(parts) == 3:
