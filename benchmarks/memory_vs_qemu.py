@@ -38,14 +38,12 @@ import argparse
 import base64
 import contextlib
 import ctypes
-import io
 import json
 import mmap
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,10 +59,21 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from memvisor.control.ready import wait_for_qmp  # noqa: E402
-from memvisor.guest import cpio  # noqa: E402
 from memvisor.guest.image import GuestImage, find_guest_image  # noqa: E402
-from memvisor.vmm.config import BASE_CMDLINE  # noqa: E402
+from tests.guest.qemu_vm import (  # noqa: E402
+    BALLOON_BOUND,
+    PMEM_BOUND,
+    VIRTIO_MEM_BOUND,
+    AgentSocket,
+    QemuMachine,
+    balloon_device,
+    bind_virtio_pci,
+    connect_qmp,
+    initrd_with_virtio_pci,
+    pmem_device,
+    qemu_cmdline,
+    virtio_mem_device,
+)
 from tests.guest.vm import memfd_bytes  # noqa: E402
 
 MiB = 1 << 20
@@ -73,8 +82,6 @@ GUEST_RAM = 1 * GiB
 BALLOON_TARGET = 512 * MiB
 PLUG = 1 * GiB
 PMEM_SIZE = 256 * MiB
-PCI_MODULES = ("virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci")  # load order
-MODULE_DIR = "usr/lib/memvisor"  # exists in the guest image's first archive
 POLL = 0.05  # seconds between QMP polls while waiting for a change
 
 
@@ -107,23 +114,6 @@ def wait_settled(read: Callable[[], int], what: str, stable: float = 2.0, timeou
         if current != value:
             value, since = current, time.monotonic()
     return value
-
-
-# --- the shared initrd ------------------------------------------------------------------------------------------
-
-
-def initrd_with_virtio_pci(image: GuestImage, out: Path) -> Path:
-    """The guest image's initrd plus a second newc archive holding the virtio_pci modules (QEMU's transport)."""
-    release = image.kernel_release
-    packages = Path.home() / ".cache" / "memvisor" / "packages"
-    found = sorted(packages.glob(f"linux-image-{release}_*/lib/modules/{release}/kernel/drivers/virtio"))
-    if not found:
-        raise SystemExit(f"no unpacked linux-image-{release} under {packages}: run `memvisor image build` first")
-    extra = io.BytesIO()
-    cpio.write_newc(extra, [cpio.file_from_path(f"{MODULE_DIR}/{name}.ko", found[0] / f"{name}.ko")
-                            for name in PCI_MODULES])  # fmt: skip
-    out.write_bytes(image.initrd.read_bytes() + extra.getvalue())
-    return out
 
 
 # --- the two VMMs behind one interface ----------------------------------------------------------------------------
@@ -187,15 +177,7 @@ class Vm:
             raise
 
 
-def _connect_qmp(path: Path, process: subprocess.Popen[bytes], timeout: float) -> QEMUMonitorProtocol:
-    """The shared wait (memvisor/control/ready.py): refused or missing while the VMM starts is "not yet"."""
-
-    def connect(where: str) -> QEMUMonitorProtocol:
-        qmp = QEMUMonitorProtocol(where)
-        qmp.connect(negotiate=True)
-        return qmp
-
-    return wait_for_qmp(str(path), connect, timeout=timeout, process=process, what=f"{path.name}")
+_connect_qmp = connect_qmp  # the name snapshot_vs_qemu.py and tests/guest/manual_manager_check.py import
 
 
 class MemvisorVm(Vm):
@@ -238,113 +220,24 @@ class MemvisorVm(Vm):
         return int(counters["flush-requests"])
 
 
-class AgentSocket:
-    """The guest agent's line protocol (memvisor/guest/agent.sh) over QEMU's second UART, a UNIX socket."""
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"QEMU's agent socket {path} never accepted within {timeout:.0f} s") from None
-                time.sleep(0.1)
-        self.buffer = b""
-        self.ids = 0
-        # READY may have gone out before we connected (QEMU drops bytes with no client): ping until it answers.
-        line = b"(nothing)"
-        while True:
-            self.ids += 1
-            self.sock.sendall(f"PING p{self.ids}\n".encode())
-            try:
-                line = self._line(time.monotonic() + 3)
-                if line == b"MVAGENT READY" or line.endswith(b"PONG"):
-                    return
-            except TimeoutError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"QEMU's guest agent never answered a PING within {timeout:.0f} s; "
-                                   f"last line from it: {line[-200:]!r}")  # fmt: skip
-
-    def _line(self, deadline: float) -> bytes:
-        while b"\n" not in self.buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no whole line from QEMU's agent in time; partial: {self.buffer[-200:]!r}")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)  # raises TimeoutError (socket.timeout) at the deadline
-            if not data:
-                raise RuntimeError("QEMU's agent socket closed")
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.rstrip(b"\r")
-
-    def exec(self, command: str, timeout: float) -> tuple[int, str]:
-        self.ids += 1
-        ident = f"c{self.ids}".encode()
-        # The leading newline ends any partial line the UART kept from before the agent opened it (a PING cut
-        # short): otherwise the agent reads it glued to this request and answers that instead.
-        self.sock.sendall(b"\nRUN " + ident + b" " + base64.b64encode(command.encode()) + b"\n")
-        deadline = time.monotonic() + timeout
-        output = []
-        while True:
-            parts = self._line(deadline).split(b" ", 2)
-            if len(parts) < 2 or parts[0] != ident:
-                continue  # a late PONG
-            if parts[1] in (b"O", b"E") and len(parts) == 3:
-                output.append(base64.b64decode(parts[2]))
-            elif parts[1] == b"X":
-                return int(parts[2]), b"".join(output).decode(errors="replace")
-
-
 class QemuVm(Vm):
     name = "qemu"
 
     def __init__(self, work: Path, kernel: Path, initrd: Path, *, reporting: bool, pmem: Path | None) -> None:
-        sock, agent = work / "qemu-qmp.sock", work / "qemu-agent.sock"
-        balloon = "virtio-balloon-pci,id=balloon0" + (",free-page-reporting=on" if reporting else "")
-        cmdline = BASE_CMDLINE.replace("pci=off", "").replace("  ", " ")
-        argv = [
-            "qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-smp", "1", "-nodefaults", "-no-user-config",
-            "-display", "none", "-m", "1G,maxmem=4G",
-            "-object", "memory-backend-memfd,id=ram,size=1G", "-machine", "pc,memory-backend=ram",
-            "-device", balloon,
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
-            "-serial", f"file:{work / 'qemu-console.log'}",
-            "-chardev", f"socket,id=agent,path={agent},server=on,wait=off", "-serial", "chardev:agent",
-            "-qmp", f"unix:{sock},server=on,wait=off",
-        ]  # fmt: skip
+        devices = balloon_device(reporting=reporting)
         if pmem is not None:
-            argv += [
-                "-object", "memory-backend-memfd,id=vmem0,size=2G",
-                "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,block-size=2M,requested-size=0",
-                "-object", f"memory-backend-file,id=pm,mem-path={pmem},size={PMEM_SIZE},share=on",
-                "-device", "virtio-pmem-pci,memdev=pm,id=pm0",
-            ]  # fmt: skip
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=(work / "qemu-stderr.log").open("wb"))  # fmt: skip
-        self._started(lambda: self._start(sock, agent, pmem))
+            devices += virtio_mem_device(2 * GiB) + pmem_device(pmem, PMEM_SIZE)
+        machine = QemuMachine(kernel=kernel, initrd=initrd, cmdline=qemu_cmdline(), memory=GUEST_RAM, work=work,
+                              maxmem=4 * GiB, devices=devices)  # fmt: skip
+        self.process = subprocess.Popen(machine.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=machine.stderr.open("wb"))  # fmt: skip
+        self._started(lambda: self._start(machine, pmem))
 
-    def _start(self, sock: Path, agent: Path, pmem: Path | None) -> None:
-        self.qmp = _connect_qmp(sock, self.process, 60)
-        self.agent = AgentSocket(agent, 300)
+    def _start(self, machine: QemuMachine, pmem: Path | None) -> None:
+        self.qmp = _connect_qmp(machine.qmp_socket, self.process, 60)
+        self.agent = AgentSocket(machine.agent_socket, 300)
         log("qemu: the agent answers; loading virtio_pci")
-        # In the background, so that the agent stays free to report what happened if a probe is slow.
-        modules = " && ".join(f"insmod /{MODULE_DIR}/{name}.ko" for name in PCI_MODULES)
-        self.check(f"( {modules} ) >/tmp/insmod.log 2>&1 &", 300)  # the probes may starve the agent
-        wanted = ["/sys/bus/virtio/drivers/virtio_balloon/virtio*"]
-        if pmem is not None:
-            wanted += ["/sys/bus/virtio/drivers/virtio_mem/virtio*", "/dev/pmem0"]
-        probe = " && ".join(f"ls {path} >/dev/null 2>&1" for path in wanted)
-        try:
-            wait_for(lambda: self.exec(probe, 120)[0] == 0, 300, "QEMU's guest to bind its virtio-pci devices")
-        except RuntimeError:
-            log(self.exec("cat /tmp/insmod.log; lsmod; ls /sys/bus/virtio/devices /dev; dmesg | tail -40", 120)[1])
-            raise
+        bind_virtio_pci(self.exec, [BALLOON_BOUND] + ([VIRTIO_MEM_BOUND, PMEM_BOUND] if pmem is not None else []))
         log("qemu: devices bound")
         self._ram_fd = self._find_ram_memfd()
 

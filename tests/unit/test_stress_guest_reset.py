@@ -4,10 +4,12 @@ memvisor's reset report out of memvisor's stderr."""
 import importlib.machinery
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -288,3 +290,200 @@ def test_a_discard_log_elsewhere_is_used_and_copied_into_the_logs(
     assert script.run(args) == 0
     assert os.environ["MEMVISOR_DISCARD_LOG"] == str(elsewhere)
     assert (logs / "discards.log").read_text() == elsewhere.read_text() != ""
+
+
+# --- the same loop under QEMU (--vmm qemu) ---------------------------------------------------------------------------
+
+
+def test_qemu_is_refused_memvisors_own_options_with_the_fix_named(
+    script: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert script.parse_args(["--vmm", "qemu", "--kvm-trace", "--end-with-triple-fault"]).vmm == "qemu"
+    assert script.parse_args([]).vmm == "memvisor"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--vmm", "qemu", "--discard-log", "/run/d.log"])
+    assert "--discard-log is memvisor's" in (err := capsys.readouterr().err) and "leave --discard-log out" in err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--qemu-accel", "tcg"])
+    assert "--qemu-accel is for --vmm qemu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--vmm", "bhyve"])
+    assert "invalid choice: 'bhyve'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--vmm", "qemu", "--memory", "1025M"])
+    assert "must be multiples of 2M" in capsys.readouterr().err
+
+
+def _after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, word in enumerate(argv[:-1]) if word == flag]
+
+
+def test_qemu_gets_the_guest_and_devices_memvisor_gets(script: ModuleType, tmp_path: Path) -> None:
+    args = script.parse_args(["--vmm", "qemu", "--memory", "2G", "--vcpus", "2", "--hinting", "--virtio-mem", "1G",
+                              "--append", "no5lvl", "--end-with-triple-fault"])  # fmt: skip
+    machine = script.qemu_machine(args, Path("/img/vmlinuz"), Path("/run/initrd-pci.img"), tmp_path, tmp_path / "s")
+    argv = machine.argv()
+    assert argv[:5] == ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host"] and argv[-1] == "-no-reboot"
+    assert _after(argv, "-smp") == ["2"] and _after(argv, "-m") == ["2048M,maxmem=3072M"]
+    assert _after(argv, "-kernel") == ["/img/vmlinuz"] and _after(argv, "-initrd") == ["/run/initrd-pci.img"]
+    (cmdline,) = _after(argv, "-append")
+    assert "pci=off" not in cmdline and cmdline.endswith("reboot=acpi no5lvl reboot=t")  # the last reboot= wins
+    assert _after(argv, "-device") == [
+        "virtio-balloon-pci,id=balloon0,deflate-on-oom=off,free-page-hint=on,iothread=balloon0-hints",
+        "virtio-mem-pci,id=vm0,memdev=vm0-mem,block-size=2M,requested-size=0,unplugged-inaccessible=on",
+    ]
+    assert "memory-backend-memfd,id=vm0-mem,size=1024M" in _after(argv, "-object")
+    assert _after(argv, "-qmp") == [f"unix:{tmp_path}/s/qemu-qmp.sock,server=on,wait=off"]  # sockets off --logs
+    plain = script.qemu_machine(script.parse_args(["--vmm", "qemu", "--qemu-accel", "tcg"]), Path("/k"), Path("/i"),
+                                tmp_path, tmp_path)  # fmt: skip
+    assert _after(plain.argv(), "-device") == ["virtio-balloon-pci,id=balloon0,deflate-on-oom=off"]
+    assert _after(plain.argv(), "-m") == ["1024M"] and plain.argv()[1:5] == ["-accel", "tcg", "-cpu", "max"]
+    virtio_mem_only = script.parse_args(["--vmm", "qemu", "--no-balloon", "--virtio-mem", "512M"])
+    assert [d.split(",")[0] for d in _after(script.qemu_machine(virtio_mem_only, Path("/k"), Path("/i"), tmp_path,
+                                                                tmp_path).argv(), "-device")] == ["virtio-mem-pci"]  # fmt: skip
+
+
+def test_qemus_reset_events_become_reset_lines(script: ModuleType) -> None:
+    stamp = {"seconds": 1796085122, "microseconds": 774597}
+    events = [
+        {"event": "BALLOON_CHANGE", "data": {"actual": 1}, "timestamp": stamp},
+        {"event": "SHUTDOWN", "data": {"guest": False, "reason": "host-qmp-quit"}, "timestamp": stamp},
+        {"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-reset"}, "timestamp": stamp},
+        {"event": "RESET", "data": {"guest": True, "reason": "guest-reset"}, "timestamp": stamp},
+    ]
+    lines = script.qemu_reset_lines(events)
+    assert lines[0] == ("qemu: the guest reset: QMP event SHUTDOWN (guest true, reason guest-reset) at "
+                        "1796085122.774597; a triple fault (KVM_EXIT_SHUTDOWN) or a reboot the guest asked for")  # fmt: skip
+    assert lines[1].startswith("qemu: the guest reset: QMP event RESET") and len(lines) == 2
+    assert script.console_tail("a\x1b[31mb\nc\n" * 30) == ["a?[31mb", "c"] * 10
+
+
+class FakeQemuGuest(FakeGuestVM):
+    """QemuGuest's surface over a pretend QEMU: as FakeGuestVM, plus QMP events, a console, the migration that
+    stands for a hinting cycle, and a reset that is a SHUTDOWN event (-no-reboot) instead of memvisor's stderr."""
+
+    def __init__(self, workdir: Path, *, memory: str, vcpus: int, devices: list[str], extra: list[str]) -> None:
+        super().__init__(workdir, memory=memory, vcpus=vcpus, devices=devices, extra=extra)
+        self.stderr_path = workdir / "qemu-stderr.log"
+        self.stderr_path.write_text("")
+        self.console = workdir / "qemu-console.log"
+        self.console.write_text("[    1.0] booted\n")
+        self.events: list[dict[str, Any]] = []
+        self.migration = "none"
+        self.commands: list[str] = []
+
+    def _reset(self) -> None:
+        self.events.append({"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-reset"},
+                            "timestamp": {"seconds": 5, "microseconds": 1}})  # fmt: skip
+        self.console.write_text("[    1.0] booted\n[   60.1] virtio_mem virtio2: plugged\n")
+        self.process.returncode = 0
+        raise RuntimeError("QEMU's agent socket closed")
+
+    def cmd(self, name: str, **arguments: object) -> object:
+        self.commands.append(name)
+        if name.startswith("x-"):
+            raise AssertionError(f"{name} is memvisor's: QEMU has no such command")
+        answer = super().cmd(name, **arguments)
+        if name == "migrate":
+            self.migration = "active"
+        elif name == "migrate_cancel":
+            self.migration = "cancelled"
+        elif name == "query-migrate":
+            return {"status": self.migration}
+        return answer
+
+
+def _run_under(script: ModuleType, vmm: str, argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+               capsys: pytest.CaptureFixture[str], reset_at: int | None = None) -> tuple[int, str, FakeGuestVM]:  # fmt: skip
+    import tests.guest.vm
+
+    monkeypatch.setenv("MEMVISOR_DISCARD_LOG", "")
+    monkeypatch.setattr(script.time, "sleep", lambda seconds: None)
+    made: list[FakeGuestVM] = []
+    privates: list[Path] = []
+
+    def guest_vm(workdir: Path, **kwargs: Any) -> FakeGuestVM:
+        made.append(FakeGuestVM(workdir, **kwargs))
+        return made[-1]
+
+    def boot_qemu(args: Any, logs: Path, private: Path) -> FakeQemuGuest:
+        assert private.is_dir() and private != logs
+        privates.append(private)
+        made.append(FakeQemuGuest(logs, memory=f"{args.memory >> 20}M", vcpus=args.vcpus, devices=[], extra=[]))
+        return made[-1]  # type: ignore[return-value]
+
+    monkeypatch.setattr(tests.guest.vm, "GuestVM", guest_vm)
+    monkeypatch.setattr(script, "boot_qemu", boot_qemu)
+    FakeGuestVM.reset_at = reset_at
+    logs = tmp_path / vmm
+    status = script.run(script.parse_args(["--inside", "--vmm", vmm, "--logs", str(logs), *argv]))
+    FakeGuestVM.reset_at = None
+    assert not any(private.exists() for private in privates)  # QEMU's sockets and initrd are cleaned up
+    return status, capsys.readouterr().out.replace(str(logs), "LOGS"), made[-1]
+
+
+def test_both_vmms_print_the_same_rounds_and_summary(
+    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--rounds", "2", "--hinting", "--virtio-mem", "1G"]
+    outputs = {}
+    for vmm in ("memvisor", "qemu"):
+        status, out, vm = _run_under(script, vmm, argv, tmp_path, monkeypatch, capsys)
+        assert status == 0, out
+        outputs[vmm] = [re.sub(r"\d+\.\d+ s|in \d+ s", "T", line) for line in out.splitlines()
+                        if re.search(r": round \d|rounds in", line)]  # fmt: skip
+    assert outputs["memvisor"] == outputs["qemu"] and len(outputs["qemu"]) == 3
+    assert outputs["qemu"][-1].startswith("stress-guest-reset: 2 rounds T; resets 0 (0 not asked for); writer passes 7")
+    assert "discards go to" not in out and "under qemu" in out
+    assert isinstance(vm, FakeQemuGuest)
+    hint = ["migrate-set-parameters", "migrate", "query-migrate", "migrate_cancel", "query-migrate"]
+    assert vm.commands[2:7] == hint and vm.commands.count("migrate-set-parameters") == 1  # after the inflate
+
+
+def test_a_qemu_reset_is_reported_from_its_shutdown_event(
+    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = _run_under(script, "qemu", ["--rounds", "5"], tmp_path, monkeypatch, capsys, reset_at=6)
+    assert status == 1
+    assert "qemu went away during round 2" in out and "resets 1 (1 not asked for)" in out
+    assert ("stress-guest-reset: qemu: the guest reset: QMP event SHUTDOWN (guest true, reason guest-reset) at "
+            "5.000001") in out  # fmt: skip
+    assert "stress-guest-reset: qemu:   | [   60.1] virtio_mem virtio2: plugged" in out
+    assert "page walk vs discards" not in out
+
+
+def test_a_vmm_gone_without_a_reset_report_fails(
+    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def vanish(self: FakeGuestVM) -> None:
+        self.process.returncode = -9
+        raise ConnectionResetError("gone")
+
+    monkeypatch.setattr(FakeQemuGuest, "_reset", vanish)
+    status, out, _ = _run_under(script, "qemu", ["--rounds", "5"], tmp_path, monkeypatch, capsys, reset_at=2)
+    assert status == 1 and "resets 0 (0 not asked for)" in out
+    assert "qemu exited with status -9, no reset event (QMP events seen: none)" in out
+    assert "failure: qemu went away without a reset report" in out
+
+
+def test_qemus_deliberate_triple_fault_is_checked_by_its_event(
+    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, vm = _run_under(script, "qemu", ["--rounds", "1", "--end-with-triple-fault"], tmp_path,
+                                 monkeypatch, capsys)  # fmt: skip
+    assert status == 0, out
+    assert "resets 1 (0 not asked for)" in out and "was seen (SHUTDOWN, reason guest-reset): OK" in out
+
+
+def test_a_qemu_that_does_not_boot_shows_its_own_words(
+    script: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def boot_qemu(args: Any, logs: Path, private: Path) -> None:
+        (logs / "qemu-stderr.log").write_text("qemu-system-x86_64: failed to initialize kvm: Permission denied\n")
+        raise RuntimeError("the VMM exited with status 1 before it answered")
+
+    monkeypatch.setattr(script, "boot_qemu", boot_qemu)
+    status = script.run(script.parse_args(["--inside", "--vmm", "qemu", "--logs", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert status == 1 and "the guest did not boot: the VMM exited with status 1" in out
+    assert "qemu-stderr.log | qemu-system-x86_64: failed to initialize kvm: Permission denied" in out
