@@ -114,7 +114,7 @@ class DirtyConsumer:
         """Set the bits of PFNs [first, end) (clipped to the tracked PFNs), a word at a time."""
         import numpy as np
 
-        end = min(end, self.limit)
+        first, end = max(first, 0), min(end, self.limit)
         if end <= first:
             return
         low, high = first >> 6, (end - 1) >> 6
