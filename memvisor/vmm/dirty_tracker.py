@@ -31,7 +31,7 @@ scan of it, then work in proportion to the words written, and `take_pfns` costs 
 previous take: free page hinting takes before every 4 MiB hint (`take_pfns_claiming`, which with manual
 protection also clears the hint's own pages in KVM after the read). KVM copies a memslot's whole bitmap at
 each KVM_GET_DIRTY_LOG (there is no read of a range), so that copy is the one part that grows with RAM.
-`take_mask` (a bool per page, migration once per pass) is O(RAM).
+`take_mask` answers a bool per page of RAM (migration, once per pass).
 
 What is tracked: every memslot `include` accepts (memvisor: boot RAM and virtio-mem regions, not pmem, whose
 content lives in its backing file), looked up again at each read, so a memslot added later (or re-registered)
@@ -136,15 +136,17 @@ class DirtyConsumer:
 
     def take_mask(self) -> np.ndarray:
         """The pages written since this consumer's previous take (or its subscription), a bool array by guest
-        PFN; clears them. O(RAM): migration takes once per pass."""
+        PFN; clears them. The array is a bool per page of RAM (migration takes once per pass), filled in
+        proportion to the writes."""
         import numpy as np
 
         with self._tracker.lock:
             self._tracker.sync_locked()
-            mask = np.unpackbits(self.words.view(np.uint8), count=self.limit, bitorder="little").view(bool)
-            self.words[:] = 0
-            self._reset()
-            return mask
+            mask = np.zeros(self.words.size * 64, dtype=bool)  # calloc: pages of zeros cost nothing until written
+            indices, values = self._take_words_locked()
+            if indices.size:
+                mask.reshape(-1, 64)[indices] = _unpack_words(values)
+            return mask[: self.limit]
 
     def take_pfns(self) -> np.ndarray:
         """`take_mask()` as a sorted int64 array of guest PFNs, at a cost that follows the pages written since
@@ -165,19 +167,25 @@ class DirtyConsumer:
             tracker.clear_locked(first_pfn << PAGE_SHIFT, count << PAGE_SHIFT)
             return self._take_pfns_locked()
 
-    def _take_pfns_locked(self) -> np.ndarray:
+    def _take_words_locked(self) -> tuple[np.ndarray, np.ndarray]:
+        """The indices (ascending) and values of the non-zero words, cleared: the pages written since the
+        previous take, found through the touched words (or a scan of every word once they overflowed)."""
         import numpy as np
 
         if not self.marked:
-            return np.zeros(0, dtype=np.int64)
-        if self._scan_all:
+            indices = np.zeros(0, dtype=np.int64)
+        elif self._scan_all:
             indices = np.flatnonzero(self.words != 0)
         else:
             indices = np.unique(np.concatenate(self._touched)) if self._touched else np.zeros(0, dtype=np.int64)
         values = self.words[indices]
         self.words[indices] = 0
         self._reset()
-        return _word_pfns(indices, values)
+        keep = values != 0
+        return indices[keep], values[keep]
+
+    def _take_pfns_locked(self) -> np.ndarray:
+        return _word_pfns(*self._take_words_locked())
 
     def forget(self, first_pfn: int, pages: np.ndarray) -> None:
         """Drop the bits of the pages `first_pfn + i` for which `pages[i]`: the consumer is about to read them
@@ -201,16 +209,20 @@ class DirtyConsumer:
         self._tracker.unsubscribe(self)
 
 
+def _unpack_words(values: np.ndarray) -> np.ndarray:
+    """uint64 words as a bool array of shape (words, 64): [j, i] is bit i of word j (KVM's order)."""
+    import numpy as np
+
+    return np.unpackbits(values.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little").view(bool)
+
+
 def _word_pfns(indices: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The PFNs of the set bits of words `values` at word indices `indices` (sorted ascending), sorted."""
     import numpy as np
 
-    keep = values != 0
-    indices, values = indices[keep], values[keep]
     if not indices.size:
         return np.zeros(0, dtype=np.int64)
-    bits = np.unpackbits(values.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-    rows, cols = np.nonzero(bits)
+    rows, cols = np.nonzero(_unpack_words(values))
     return indices[rows].astype(np.int64) * 64 + cols
 
 
