@@ -85,10 +85,14 @@ class DirtyPageLog(Protocol):
         """Pages written since the previous call: a bool array indexed by guest PFN."""
 
 
-def _per_hint_source(log: DirtyPageLog) -> Callable[[], np.ndarray]:
-    """What the device asks before each hint: the PFN array when the log offers one (cost in proportion to the
-    writes), else the bool mask (O(RAM) per hint)."""
-    return getattr(log, "dirty_pfns", log.dirty_pages)  # type: ignore[no-any-return]
+def _per_hint_source(log: DirtyPageLog) -> Callable[[int, int], np.ndarray]:
+    """What the device asks before each hint (of `count` pages from PFN `first`): the PFN array when the log
+    offers one (cost in proportion to the writes; the Machine's also has KVM log the hint's pages anew), else
+    the bool mask (O(RAM) per hint)."""
+    pfns = getattr(log, "dirty_pfns", None)
+    if pfns is not None:
+        return pfns  # type: ignore[no-any-return]
+    return lambda first, count: log.dirty_pages()
 
 
 class BalloonAdapter:
@@ -142,7 +146,8 @@ class BalloonAdapter:
             return
         with self.device.lock:
             try:
-                dirty = log.dirty_pages()
+                pfns = getattr(log, "dirty_pfns", None)  # the written PFNs: no bool per page of RAM
+                dirty = pfns() if pfns is not None else log.dirty_pages()
             except Exception as err:  # the log is lost: no hint can be trusted any more
                 self.device.clear_hinted([(0, 1 << 52)])  # all of guest physical memory
                 raise MachineError(f"reading KVM's dirty log failed ({err}): the hints were dropped") from err

@@ -3,7 +3,8 @@
 The ACPI power management registers hold no state. A restored UART's interrupt line level is taken as saved,
 not driven again: the in-kernel IOAPIC state, restored with the VM, already remembers that level.
 Each device model reads and loads its own fields under its own lock (`snapshot_fields` / `load_fields`); the
-checks stay here.
+checks stay here, but for the UART, whose model reads and loads its state record itself (`SerialState`, in
+memvisor/devices/serial.py, with its checks).
 """
 
 from __future__ import annotations
@@ -12,30 +13,21 @@ from dataclasses import dataclass
 
 from memvisor.devices.i8042 import I8042
 from memvisor.devices.rtc import CMOS_SIZE, CmosRtc
-from memvisor.devices.serial import Serial16550, UartFields
+from memvisor.devices.serial import MAX_SERIAL_INPUT, Serial16550, SerialState
 from memvisor.snapshot.codec import require, require_length
 
-MAX_SERIAL_INPUT = 1 << 20
-
-
-@dataclass(frozen=True)
-class SerialState:
-    ier: int
-    lcr: int
-    mcr: int
-    scr: int
-    fcr: int
-    divisor: int
-    thri_pending: bool
-    line: int
-    rx: bytes
-
-    def validate(self) -> None:
-        for name in ("ier", "lcr", "mcr", "scr", "fcr"):
-            require(0 <= getattr(self, name) <= 0xFF, name, "does not fit 8 bits")
-        require(0 <= self.divisor <= 0xFFFF, "divisor", "does not fit 16 bits")
-        require(self.line in (0, 1), "line", f"{self.line} is not 0 or 1")
-        require(len(self.rx) <= MAX_SERIAL_INPUT, "rx", "holds more input than a UART may buffer")
+__all__ = [  # SerialState and its limit live with the UART model (serial.py) and are offered here too
+    "MAX_SERIAL_INPUT",
+    "I8042State",
+    "RtcState",
+    "SerialState",
+    "restore_i8042",
+    "restore_rtc",
+    "restore_serial",
+    "save_i8042",
+    "save_rtc",
+    "save_serial",
+]
 
 
 @dataclass(frozen=True)
@@ -60,13 +52,11 @@ class I8042State:
 
 
 def save_serial(uart: Serial16550) -> SerialState:
-    f = uart.snapshot_fields()
-    return SerialState(f.ier, f.lcr, f.mcr, f.scr, f.fcr, f.divisor, f.thri_pending, f.line, f.rx)
+    return uart.snapshot_fields()
 
 
 def restore_serial(uart: Serial16550, state: SerialState) -> None:
-    uart.load_fields(UartFields(state.ier, state.lcr, state.mcr, state.scr, state.fcr, state.divisor,
-                                state.thri_pending, state.line, state.rx))  # fmt: skip
+    uart.load_fields(state)
 
 
 def save_rtc(rtc: CmosRtc) -> RtcState:

@@ -11,7 +11,9 @@ interrupt becomes pending, as QEMU's serial does.
 import collections
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+
+from memvisor.snapshot.codec import require
 
 RBR_THR = 0
 IER = 1
@@ -36,9 +38,14 @@ MCR_LOOP = 0x10
 MSR_DCD_DSR_CTS = 0xB0  # carrier detect, data set ready, clear to send
 
 
-class UartFields(NamedTuple):
+MAX_SERIAL_INPUT = 1 << 20  # input a snapshot may hold for the guest to read
+
+
+@dataclass(frozen=True)
+class SerialState:
     """A UART's registers, its THR-empty interrupt source, its interrupt line and the input the guest has not
-    read: everything a snapshot keeps (memvisor/devices/legacy_state.py)."""
+    read: everything a snapshot keeps, as one record the model reads and loads (`snapshot_fields` /
+    `load_fields`) and the snapshot codec encodes and checks (`validate`; memvisor/devices/legacy_state.py)."""
 
     ier: int
     lcr: int
@@ -49,6 +56,13 @@ class UartFields(NamedTuple):
     thri_pending: bool
     line: int
     rx: bytes
+
+    def validate(self) -> None:
+        for name in ("ier", "lcr", "mcr", "scr", "fcr"):
+            require(0 <= getattr(self, name) <= 0xFF, name, "does not fit 8 bits")
+        require(0 <= self.divisor <= 0xFFFF, "divisor", "does not fit 16 bits")
+        require(self.line in (0, 1), "line", f"{self.line} is not 0 or 1")
+        require(len(self.rx) <= MAX_SERIAL_INPUT, "rx", "holds more input than a UART may buffer")
 
 
 class Serial16550:
@@ -80,20 +94,20 @@ class Serial16550:
             return len(self._rx)
 
     # Snapshot.
-    def snapshot_fields(self) -> UartFields:
+    def snapshot_fields(self) -> SerialState:
         """Every field a snapshot keeps, read at once."""
         with self._lock:
-            return UartFields(self.ier, self.lcr, self.mcr, self.scr, self.fcr, self.divisor, self._thri_pending,
-                              self._line, bytes(self._rx))  # fmt: skip
+            return SerialState(self.ier, self.lcr, self.mcr, self.scr, self.fcr, self.divisor, self._thri_pending,
+                               self._line, bytes(self._rx))  # fmt: skip
 
-    def load_fields(self, fields: UartFields) -> None:
+    def load_fields(self, state: SerialState) -> None:
         """A snapshot's fields (the caller validated them); the interrupt line is taken as saved, not driven."""
         with self._lock:
-            self.ier, self.lcr, self.mcr, self.scr = fields.ier, fields.lcr, fields.mcr, fields.scr
-            self.fcr, self.divisor, self._thri_pending = fields.fcr, fields.divisor, fields.thri_pending
+            self.ier, self.lcr, self.mcr, self.scr = state.ier, state.lcr, state.mcr, state.scr
+            self.fcr, self.divisor, self._thri_pending = state.fcr, state.divisor, state.thri_pending
             self._rx.clear()
-            self._rx.extend(fields.rx)
-            self._line = fields.line
+            self._rx.extend(state.rx)
+            self._line = state.line
 
     # Guest side (port I/O exits).
     def read(self, offset: int) -> int:

@@ -25,6 +25,14 @@ before the read (and is sent) or after the clear (and is logged); then it `forge
 read, whose bits it got again from that read of KVM. Before, KVM re-protected all pages at the end of a
 pass, and a page written between that and its send in the next pass was sent again in the pass after.
 
+Cost: each consumer keeps its bits packed as KVM does (a uint64 word per 64 pages) with the list of words
+touched since its last take, so a read of KVM costs KVM's copy of the bitmap (RAM/32768 bytes) and one C-speed
+scan of it, then work in proportion to the words written, and `take_pfns` costs the pages written since the
+previous take: free page hinting takes before every 4 MiB hint (`take_pfns_claiming`, which with manual
+protection also clears the hint's own pages in KVM after the read). KVM copies a memslot's whole bitmap at
+each KVM_GET_DIRTY_LOG (there is no read of a range), so that copy is the one part that grows with RAM.
+`take_mask` answers a bool per page of RAM (migration, once per pass).
+
 What is tracked: every memslot `include` accepts (memvisor: boot RAM and virtio-mem regions, not pmem, whose
 content lives in its backing file), looked up again at each read, so a memslot added later (or re-registered)
 is tracked from then on and its pages are handed to every consumer as written once (nothing is known of the
@@ -53,57 +61,169 @@ SlotFilter = Callable[["MemorySlot"], bool]
 
 
 class DirtyConsumer:
-    """One consumer's own view of the dirty pages: a bool array by guest PFN, filled by the tracker."""
+    """One consumer's own view of the dirty pages, filled by the tracker: a bit per guest PFN, packed in uint64
+    words as KVM packs its bitmap (bit i of word j: PFN 64*j + i), and the words touched since the last take.
+
+    The touched words make a take cost in proportion to the writes, not to RAM: a free page hint takes before
+    each 4 MiB hint. When more words were touched than a quarter of the bitmap (a memslot handed out whole,
+    a huge `mark`, many reads without a take) the next take scans all words instead (C speed, RAM/32768 bytes).
+    """
 
     def __init__(self, tracker: DirtyTracker, name: str, limit: int) -> None:
         import numpy as np
 
         self.name = name
         self._tracker = tracker
-        self.bits = np.zeros(limit, dtype=bool)
-        self.marked = False  # any bit set since the last take (a take of nothing then costs no scan of RAM)
+        self.limit = limit  # one past the highest PFN tracked
+        self.words = np.zeros(-(-limit // 64), dtype=np.uint64)
+        self._touched: list[np.ndarray] = []  # word indices that may be non-zero (repeats allowed)
+        self._touched_count = 0
+        self._scan_all = False  # too much touched: the next take scans every word
+        self.marked = False  # any bit set since the last take (a take of nothing then costs no scan)
         self.closed = False
         self.manual = False  # subscribed with manual=True: it promises to `clear` what it reads
 
     def _grow(self, limit: int) -> None:
         import numpy as np
 
-        if limit > self.bits.size:
-            grown = np.zeros(limit, dtype=bool)
-            grown[: self.bits.size] = self.bits
-            self.bits = grown
+        if limit > self.limit:
+            grown = np.zeros(-(-limit // 64), dtype=np.uint64)
+            grown[: self.words.size] = self.words
+            self.words = grown
+            self.limit = limit
+
+    def _touch(self, indices: np.ndarray) -> None:
+        """Words `indices` may have bits set now (call under the tracker's lock)."""
+        self.marked = True
+        if self._scan_all:
+            return
+        self._touched.append(indices)
+        self._touched_count += indices.size
+        if self._touched_count > self.words.size // 4:
+            self._scan_all = True
+            self._touched = []
+            self._touched_count = 0
+
+    def _or_words(self, first_word: int, nonzero: np.ndarray, values: np.ndarray) -> None:
+        """OR `values` into words `first_word + nonzero` (unique indices)."""
+        indices = nonzero + first_word
+        self.words[indices] |= values
+        self._touch(indices)
+
+    def _set_pages(self, first: int, end: int) -> None:
+        """Set the bits of PFNs [first, end) (clipped to the tracked PFNs), a word at a time."""
+        import numpy as np
+
+        first, end = max(first, 0), min(end, self.limit)
+        if end <= first:
+            return
+        low, high = first >> 6, (end - 1) >> 6
+        head = np.uint64((0xFFFFFFFFFFFFFFFF << (first & 63)) & 0xFFFFFFFFFFFFFFFF)
+        tail = np.uint64(0xFFFFFFFFFFFFFFFF >> (63 - ((end - 1) & 63)))
+        if low == high:
+            self.words[low] |= head & tail
+        else:
+            self.words[low] |= head
+            self.words[low + 1 : high] = np.uint64(0xFFFFFFFFFFFFFFFF)
+            self.words[high] |= tail
+        self._touch(np.arange(low, high + 1, dtype=np.int64))
+
+    def _reset(self) -> None:
+        self._touched = []
+        self._touched_count = 0
+        self._scan_all = False
+        self.marked = False
 
     def take_mask(self) -> np.ndarray:
-        """The pages written since this consumer's previous take (or its subscription); clears them."""
+        """The pages written since this consumer's previous take (or its subscription), a bool array by guest
+        PFN; clears them. The array is a bool per page of RAM (migration takes once per pass), filled in
+        proportion to the writes."""
         import numpy as np
 
         with self._tracker.lock:
             self._tracker.sync_locked()
-            taken = self.bits
-            self.bits = np.zeros(taken.size, dtype=bool)
-            self.marked = False
-            return taken
+            mask = np.zeros(self.words.size * 64, dtype=bool)  # calloc: pages of zeros cost nothing until written
+            indices, values = self._take_words_locked()
+            if indices.size:
+                mask.reshape(-1, 64)[indices] = _unpack_words(values)
+            return mask[: self.limit]
 
     def take_pfns(self) -> np.ndarray:
-        """`take_mask()` as a sorted int64 array of guest PFNs (nothing written: no scan of the bitmap)."""
-        import numpy as np
-
+        """`take_mask()` as a sorted int64 array of guest PFNs, at a cost that follows the pages written since
+        the previous take (plus KVM's copy of its bitmap), not the RAM."""
         with self._tracker.lock:
             self._tracker.sync_locked()
-            if not self.marked:
-                return np.zeros(0, dtype=np.int64)
-            return np.flatnonzero(self.take_mask()).astype(np.int64)
+            return self._take_pfns_locked()
+
+    def take_pfns_claiming(self, first_pfn: int, count: int) -> np.ndarray:
+        """`take_pfns()` for a consumer that from now on relies on the pages [first_pfn, first_pfn+count) being
+        unwritten (a free page hint about to be recorded): with manual protection on, KVM's bits of those pages
+        are also cleared (rounded out to 64 pages) right after the read, so their next write is logged anew and
+        their older writes, already handed out here, do not come back at every later take. Every other
+        consumer got the cleared bits from the same read (`DirtyTracker.clear`)."""
+        with self._tracker.lock:
+            tracker = self._tracker
+            tracker.sync_locked()
+            tracker.clear_locked(first_pfn << PAGE_SHIFT, count << PAGE_SHIFT)
+            return self._take_pfns_locked()
+
+    def _take_words_locked(self) -> tuple[np.ndarray, np.ndarray]:
+        """The indices (ascending) and values of the non-zero words, cleared: the pages written since the
+        previous take, found through the touched words (or a scan of every word once they overflowed)."""
+        import numpy as np
+
+        if not self.marked:
+            indices = np.zeros(0, dtype=np.int64)
+        elif self._scan_all:
+            indices = np.flatnonzero(self.words != 0)
+        else:
+            indices = np.unique(np.concatenate(self._touched)) if self._touched else np.zeros(0, dtype=np.int64)
+        values = self.words[indices]
+        self.words[indices] = 0
+        self._reset()
+        keep = values != 0
+        return indices[keep], values[keep]
+
+    def _take_pfns_locked(self) -> np.ndarray:
+        return _word_pfns(*self._take_words_locked())
 
     def forget(self, first_pfn: int, pages: np.ndarray) -> None:
         """Drop the bits of the pages `first_pfn + i` for which `pages[i]`: the consumer is about to read them
         and has cleared them in KVM since (`DirtyTracker.clear`); a later write is logged anew."""
+        import numpy as np
+
         with self._tracker.lock:
-            end = min(first_pfn + pages.size, self.bits.size)
-            if end > first_pfn:
-                self.bits[first_pfn:end] &= ~pages[: end - first_pfn]
+            pages = np.asarray(pages, dtype=bool)[: max(self.limit - first_pfn, 0)]
+            if first_pfn >= 0 and first_pfn % 64 == 0:  # whole words (migration's chunks): pack and AND
+                packed = np.packbits(pages, bitorder="little")
+                packed = np.concatenate([packed, np.zeros(-packed.size % 8, dtype=np.uint8)]).view(np.uint64)
+                self.words[first_pfn >> 6 : (first_pfn >> 6) + packed.size] &= ~packed
+                return
+            pfns = np.flatnonzero(pages) + first_pfn
+            pfns = pfns[pfns >= 0]
+            if pfns.size:
+                bits = np.left_shift(np.uint64(1), (pfns & 63).astype(np.uint64))
+                np.bitwise_and.at(self.words, pfns >> 6, ~bits)
 
     def close(self) -> None:
         self._tracker.unsubscribe(self)
+
+
+def _unpack_words(values: np.ndarray) -> np.ndarray:
+    """uint64 words as a bool array of shape (words, 64): [j, i] is bit i of word j (KVM's order)."""
+    import numpy as np
+
+    return np.unpackbits(values.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little").view(bool)
+
+
+def _word_pfns(indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The PFNs of the set bits of words `values` at word indices `indices` (sorted ascending), sorted."""
+    import numpy as np
+
+    if not indices.size:
+        return np.zeros(0, dtype=np.int64)
+    rows, cols = np.nonzero(_unpack_words(values))
+    return indices[rows].astype(np.int64) * 64 + cols
 
 
 class DirtyTracker:
@@ -175,6 +295,12 @@ class DirtyTracker:
             if not self.manual or size <= 0:
                 return
             self.sync_locked()
+            self.clear_locked(gpa, size)
+
+    def clear_locked(self, gpa: int, size: int) -> None:
+        """`clear` without its read of KVM: the caller read it (`sync_locked`) under the lock just before, so
+        the bitmaps cleared are the ones every consumer got. A no-op in KVM's own mode."""
+        if self.manual and size > 0:
             for info in self._slots():
                 buffer = self._buffers.get(info.slot)
                 pages = info.size >> PAGE_SHIFT
@@ -222,14 +348,16 @@ class DirtyTracker:
             if mark:
                 first = info.guest_phys_addr >> PAGE_SHIFT
                 for consumer in self._consumers:
-                    consumer.bits[first : first + (info.size >> PAGE_SHIFT)] = True
-                    consumer.marked = True
+                    consumer._set_pages(first, first + (info.size >> PAGE_SHIFT))
         for slot in [slot for slot in self._logged if slot not in self._vm.slots]:
             del self._logged[slot]
             self._buffers.pop(slot, None)
 
     def sync_locked(self) -> None:
-        """Read KVM's bitmaps of every tracked memslot and OR them into every consumer (call under `lock`)."""
+        """Read KVM's bitmaps of every tracked memslot and OR them into every consumer (call under `lock`).
+
+        Per memslot: KVM's copy of its bitmap (RAM/32768 bytes), one scan of it for non-zero words at C speed,
+        then work in proportion to the words written."""
         import numpy as np
 
         if not self._consumers:
@@ -241,16 +369,23 @@ class DirtyTracker:
                 continue
             self._vm.get_dirty_log(info.slot, buffer)
             words = np.frombuffer(memoryview(buffer).cast("B"), dtype=np.uint64)
-            nonzero = np.flatnonzero(words)
+            nonzero = np.flatnonzero(words != 0)  # 4x faster than on the words themselves
             if not nonzero.size:
                 continue
-            bits = np.unpackbits(words[nonzero].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-            rows, cols = np.nonzero(bits)
-            pfns = nonzero[rows].astype(np.int64) * 64 + cols
-            pfns = pfns[pfns < (info.size >> PAGE_SHIFT)] + (info.guest_phys_addr >> PAGE_SHIFT)
+            values = words[nonzero]
+            pages = info.size >> PAGE_SHIFT
+            if nonzero[-1] == pages >> 6 and pages & 63:  # bits past the slot's end (KVM never sets them)
+                values[-1] &= np.uint64((1 << (pages & 63)) - 1)
+            base = info.guest_phys_addr >> PAGE_SHIFT
+            if base & 63:  # a memslot not on a 256 KiB boundary: bit by bit
+                pfns = _word_pfns(nonzero, values) + base
+                for consumer in self._consumers:
+                    bits = np.left_shift(np.uint64(1), (pfns & 63).astype(np.uint64))
+                    np.bitwise_or.at(consumer.words, pfns >> 6, bits)
+                    consumer._touch(np.unique(pfns >> 6))
+                continue
             for consumer in self._consumers:
-                consumer.bits[pfns] = True
-                consumer.marked = True
+                consumer._or_words(base >> 6, nonzero, values)
 
     def sync(self) -> None:
         with self.lock:
@@ -264,6 +399,4 @@ class DirtyTracker:
         end = (gpa + length - 1 >> PAGE_SHIFT) + 1
         with self.lock:
             for consumer in self._consumers:
-                if first < consumer.bits.size:
-                    consumer.bits[first : min(end, consumer.bits.size)] = True
-                    consumer.marked = True
+                consumer._set_pages(first, end)

@@ -476,12 +476,15 @@ class Machine:
             return np.zeros(self.dirty_tracker.pfn_limit, dtype=bool)
         return self._hint_log.take_mask()
 
-    def dirty_pfns(self) -> PageMask:
-        """The same as `dirty_pages()` as a sorted array of PFNs."""
+    def dirty_pfns(self, first_pfn: int = 0, count: int = 0) -> PageMask:
+        """The same as `dirty_pages()` as a sorted array of PFNs; with `count`, the caller is about to rely on
+        those pages being unwritten (a free page hint): see DirtyConsumer.take_pfns_claiming."""
         if self._hint_log is None:
             import numpy as np
 
             return np.zeros(0, dtype=np.int64)
+        if count > 0:
+            return self._hint_log.take_pfns_claiming(first_pfn, count)
         return self._hint_log.take_pfns()
 
     def stop_dirty_log(self) -> None:

@@ -197,3 +197,15 @@ def test_untrusted_legacy_states_are_refused() -> None:
     raw["ier"] = 300
     with pytest.raises(StateError, match=r"^state\.ier"):
         decode(SerialState, raw)
+
+
+def test_a_uart_s_state_record_keeps_the_stream_layout() -> None:
+    """The UART reads and loads its snapshot record itself (one record, no copy field by field); what a
+    snapshot or migration stream holds for it stays as before, field for field and in order."""
+    uart = Serial16550(lambda data: None, lambda level: None)
+    uart.feed(b"hi")
+    uart.write(1, 3)
+    state = save_serial(uart)
+    assert isinstance(state, SerialState)
+    assert list(_json(state).items()) == [("ier", 3), ("lcr", 3), ("mcr", 8), ("scr", 0), ("fcr", 0),
+                                          ("divisor", 12), ("thri_pending", True), ("line", 1), ("rx", "aGk=")]  # fmt: skip

@@ -58,9 +58,10 @@ class FreePageHinting:
         self.bitmap = PageBitmap(0)
         # The pages the guest wrote since the previous call (the VMM's KVM dirty log), asked for before each
         # hint is recorded, so that a write counts against a hint only if it came after the hint (the
-        # driver's own zeroing of a block, init_on_alloc, comes before). None: no dirty log; an error: every
-        # hint is dropped (nothing can be trusted).
-        self.dirty_source: Callable[[], np.ndarray] | None = None
+        # driver's own zeroing of a block, init_on_alloc, comes before). Its arguments are the hint about to
+        # be recorded (first PFN, page count), so the log can make that hint's next write show (KVM's manual
+        # protection). None: no dirty log; an error: every hint is dropped (nothing can be trusted).
+        self.dirty_source: Callable[[int, int], np.ndarray] | None = None
 
     def attach(self, ram: BalloonRam) -> None:
         """Use the guest RAM layout of the activated device (hints outside it are ignored)."""
@@ -134,7 +135,7 @@ class FreePageHinting:
         first, count = clipped
         if self.dirty_source is not None:
             try:
-                self.bitmap.clear_dirty(self.dirty_source())
+                self.bitmap.clear_dirty(self.dirty_source(first, count))
             except Exception:  # the log is lost: keep no hint that a later write could have voided
                 self.bitmap.clear()
         return self.bitmap.set_run(first, count)
@@ -150,14 +151,15 @@ class FreePageHinting:
         return [(first << BALLOON_PAGE_SHIFT, count << BALLOON_PAGE_SHIFT) for first, count in self.bitmap.ranges()]
 
     def clear(self, dirty: np.ndarray | Iterable[tuple[int, int]]) -> int:
-        """Drop hints of pages the guest wrote since: a bool array indexed by PFN, or (gpa, length) ranges.
+        """Drop hints of pages the guest wrote since: a bool array indexed by PFN, an integer array of PFNs, or
+        (gpa, length) ranges.
 
         Any page a range touches, even partly, loses its hint. Return how many hints were dropped.
         """
         import numpy as np
 
         if isinstance(dirty, np.ndarray):
-            return self.bitmap.clear_mask(dirty)
+            return self.bitmap.clear_dirty(dirty)
         dropped = 0
         for gpa, length in dirty:
             if length <= 0 or gpa < 0:
