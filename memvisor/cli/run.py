@@ -47,7 +47,7 @@ def add_run_command(subparsers: Any) -> None:
     parser.add_argument("--kernel", type=Path,
                         help="a kernel to boot instead of the built Debian one: a bzImage (it decompresses itself "
                              "in the guest) or an uncompressed x86_64 vmlinux ELF (loaded as is and entered at "
-                             "startup_64, much faster under emulation; no KASLR). The built image boots its "
+                             "startup_64: no decompression in the guest, no KASLR). The built image boots its "
                              "vmlinux")  # fmt: skip
     parser.add_argument("--initrd", type=Path, help="an initramfs to use instead of the built one")
     parser.add_argument("--flavour", choices=["default", "cloud"], default="default",
