@@ -115,6 +115,44 @@ def lab_backtraces(console: str) -> list[str]:
     return found[-12:]
 
 
+# Console lines that start the story of a lab kernel crash (its cause comes before "Kernel panic").
+_CRASH_STARTS = (
+    "Uhhuh. NMI",
+    "NMI: ",
+    "BUG:",
+    "kernel BUG at",
+    "Oops:",
+    "general protection fault",
+    "WARNING:",
+    "watchdog: ",
+    "rcu: INFO",
+    "INFO: task",
+    "Kernel panic - not syncing",
+)
+CRASH_LINES = 40
+
+
+def panic_story(console: str, limit: int = CRASH_LINES) -> list[str]:
+    """The lab kernel's last crash as the console told it: from the first line that names its cause (an
+    unknown NMI, a BUG, an oops, a lockup) up to the panic line and the first frames after it; [] when the
+    console shows no panic. The tail of a panic (the other CPUs' backtraces) hides the cause; this finds it."""
+    lines = [line.rstrip() for line in console.replace("\r", "\n").splitlines() if line.strip()]
+    panics = [i for i, line in enumerate(lines) if "Kernel panic - not syncing" in line]
+    if not panics:
+        return []
+    panic = panics[-1]
+    start = panic
+    # Walk back over the crash report (it is contiguous) to the earliest line that names a cause.
+    for index in range(panic, max(panic - 200, -1), -1):
+        if any(marker in lines[index] for marker in _CRASH_STARTS):
+            start = index
+    story = lines[start : panic + 1]
+    after = [line for line in lines[panic + 1 : panic + 30] if "+0x" in line or "RIP:" in line][:8]
+    if len(story) > limit:
+        story = story[: limit // 2] + [f"... ({len(story) - limit} lines left out)"] + story[-(limit // 2) :]
+    return story + after
+
+
 @dataclass
 class Report:
     reason: str

@@ -108,6 +108,25 @@ def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     return " | ".join(kept[-lines:]) or "(the console log is empty)"
 
 
+def _stopped_message(status: int | None, qemu_log: Path, console: Path) -> str:
+    """Why the lab ended under a running command: QEMU's last words and, when the lab kernel panicked, the
+    panic's cause from the console (kept with QEMU's log in a folder that outlives the lab)."""
+    head = f"the lab stopped before the command finished (QEMU status {status}; {_qemu_error(qemu_log)})"
+    try:
+        text = console.read_bytes().decode(errors="replace")
+    except OSError:
+        text = ""
+    story = postmortem.panic_story(text)
+    if not story:
+        return f"{head}: {console_tail(console)}"
+    keep = Path(tempfile.mkdtemp(prefix="memvisor-lab-crash-"))
+    with contextlib.suppress(OSError):
+        shutil.copyfile(console, keep / "lab-console.log")
+        shutil.copyfile(qemu_log, keep / "qemu.log")
+    body = "\n  ".join(story)
+    return f"{head}: the lab's kernel panicked:\n  {body}\n  full console: {keep / 'lab-console.log'}"
+
+
 class _Stopped(Exception):
     """The lab stopped without an EXIT frame."""
 
@@ -568,10 +587,7 @@ def _run_once(
         except _Stopped:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 qemu.wait(timeout=5)
-            raise MemvisorError(
-                f"the lab stopped before the command finished (QEMU status {qemu.returncode}; "
-                f"{_qemu_error(qemu_log)}): {console_tail(console)}"
-            ) from None
+            raise MemvisorError(_stopped_message(qemu.returncode, qemu_log, console)) from None
         except MuxError as error:
             raise MemvisorError(f"{error}: {console_tail(console)}") from None
         except _Stuck as stuck:

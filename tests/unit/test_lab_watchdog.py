@@ -5,6 +5,7 @@ plays a wedged lab; the QEMU monitor is a small fake HMP server on a UNIX socket
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -239,3 +240,51 @@ def test_a_signal_while_the_lab_starts_ends_it_at_once(fake_qemu, tmp_path: Path
     lab_end.close()
     host_end.close()
 
+
+
+# A lab kernel panic as Linux 6.1 prints it under `unknown_nmi_panic=1 panic_print=0x40` (the shape of the one
+# a CI run ended with): the cause comes first, then pages of backtraces that hide it in the console's tail.
+_NMI_PANIC_CONSOLE = """\
+[ 1490.100000] virtio_balloon virtio0: something earlier
+[ 1495.700001] Uhhuh. NMI received for unknown reason 3d on CPU 0.
+[ 1495.700002] Kernel panic - not syncing: NMI: Not continuing
+[ 1495.700003] CPU: 0 PID: 4242 Comm: vcpu0 Not tainted 6.1.0-28-amd64 #1  Debian 6.1.119-1
+[ 1495.700004] Call Trace:
+[ 1495.700005]  <NMI>
+[ 1495.700006]  dump_stack_lvl+0x44/0x5c
+[ 1495.700007]  panic+0x118/0x2ed
+[ 1495.700008]  nmi_panic.cold+0xc/0xc
+[ 1495.700009]  </NMI>
+[ 1495.700010]  <TASK>
+[ 1495.700011] RIP: 0010:svm_vcpu_run+0x3a2/0x6d0 [kvm_amd]
+""" + "".join(f"[ 1495.752916] R{n}: 0000000000000000\n" for n in range(30)) + """\
+[ 1495.752916]  </TASK>
+[ 1495.752916] Sending NMI from CPU 0 to CPUs 1:
+[ 1495.841001] NMI backtrace for cpu 1 skipped: idling at native_safe_halt+0xb/0x10
+[ 1495.752916] Kernel Offset: disabled
+"""
+
+
+def test_a_lab_panic_is_told_from_its_cause_not_its_tail() -> None:
+    story = postmortem.panic_story(_NMI_PANIC_CONSOLE)
+    assert story[0].endswith("Uhhuh. NMI received for unknown reason 3d on CPU 0.")
+    assert any("Kernel panic - not syncing: NMI: Not continuing" in line for line in story)
+    assert any("svm_vcpu_run" in line for line in story)
+    assert not any("something earlier" in line for line in story)
+    assert postmortem.panic_story("[ 1.0] a quiet console\n[ 2.0] nothing went wrong\n") == []
+
+
+def test_the_stopped_lab_message_names_the_panic_and_keeps_the_console(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text(_NMI_PANIC_CONSOLE)
+    qemu_log = tmp_path / "qemu.log"
+    qemu_log.write_text("")
+    message = runner._stopped_message(0, qemu_log, console)
+    assert "the lab's kernel panicked" in message and "NMI: Not continuing" in message
+    kept = Path(message.rsplit("full console: ", 1)[1].strip())
+    try:
+        assert kept.read_text() == _NMI_PANIC_CONSOLE
+    finally:
+        shutil.rmtree(kept.parent, ignore_errors=True)
+    console.write_text("[ 1.0] the lab powered off\n")
+    assert "panicked" not in runner._stopped_message(0, qemu_log, console)
