@@ -20,7 +20,7 @@ BOOT_TIMEOUT = 300.0
 # Beyond the guest's boot and the command: memvisor's start inside the lab and the guest's poweroff.
 LAB_MARGIN = 90.0
 # What the inner `memvisor run` inherits: the locale and user, and memvisor's own experimental switches.
-LAB_ENVIRONMENT = ("LANG", "TERM", "HOME", "USER", "MEMVISOR_IOEVENTFD")
+LAB_ENVIRONMENT = ("LANG", "TERM", "HOME", "USER", "MEMVISOR_IOEVENTFD", "MEMVISOR_DISCARD_LOG")
 
 
 def add_run_command(subparsers: Any) -> None:
@@ -144,6 +144,9 @@ def _run_through_lab(args: argparse.Namespace, argv: list[str], config: MachineC
     shares += [path.resolve().parent for path in files_named(args.device)]
     if args.incoming and args.incoming.startswith("file:"):
         shares.append(Path(args.incoming[len("file:") :]).resolve().parent)
+    discard_log = os.environ.get("MEMVISOR_DISCARD_LOG")
+    if discard_log:  # the inner memvisor appends to it: its folder must be the host's, shared
+        shares.append(Path(discard_log).resolve().parent)
     forwards = [args.qmp.resolve()] if args.qmp else []
     if args.qmp:
         inner += ["--qmp", str(args.qmp.resolve())]

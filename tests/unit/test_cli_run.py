@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,3 +172,27 @@ def test_in_process_main_prints_one_line(capsys: pytest.CaptureFixture[str], fil
 def test_memory_backend_not_a_kind(files: tuple[str, str]) -> None:
     assert_one_line_error(memvisor(*run_args(files, "--memory-backend", "huge")), "--memory-backend 'huge'",
                           "4k, thp, hugetlb")
+
+
+def test_the_lab_hop_passes_the_discard_log_and_shares_its_folder(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import argparse
+    import types
+
+    from memvisor.cli import run as run_module
+    from memvisor.lab import runner
+
+    seen: dict[str, Any] = {}
+
+    def fake_run_in_lab(command: list[str], **options: Any) -> int:
+        seen.update(options, command=command)
+        return 0
+
+    monkeypatch.setattr(runner, "run_in_lab", fake_run_in_lab)
+    monkeypatch.setenv("MEMVISOR_DISCARD_LOG", str(tmp_path / "discards.log"))
+    monkeypatch.setenv("MEMVISOR_NOT_FOR_THE_LAB", "1")
+    args = argparse.Namespace(device=[], incoming=None, qmp=None, command=None, timeout=None)
+    config = types.SimpleNamespace(kernel=Path("/k"), initrd=Path("/i"), memory=1 << 30, console_path=None)
+    assert run_module._run_through_lab(args, [], config) == 0  # type: ignore[arg-type]
+    assert seen["env"]["MEMVISOR_DISCARD_LOG"] == str(tmp_path / "discards.log")
+    assert "MEMVISOR_NOT_FOR_THE_LAB" not in seen["env"]
+    assert tmp_path.resolve() in seen["shares"]
