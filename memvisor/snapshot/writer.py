@@ -104,6 +104,8 @@ def write_snapshot(
     `free`: per region name, a bool per page the guest does not rely on (hinted free, unwritten since): not
     written, restored as zeros. Raises SnapshotWriteError; then nothing is left at `path` but what was there.
     """
+    if path.is_symlink():  # write through the link: the file it names gets the snapshot, the link stays
+        path = path.resolve()
     masks, skipped = [], 0
     for region in regions:
         mask, left_out = pages_to_write(region, None if free is None else free.get(region.name))

@@ -65,6 +65,19 @@ def test_a_complete_save_replaces_the_old_file_and_leaves_no_temporary(tmp_path:
     assert bytes(_load(path).view) == bytes(region.view)
 
 
+def test_a_symlinked_path_writes_the_file_it_names_and_keeps_the_link(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "vm.snap"
+    _old_snapshot(target)
+    link = tmp_path / "latest.snap"
+    link.symlink_to(target)
+    region = _region()
+    write_snapshot(link, {"new": True}, [region], lambda n: None)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert bytes(_load(target).view) == bytes(region.view)
+    assert _leftovers(tmp_path) == [] and _leftovers(tmp_path / "store") == []
+
+
 @pytest.mark.parametrize(("code", "words"), [(errno.ENOSPC, ["needs about", "free", "another filesystem"]),
                                              (errno.EIO, ["Input/output error"])])  # fmt: skip
 def test_a_write_error_midway_removes_the_partial_file_and_keeps_the_old_snapshot(
