@@ -13,10 +13,19 @@ through unchanged; QMP answers it as one GenericError, mapped once at its bounda
 """
 
 EXIT_MEMVISOR_FAILURE = 125
+# `memvisor lab`: the lab's own kernel crashed under the command (the command did not fail: it did not finish).
+# scripts/test runs the guest tests that did not finish again in a fresh lab, once, on this status.
+EXIT_LAB_CRASHED = 123
 
 
 class MemvisorError(Exception):
     """A failure of memvisor itself, shown to the user as one line (no traceback)."""
+
+
+class LabCrashed(MemvisorError):
+    """The lab's kernel panicked (or its QEMU died) while a command ran: exit status EXIT_LAB_CRASHED."""
+
+    exit_status = EXIT_LAB_CRASHED
 
 
 class UsageError(MemvisorError):

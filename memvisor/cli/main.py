@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except MemvisorError as error:
         print(f"memvisor: error: {error}", file=sys.stderr)
-        return EXIT_MEMVISOR_FAILURE
+        return int(getattr(error, "exit_status", EXIT_MEMVISOR_FAILURE))
     except KeyboardInterrupt:
         print("memvisor: interrupted", file=sys.stderr)
         return 130

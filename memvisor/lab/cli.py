@@ -112,7 +112,7 @@ def main() -> int:
         return lab_main(sys.argv[1:])
     except MemvisorError as error:
         print(f"memvisor: {error}", file=sys.stderr)
-        return EXIT_MEMVISOR_FAILURE
+        return int(getattr(error, "exit_status", EXIT_MEMVISOR_FAILURE))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TextIO
 
-from memvisor.errors import MemvisorError
+from memvisor.errors import LabCrashed, MemvisorError
 from memvisor.lab import plan, postmortem
 from memvisor.lab.mux import (
     CONTROL,
@@ -108,9 +108,9 @@ def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     return " | ".join(kept[-lines:]) or "(the console log is empty)"
 
 
-def _stopped_message(status: int | None, qemu_log: Path, console: Path) -> str:
+def _stopped_error(status: int | None, qemu_log: Path, console: Path) -> MemvisorError:
     """Why the lab ended under a running command: QEMU's last words and, when the lab kernel panicked, the
-    panic's cause from the console (kept with QEMU's log in a folder that outlives the lab)."""
+    panic's cause from the console (kept with QEMU's log in a folder that outlives the lab): a LabCrashed."""
     head = f"the lab stopped before the command finished (QEMU status {status}; {_qemu_error(qemu_log)})"
     try:
         text = console.read_bytes().decode(errors="replace")
@@ -118,13 +118,13 @@ def _stopped_message(status: int | None, qemu_log: Path, console: Path) -> str:
         text = ""
     story = postmortem.panic_story(text)
     if not story:
-        return f"{head}: {console_tail(console)}"
+        return MemvisorError(f"{head}: {console_tail(console)}")
     keep = Path(tempfile.mkdtemp(prefix="memvisor-lab-crash-"))
     with contextlib.suppress(OSError):
         shutil.copyfile(console, keep / "lab-console.log")
         shutil.copyfile(qemu_log, keep / "qemu.log")
     body = "\n  ".join(story)
-    return f"{head}: the lab's kernel panicked:\n  {body}\n  full console: {keep / 'lab-console.log'}"
+    return LabCrashed(f"{head}: the lab's kernel panicked:\n  {body}\n  full console: {keep / 'lab-console.log'}")
 
 
 class _Stopped(Exception):
@@ -587,7 +587,7 @@ def _run_once(
         except _Stopped:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 qemu.wait(timeout=5)
-            raise MemvisorError(_stopped_message(qemu.returncode, qemu_log, console)) from None
+            raise _stopped_error(qemu.returncode, qemu_log, console) from None
         except MuxError as error:
             raise MemvisorError(f"{error}: {console_tail(console)}") from None
         except _Stuck as stuck:

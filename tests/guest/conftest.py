@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest import progress
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -55,6 +57,13 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     if seconds is None:
         seconds = float(item.config.getini("timeout") or 600)
     item.add_marker(pytest.mark.timeout(seconds, method=TIMEOUT_METHOD), append=False)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With MEMVISOR_GUEST_PROGRESS set (scripts/guest-tests), each phase's outcome is recorded as it ends."""
+    target = os.environ.get(progress.ENV)
+    if target and report.nodeid.startswith("tests/guest/"):
+        progress.record(Path(target), report.when, report.outcome, report.nodeid)
 
 
 @pytest.hookimpl(wrapper=True)

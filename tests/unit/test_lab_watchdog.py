@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from memvisor.errors import EXIT_LAB_CRASHED, LabCrashed
 from memvisor.lab import diagnose, inner, plan, postmortem, runner
 from memvisor.lab.inner import Agent
 from memvisor.lab.mux import CONTROL, Frame, Kind, StartRequest
@@ -279,7 +280,9 @@ def test_the_stopped_lab_message_names_the_panic_and_keeps_the_console(tmp_path:
     console.write_text(_NMI_PANIC_CONSOLE)
     qemu_log = tmp_path / "qemu.log"
     qemu_log.write_text("")
-    message = runner._stopped_message(0, qemu_log, console)
+    error = runner._stopped_error(0, qemu_log, console)
+    message = str(error)
+    assert isinstance(error, LabCrashed) and error.exit_status == EXIT_LAB_CRASHED
     assert "the lab's kernel panicked" in message and "NMI: Not continuing" in message
     kept = Path(message.rsplit("full console: ", 1)[1].strip())
     try:
@@ -287,4 +290,5 @@ def test_the_stopped_lab_message_names_the_panic_and_keeps_the_console(tmp_path:
     finally:
         shutil.rmtree(kept.parent, ignore_errors=True)
     console.write_text("[ 1.0] the lab powered off\n")
-    assert "panicked" not in runner._stopped_message(0, qemu_log, console)
+    error = runner._stopped_error(0, qemu_log, console)
+    assert not isinstance(error, LabCrashed) and "panicked" not in str(error)

@@ -1,0 +1,115 @@
+"""The guest-test stage (scripts/guest-tests and tests/guest/progress.py): the record of finished tests, and a
+lab crash that reruns only the tests that did not finish, once; anything else is passed through."""
+
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from memvisor.errors import EXIT_LAB_CRASHED
+from tests.guest import progress
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "guest-tests"
+A, B, C = (
+    "tests/guest/test_a.py::test_one",
+    "tests/guest/test_a.py::test_two[x y]",
+    "tests/guest/test_b.py::test_c",
+)
+
+
+@pytest.fixture(scope="module")
+def stage() -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader("guest_tests_stage", str(SCRIPT))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[loader.name] = module
+    loader.exec_module(module)
+    return module
+
+
+def test_the_record_tells_finished_and_failed_tests_and_survives_a_torn_line(tmp_path: Path) -> None:
+    record = tmp_path / "progress"
+    assert progress.read(record) == progress.Progress()
+    for phase, outcome, nodeid in [("setup", "passed", A), ("call", "passed", A), ("teardown", "passed", A),
+                                   ("setup", "passed", B), ("call", "failed", B), ("teardown", "passed", B),
+                                   ("setup", "passed", C), ("call", "passed", C)]:  # fmt: skip
+        progress.record(record, phase, outcome, nodeid)
+    with record.open("a") as torn:
+        torn.write("teardown pas")  # the lab died in the middle of a write
+    assert progress.read(record) == progress.Progress(finished=[A, B], failed=[B])
+
+
+def _fake_labs(
+    stage: ModuleType, monkeypatch: pytest.MonkeyPatch, runs: list[tuple[int, list[tuple[str, str, str]]]]
+) -> list[Any]:
+    """Each lab run writes its phase reports into the record and returns its status; the calls are kept."""
+    calls: list[Any] = []
+
+    def run_in_lab(deadline: float, record: Path, extra: list[str], deselect: list[str]) -> int:
+        status, reports = runs[len(calls)]
+        calls.append((deadline, list(deselect), extra))
+        for phase, outcome, nodeid in reports:
+            progress.record(record, phase, outcome, nodeid)
+        return status
+
+    monkeypatch.setattr(stage, "run_in_lab", run_in_lab)
+    monkeypatch.setattr(stage, "kvm_is_hardware", lambda: False)
+    return calls
+
+
+def _finished(nodeid: str, outcome: str = "passed") -> list[tuple[str, str, str]]:
+    return [("setup", "passed", nodeid), ("call", outcome, nodeid), ("teardown", "passed", nodeid)]
+
+
+def test_a_lab_crash_reruns_only_the_tests_that_did_not_finish(
+    stage: ModuleType, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    calls = _fake_labs(stage, monkeypatch, [(EXIT_LAB_CRASHED, _finished(A) + [("setup", "passed", B)]),
+                                            (0, _finished(B) + _finished(C))])  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["guest-tests", "--deadline", "3600", "-k", "balloon"])
+    assert stage.main() == 0
+    assert [call[1] for call in calls] == [[], [A]] and calls[1][2] == ["-k", "balloon"]
+    assert calls[1][0] <= 3600
+    assert "the lab's own kernel crashed" in capsys.readouterr().out
+
+
+def test_a_failure_before_the_crash_stays_a_failure(stage: ModuleType, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    _fake_labs(stage, monkeypatch, [(EXIT_LAB_CRASHED, _finished(A, "failed")), (0, _finished(B))])
+    monkeypatch.setattr(sys, "argv", ["guest-tests"])
+    assert stage.main() == 1
+
+
+@pytest.mark.parametrize("first", [0, 1, 125])
+def test_anything_but_a_lab_crash_is_the_stages_status_with_no_retry(
+    stage: ModuleType, monkeypatch, first: int
+) -> None:  # type: ignore[no-untyped-def]
+    calls = _fake_labs(stage, monkeypatch, [(first, _finished(A))])
+    monkeypatch.setattr(sys, "argv", ["guest-tests"])
+    assert stage.main() == first and len(calls) == 1
+
+
+def test_a_second_crash_fails_the_stage(stage: ModuleType, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls = _fake_labs(stage, monkeypatch, [(EXIT_LAB_CRASHED, []), (EXIT_LAB_CRASHED, [])])
+    monkeypatch.setattr(sys, "argv", ["guest-tests"])
+    assert stage.main() == EXIT_LAB_CRASHED and len(calls) == 2
+
+
+def test_no_retry_without_the_time_for_a_fresh_lab(stage: ModuleType, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls = _fake_labs(stage, monkeypatch, [(EXIT_LAB_CRASHED, [])])
+    monkeypatch.setattr(sys, "argv", ["guest-tests", "--deadline", "100"])
+    assert stage.main() == EXIT_LAB_CRASHED and len(calls) == 1
+
+
+def test_the_lab_command_shares_the_record_and_deselects_by_node_id(
+    stage: ModuleType, tmp_path: Path
+) -> None:
+    argv = stage.lab_argv(1800.0, tmp_path / "progress", ["-x"], [B])
+    assert argv[argv.index("--share") + 1] == str(tmp_path)
+    assert f"{progress.ENV}={tmp_path / 'progress'}" in argv
+    assert argv[argv.index("--deselect") + 1] == B and argv[-1] == B and "-x" in argv
+    assert argv[argv.index("--timeout") + 1] == "1800"
