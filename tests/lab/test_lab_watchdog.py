@@ -76,6 +76,21 @@ def test_a_wedged_lab_is_caught_by_the_heartbeat_and_explained() -> None:
     shutil.rmtree(folder)
 
 
+def test_a_lab_kernel_panic_under_the_command_is_told_by_its_cause_with_its_own_status() -> None:
+    from memvisor.errors import EXIT_LAB_CRASHED
+
+    # The lab's kernel crashes on purpose (sysrq c): `memvisor lab` must say so, with the panic's own line, and
+    # exit EXIT_LAB_CRASHED (scripts/guest-tests reruns the unfinished guest tests on that status only).
+    result, took = memvisor("lab", "--memory", "2G", "--", "sh", "-c", "sleep 1; echo c > /proc/sysrq-trigger; sleep 60")
+    print(f"took {took:.1f} s:\n{result.stderr}")
+    assert result.returncode == EXIT_LAB_CRASHED, result.stderr
+    assert "the lab's kernel panicked" in result.stderr and "sysrq triggered crash" in result.stderr
+    match = re.search(r"full console: (\S+)", result.stderr)
+    assert match, result.stderr
+    assert "Kernel panic" in Path(match.group(1)).read_text(errors="replace")
+    shutil.rmtree(Path(match.group(1)).parent)
+
+
 def test_sigterm_ends_the_lab_within_seconds_and_leaves_nothing() -> None:
     # A temp folder of its own: other processes on the machine (unit tests, other labs) make memvisor-lab-*
     # folders in /tmp too. Short, for the lab's UNIX socket paths.
