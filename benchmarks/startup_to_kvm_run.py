@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.startup_imports import parse_importtime  # noqa: E402
 from memvisor.guest.image import find_guest_image  # noqa: E402
 
 PHASES = ("start", "imports", "build", "load", "vcpus")
@@ -97,7 +98,7 @@ def main() -> int:
     parser.add_argument("--kernel", type=Path, help="default: the built default image's boot kernel")
     parser.add_argument("--initrd", type=Path, help="default: the built default image's initramfs")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs memvisor")
-    parser.add_argument("--importtime", type=Path, metavar="FILE", help="also write the last run's -X importtime")
+    parser.add_argument("--importtime", type=Path, metavar="FILE", help="after the timed runs, one more under -X importtime, its report to FILE")
     args = parser.parse_args()
     if shutil.which("strace") is None:
         sys.exit("needs strace")
@@ -107,10 +108,10 @@ def main() -> int:
         if image is None:
             sys.exit("no guest image: run `memvisor image build` first, or give --kernel and --initrd")
         kernel, initrd = kernel or image.boot_kernel, initrd or image.initrd
+    kernel, initrd = kernel.resolve(), initrd.resolve()
     runs = []
-    for index in range(args.runs):
-        last = index == args.runs - 1
-        runs.append(one_run(args.python, kernel.resolve(), initrd.resolve(), args.importtime if last else None))
+    for _ in range(args.runs):
+        runs.append(one_run(args.python, kernel, initrd, None))
         print("  ".join(f"{name} {runs[-1][name]:.3f}" for name in PHASES), "(s since spawn)", flush=True)
     print(f"median of {len(runs)}, seconds each phase took (first KVM_RUN at the end):")
     previous = [0.0] * len(runs)
@@ -119,6 +120,13 @@ def main() -> int:
         previous = [run[name] for run in runs]
         print(f"  {name:8} {statistics.median(spans):.3f}")
     print(f"  {'total':8} {statistics.median(run['vcpus'] for run in runs):.3f}")
+    if args.importtime:
+        one_run(args.python, kernel, initrd, args.importtime)  # untimed: -X importtime slows the imports
+        rows = parse_importtime(args.importtime.read_text())
+        top_level = sum(cumulative for _, cumulative, name in rows if not name.startswith("  "))
+        print(f"-X importtime: {len(rows)} modules, {top_level / 1e6:.3f} s in total; slowest by cumulative time:")
+        for self_us, cumulative_us, name in sorted(rows, key=lambda row: -row[1])[:10]:
+            print(f"  {cumulative_us / 1e6:.3f} s cumulative {self_us / 1e6:.3f} s self  {name}")
     return 0
 
 
