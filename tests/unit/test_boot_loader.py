@@ -3,7 +3,9 @@
 Guest memory here is a sparse memfd (memvisor.memory), so no KVM is needed; what lands where is read back.
 """
 
+import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +137,24 @@ def test_unreadable_initrd(tmp_path: Path, memory: GuestMemory) -> None:
         loader.load_kernel(
             memory, image, tmp_path / "missing.img", "", 256 * MIB, build_acpi_tables(1, [], [])
         )
+
+
+def test_an_initrd_from_a_pipe_is_read_to_its_end(tmp_path: Path, memory: GuestMemory) -> None:
+    """Not a regular file (bash's <(...)): no size to read up to, so it is read to its end, as before."""
+    data = b"070701" + os.urandom(200_000)
+    read_end, write_end = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(write_end, data), os.close(write_end)))
+    writer.start()
+    try:
+        loaded = loader.load_kernel(memory, _image(tmp_path), Path(f"/dev/fd/{read_end}"), "", 256 * MIB,
+                                    build_acpi_tables(1, [], []))  # fmt: skip
+    finally:
+        writer.join()
+        os.close(read_end)
+    assert loaded.initrd_size == len(data)
+    assert memory.read(loaded.initrd_addr, len(data)) == data
+
+
+def test_an_initrd_that_is_a_directory(tmp_path: Path, memory: GuestMemory) -> None:
+    with pytest.raises(MemvisorError, match="cannot read initramfs .*: Is a directory"):
+        loader.load_kernel(memory, _image(tmp_path), tmp_path, "", 256 * MIB, build_acpi_tables(1, [], []))
