@@ -13,7 +13,8 @@ syscalls every run makes, with no change to memvisor:
 Needs a /dev/kvm that can create a VM (the guest need not get far: it is stopped at its first KVM_RUN), so it
 runs on a host whose KVM is software too, and inside the lab. strace adds a little to each traced syscall.
 
-    .venv/bin/python benchmarks/startup_to_kvm_run.py --runs 5 [--kernel K --initrd I] [--importtime]
+    .venv/bin/python benchmarks/startup_to_kvm_run.py --runs 5 [--kernel K --initrd I] [--importtime PREFIX]
+    .venv/bin/python benchmarks/startup_to_kvm_run.py --checkout /tmp/old --checkout . --runs 5   # before/after
 """
 
 import argparse
@@ -39,47 +40,47 @@ TIMEOUT = 120.0
 LINE = re.compile(r"^\d+\s+(\d+\.\d+)\s+(.*)$")
 
 
-def phase_marks(trace: str, kernel: Path) -> dict[str, float] | None:
+def phase_marks(trace: str, kernel: Path, checkout: Path) -> dict[str, float] | None:
     """Times (s since spawn) at which each phase ends, from an strace -f -ttt log; None before a KVM_RUN."""
+    ends = {
+        "start": lambda call: call.startswith("openat(") and str(checkout / "memvisor") in call,
+        "imports": lambda call: "KVM_CREATE_VM" in call,
+        "build": lambda call: call.startswith("openat(") and str(kernel) in call,
+        "load": lambda call: "KVM_CREATE_VCPU" in call,
+        "vcpus": lambda call: "KVM_RUN" in call,
+    }
     marks: dict[str, float] = {}
     spawned: float | None = None
-    package = str(REPO / "memvisor")
     for line in trace.splitlines():
         match = LINE.match(line)
         if match is None:
             continue
         stamp, call = float(match.group(1)), match.group(2)
         if spawned is None:
-            if call.startswith("execve("):
-                spawned = stamp
+            spawned = stamp if call.startswith("execve(") else None
             continue
-        if "start" not in marks and call.startswith("openat(") and package in call:
-            marks["start"] = stamp - spawned
-        elif "imports" not in marks and "KVM_CREATE_VM" in call:
-            marks["imports"] = stamp - spawned
-        elif "build" not in marks and call.startswith("openat(") and str(kernel) in call:
-            marks["build"] = stamp - spawned
-        elif "load" not in marks and "KVM_CREATE_VCPU" in call:
-            marks["load"] = stamp - spawned
-        elif "KVM_RUN" in call:
-            marks["vcpus"] = stamp - spawned
-            return marks if len(marks) == len(PHASES) else None
+        phase = PHASES[len(marks)]
+        if ends[phase](call):
+            marks[phase] = stamp - spawned
+            if len(marks) == len(PHASES):
+                return marks
     return None
 
 
-def one_run(python: str, kernel: Path, initrd: Path, importtime: Path | None) -> dict[str, float]:
+def one_run(python: str, checkout: Path, kernel: Path, initrd: Path, importtime: Path | None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         trace, console = Path(tmp) / "trace.txt", Path(tmp) / "console.log"
         argv = [python, *(["-X", "importtime"] if importtime else []), "-m", "memvisor", "run", "--lab", "off",
                 "--memory", "1G", "--kernel", str(kernel), "--initrd", str(initrd), "--console", str(console)]  # fmt: skip
         strace = ["strace", "-f", "-ttt", "--seccomp-bpf", "-e", "trace=execve,openat,ioctl", "-o", str(trace)]
         stderr = importtime.open("wb") if importtime else subprocess.DEVNULL
+        # `-m memvisor` from the checkout's folder: its memvisor comes first on sys.path.
         process = subprocess.Popen([*strace, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=stderr, cwd=REPO, start_new_session=True)  # fmt: skip
+                                   stderr=stderr, cwd=checkout, start_new_session=True)  # fmt: skip
         started = time.monotonic()
         try:
             while True:
-                marks = phase_marks(trace.read_text() if trace.exists() else "", kernel)
+                marks = phase_marks(trace.read_text() if trace.exists() else "", kernel, checkout)
                 if marks is not None:
                     return marks
                 if process.poll() is not None or time.monotonic() - started > TIMEOUT:
@@ -92,13 +93,36 @@ def one_run(python: str, kernel: Path, initrd: Path, importtime: Path | None) ->
                 stderr.close()
 
 
+def report(checkout: Path, runs: list[dict[str, float]]) -> None:
+    print(f"{checkout}: median of {len(runs)}, seconds each phase took (first KVM_RUN at the end):")
+    previous = [0.0] * len(runs)
+    for name in PHASES:
+        spans = [run[name] - before for run, before in zip(runs, previous, strict=True)]
+        previous = [run[name] for run in runs]
+        print(f"  {name:8} {statistics.median(spans):.3f}")
+    print(f"  {'total':8} {statistics.median(run['vcpus'] for run in runs):.3f}")
+
+
+def report_imports(path: Path) -> None:
+    rows = parse_importtime(path.read_text())
+    top_level = sum(cumulative for _, cumulative, name in rows if not name.startswith("  "))
+    print(f"  -X importtime: {len(rows)} modules, {top_level / 1e6:.3f} s in total; slowest by cumulative time:")
+    for self_us, cumulative_us, name in sorted(rows, key=lambda row: -row[1])[:10]:
+        print(f"    {cumulative_us / 1e6:.3f} s cumulative {self_us / 1e6:.3f} s self  {name}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per checkout (default 5)")
     parser.add_argument("--kernel", type=Path, help="default: the built default image's boot kernel")
     parser.add_argument("--initrd", type=Path, help="default: the built default image's initramfs")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs memvisor")
-    parser.add_argument("--importtime", type=Path, metavar="FILE", help="after the timed runs, one more under -X importtime, its report to FILE")
+    parser.add_argument("--checkout", type=Path, action="append",
+                        help="the memvisor checkout to time (default: this one); repeat to compare several, their "
+                        "runs interleaved (compile each one's bytecode first)")  # fmt: skip
+    parser.add_argument("--importtime", type=Path, metavar="PREFIX",
+                        help="after the timed runs, one more per checkout under -X importtime, its report to "
+                        "PREFIX.N.txt (N: the checkout's place), its total and slowest imports printed")  # fmt: skip
     args = parser.parse_args()
     if shutil.which("strace") is None:
         sys.exit("needs strace")
@@ -109,24 +133,19 @@ def main() -> int:
             sys.exit("no guest image: run `memvisor image build` first, or give --kernel and --initrd")
         kernel, initrd = kernel or image.boot_kernel, initrd or image.initrd
     kernel, initrd = kernel.resolve(), initrd.resolve()
-    runs = []
-    for _ in range(args.runs):
-        runs.append(one_run(args.python, kernel, initrd, None))
-        print("  ".join(f"{name} {runs[-1][name]:.3f}" for name in PHASES), "(s since spawn)", flush=True)
-    print(f"median of {len(runs)}, seconds each phase took (first KVM_RUN at the end):")
-    previous = [0.0] * len(runs)
-    for name in PHASES:
-        spans = [run[name] - before for run, before in zip(runs, previous, strict=True)]
-        previous = [run[name] for run in runs]
-        print(f"  {name:8} {statistics.median(spans):.3f}")
-    print(f"  {'total':8} {statistics.median(run['vcpus'] for run in runs):.3f}")
-    if args.importtime:
-        one_run(args.python, kernel, initrd, args.importtime)  # untimed: -X importtime slows the imports
-        rows = parse_importtime(args.importtime.read_text())
-        top_level = sum(cumulative for _, cumulative, name in rows if not name.startswith("  "))
-        print(f"-X importtime: {len(rows)} modules, {top_level / 1e6:.3f} s in total; slowest by cumulative time:")
-        for self_us, cumulative_us, name in sorted(rows, key=lambda row: -row[1])[:10]:
-            print(f"  {cumulative_us / 1e6:.3f} s cumulative {self_us / 1e6:.3f} s self  {name}")
+    checkouts = [path.resolve() for path in args.checkout or [REPO]]
+    runs: list[list[dict[str, float]]] = [[] for _ in checkouts]
+    for index in range(args.runs * len(checkouts)):
+        place = index % len(checkouts)
+        runs[place].append(one_run(args.python, checkouts[place], kernel, initrd, None))
+        marks = runs[place][-1]
+        print(f"{place}:", "  ".join(f"{name} {marks[name]:.3f}" for name in PHASES), "(s since spawn)", flush=True)
+    for place, checkout in enumerate(checkouts):
+        report(checkout, runs[place])
+        if args.importtime:
+            path = Path(f"{args.importtime}.{place}.txt")
+            one_run(args.python, checkout, kernel, initrd, path)  # untimed: -X importtime slows the imports
+            report_imports(path)
     return 0
 
 
