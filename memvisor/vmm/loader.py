@@ -59,7 +59,7 @@ def load_kernel(
     if isinstance(image, ElfKernel):
         _load_segments(memory, image)
     else:
-        memory.write(layout.KERNEL_LOAD_ADDR, image.kernel)
+        _load_bzimage(memory, image)
     initrd_addr = initrd_size = 0
     if initrd is not None:
         initrd_addr, initrd_size = _load_initrd(memory, image, initrd, memory_size)
@@ -114,6 +114,21 @@ def _load_initrd(memory: GuestMemory, image: KernelImage, initrd: Path, memory_s
         return address, status.st_size
     except OSError as error:
         raise MemvisorError(f"cannot read initramfs {initrd}: {error.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _load_bzimage(memory: GuestMemory, image: BzImage) -> None:
+    """Read the protected-mode kernel from the file straight into guest memory at its load address."""
+    try:
+        fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
+    try:
+        if not _read_into(memory, fd, layout.KERNEL_LOAD_ADDR, image.kernel_offset, image.kernel_size):
+            raise MemvisorError(f"kernel {image.path} ended early while loading it: download it again")
+    except OSError as error:
+        raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
     finally:
         os.close(fd)
 

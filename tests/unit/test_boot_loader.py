@@ -158,3 +158,11 @@ def test_an_initrd_from_a_pipe_is_read_to_its_end(tmp_path: Path, memory: GuestM
 def test_an_initrd_that_is_a_directory(tmp_path: Path, memory: GuestMemory) -> None:
     with pytest.raises(MemvisorError, match="cannot read initramfs .*: Is a directory"):
         loader.load_kernel(memory, _image(tmp_path), tmp_path, "", 256 * MIB, build_acpi_tables(1, [], []))
+
+
+def test_a_kernel_cut_short_after_it_was_parsed(tmp_path: Path, memory: GuestMemory) -> None:
+    image = _image(tmp_path, payload=b"k" * 100_000)
+    with image.path.open("r+b") as file:  # cut while memvisor starts (a download still being written, say)
+        file.truncate(image.kernel_offset + 5000)
+    with pytest.raises(MemvisorError, match="ended early while loading it: download it again"):
+        loader.load_kernel(memory, image, None, "", 256 * MIB, build_acpi_tables(1, [], []))
