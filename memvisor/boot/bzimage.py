@@ -4,6 +4,7 @@ Offsets below are into the image file, which starts with the real-mode setup sec
 0x1f1 is copied into the zero page as it is, then the loader fields are filled in (see zeropage.py).
 """
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ HEADER_MAGIC = b"HdrS"
 MIN_BOOT_PROTOCOL = 0x020C  # 2.12: xloadflags and 64-bit entry
 XLF_KERNEL_64 = 1 << 0
 ENTRY_64_OFFSET = 0x200
+HEAD_SIZE = 0x1000  # the setup header and every field read lie in the first 4 KiB (a bzImage is far larger)
 
 # (name, offset in the image, struct format): the setup header fields memvisor reads.
 _FIELDS = {
@@ -36,11 +38,12 @@ _FIELDS = {
 
 @dataclass(frozen=True)
 class BzImage:
-    """A parsed bzImage: the raw setup header bytes and the 64-bit kernel to load."""
+    """A parsed bzImage: the raw setup header bytes and where the 64-bit kernel to load is in the file."""
 
     path: Path
     setup_header: bytes  # image[0x1f1 : 0x202 + image[0x201]]
-    kernel: bytes  # the protected-mode part, loaded at pref_address
+    kernel_offset: int  # the protected-mode part, image[kernel_offset:], loaded at pref_address
+    kernel_size: int  # (read by the loader straight into guest memory)
     version: int
     initrd_addr_max: int
     cmdline_size: int
@@ -50,7 +53,7 @@ class BzImage:
     @property
     def load_end(self) -> int:
         """One past the last byte the kernel needs while it decompresses itself (init_size from its load address)."""
-        return KERNEL_LOAD_ADDR + max(self.init_size, len(self.kernel))
+        return KERNEL_LOAD_ADDR + max(self.init_size, self.kernel_size)
 
     @property
     def entry_point(self) -> int:
@@ -65,16 +68,19 @@ def _field(data: bytes, name: str) -> int | bytes:
 
 
 def parse_bzimage(path: Path) -> BzImage:
-    """Parse `path` as a 64-bit bootable bzImage, or raise MemvisorError naming what is wrong."""
+    """Parse `path` as a 64-bit bootable bzImage, or raise MemvisorError naming what is wrong. Only the setup
+    sectors' start is read here: the loader reads the kernel itself straight into guest memory."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as file:
+            data = file.read(HEAD_SIZE)
+            size = os.fstat(file.fileno()).st_size
     except FileNotFoundError:
         raise MemvisorError(
             f"kernel {path} does not exist: give --kernel a bzImage, or omit it to use the built image"
         ) from None
     except OSError as error:
         raise MemvisorError(f"cannot read kernel {path}: {error.strerror}") from None
-    if len(data) < 0x1000 or _field(data, "boot_flag") != BOOT_FLAG or _field(data, "header") != HEADER_MAGIC:
+    if len(data) < HEAD_SIZE or _field(data, "boot_flag") != BOOT_FLAG or _field(data, "header") != HEADER_MAGIC:
         raise MemvisorError(f"kernel {path} is not a Linux bzImage (no boot signature): give a vmlinuz file")
     version = int(_field(data, "version"))  # type: ignore[arg-type]
     if version < MIN_BOOT_PROTOCOL or not int(_field(data, "xloadflags")) & XLF_KERNEL_64:  # type: ignore[arg-type]
@@ -84,12 +90,13 @@ def parse_bzimage(path: Path) -> BzImage:
     setup_sects = int(_field(data, "setup_sects")) or 4  # type: ignore[arg-type]
     kernel_offset = (setup_sects + 1) * 512
     header_end = 0x202 + data[0x201]
-    if kernel_offset >= len(data):
+    if kernel_offset >= size:
         raise MemvisorError(f"kernel {path} is truncated: download it again")
     return BzImage(
         path=path,
         setup_header=data[SETUP_HEADER_OFFSET:header_end],
-        kernel=data[kernel_offset:],
+        kernel_offset=kernel_offset,
+        kernel_size=size - kernel_offset,
         version=version,
         initrd_addr_max=int(_field(data, "initrd_addr_max")),  # type: ignore[arg-type]
         cmdline_size=int(_field(data, "cmdline_size")),  # type: ignore[arg-type]

@@ -22,16 +22,21 @@ examples:
   memvisor lab -- pytest tests/guest                    run a command inside the lab"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The `memvisor` parser; with `verb` "run", only the run verb's: a `memvisor run` then imports none of the
+    other verbs' modules (its start before the guest runs is part of every boot: BENCHMARKS.md)."""
     parser = _Parser(
         prog="memvisor", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     from memvisor.cli.run import add_run_command
+
+    add_run_command(subparsers)
+    if verb == "run":
+        return parser
     from memvisor.guest.cli import add_image_commands
     from memvisor.manager.cli import add_manager_command
 
-    add_run_command(subparsers)
     add_image_commands(subparsers)
     add_manager_command(subparsers)
     lab = subparsers.add_parser("lab", help="run a command inside the lab (QEMU TCG guest with a working /dev/kvm)",
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             from memvisor.lab.cli import lab_main
 
             return lab_main(argv[1:])
-        parser = build_parser()
+        parser = build_parser(argv[0] if argv else None)
         try:
             args = parser.parse_args(argv)
         except SystemExit as exit_:

@@ -6,7 +6,6 @@ while a vCPU sits in KVM_RUN.
 """
 
 import ctypes
-import ctypes.util
 import os
 
 from memvisor.kvm import structs
@@ -112,7 +111,8 @@ KVM_CAP_TSC_CONTROL = 60
 KVM_CAP_XSAVE2 = 208
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# glibc by its soname: ctypes.util.find_library("c") would run `ldconfig -p` in a subprocess at every start.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.ioctl.restype = ctypes.c_int
 

@@ -6,7 +6,6 @@ raises `OSError` with the C errno on failure, like the `os` module does.
 """
 
 import ctypes
-import ctypes.util
 import os
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -28,7 +27,8 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# glibc by its soname: ctypes.util.find_library("c") would run `ldconfig -p` in a subprocess at every start.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 _mmap = _libc.mmap
 _mmap.restype = ctypes.c_void_p

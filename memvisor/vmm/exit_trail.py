@@ -16,9 +16,12 @@ Everything in the copy is guest-controlled: it is only formatted as numbers, nev
 
 import ctypes
 import time
+from typing import TYPE_CHECKING
 
 from memvisor.kvm import structs
-from memvisor.vmm import page_walk
+
+if TYPE_CHECKING:
+    from memvisor.vmm import page_walk  # imported when a triple fault needs it: not on every start
 
 SYNC_CLASSES = structs.KVM_SYNC_X86_REGS | structs.KVM_SYNC_X86_SREGS | structs.KVM_SYNC_X86_EVENTS
 
@@ -115,7 +118,7 @@ def describe_events(events: structs.KvmVcpuEvents) -> str:
     return ", ".join(found)
 
 
-def page_walk_lines(memory: page_walk.Reader, trail: ExitTrail, others: dict[int, ExitTrail] | None = None
+def page_walk_lines(memory: "page_walk.Reader", trail: ExitTrail, others: dict[int, ExitTrail] | None = None
                     ) -> tuple[str, ...]:  # fmt: skip
     """The guest's page tables walked from the trail's CR3 for its RIP, RSP, the last RIP of each vCPU in
     `others` (by index) and the IDT's #PF/#DF gates (memvisor/vmm/page_walk.py); () without registers and special
@@ -129,6 +132,8 @@ def page_walk_lines(memory: page_walk.Reader, trail: ExitTrail, others: dict[int
              for index, other in sorted((others or {}).items())
              if other is not trail and other.at_ns and other.classes & structs.KVM_SYNC_X86_REGS]  # fmt: skip
     try:
+        from memvisor.vmm import page_walk
+
         report = page_walk.describe(memory, cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer,
                                     rip=regs.rip, rsp=regs.rsp, idt_base=sregs.idt.base, idt_limit=sregs.idt.limit,
                                     extra=extra, at_ns=time.monotonic_ns())

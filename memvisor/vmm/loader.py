@@ -5,8 +5,8 @@ decompresses the kernel) and an uncompressed ELF vmlinux (each loadable segment 
 entered at the ELF entry: boot/elf.py). Everything else, the zero page included, is the same for both.
 """
 
-import ctypes
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,16 +59,10 @@ def load_kernel(
     if isinstance(image, ElfKernel):
         _load_segments(memory, image)
     else:
-        memory.write(layout.KERNEL_LOAD_ADDR, image.kernel)
+        _load_bzimage(memory, image)
     initrd_addr = initrd_size = 0
     if initrd is not None:
-        try:
-            data = initrd.read_bytes()
-        except OSError as error:
-            raise MemvisorError(f"cannot read initramfs {initrd}: {error.strerror}") from None
-        initrd_size = len(data)
-        initrd_addr = initrd_address(image, initrd_size, memory_size)
-        memory.write(initrd_addr, data)
+        initrd_addr, initrd_size = _load_initrd(memory, image, initrd, memory_size)
     memory.write(layout.CMDLINE_ADDR, encoded)
     for address, blob in pagetables.build_page_tables().items():
         memory.write(address, blob)
@@ -87,24 +81,69 @@ def load_kernel(
     return LoadedKernel(image.entry_point, initrd_addr, initrd_size)
 
 
+def _read_into(memory: GuestMemory, fd: int, gpa: int, offset: int, length: int) -> bool:
+    """Read `length` bytes at `offset` of `fd` straight into guest memory at `gpa`, with no copy through Python
+    (the kernel and initramfs are tens of MiB); False if the file ends first."""
+    done = 0
+    while done < length:
+        got = os.preadv(fd, [memory.view(gpa + done, length - done)], offset + done)
+        if got <= 0:
+            return False
+        done += got
+    return True
+
+
+def _load_initrd(memory: GuestMemory, image: KernelImage, initrd: Path, memory_size: int) -> tuple[int, int]:
+    """Put the initramfs at its address (initrd_address); (address, size). A regular file is read straight into
+    guest memory; anything else (a pipe such as bash's <(...)) is read to its end first."""
+    try:
+        fd = os.open(initrd, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise MemvisorError(f"cannot read initramfs {initrd}: {error.strerror}") from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            with os.fdopen(os.dup(fd), "rb") as stream:
+                data = stream.read()
+            address = initrd_address(image, len(data), memory_size)
+            memory.write(address, data)
+            return address, len(data)
+        address = initrd_address(image, status.st_size, memory_size)
+        if not _read_into(memory, fd, address, 0, status.st_size):
+            raise MemvisorError(f"initramfs {initrd} ended early while loading it (was it being written?): run again once it is complete")
+        return address, status.st_size
+    except OSError as error:
+        raise MemvisorError(f"cannot read initramfs {initrd}: {error.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _load_bzimage(memory: GuestMemory, image: BzImage) -> None:
+    """Read the protected-mode kernel from the file straight into guest memory at its load address."""
+    try:
+        fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
+    try:
+        if not _read_into(memory, fd, layout.KERNEL_LOAD_ADDR, image.kernel_offset, image.kernel_size):
+            raise MemvisorError(f"kernel {image.path} ended early while loading it: download it again")
+    except OSError as error:
+        raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def _load_segments(memory: GuestMemory, image: ElfKernel) -> None:
-    """Read each segment from the file straight into guest memory (no copy through Python), zero the rest."""
+    """Read each segment from the file straight into guest memory, zero the rest."""
     try:
         fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as error:
         raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
     try:
         for segment in image.segments:
-            done = 0
-            while done < segment.filesz:
-                view = memory.view(segment.paddr + done, segment.filesz - done)
-                got = os.preadv(fd, [view], segment.offset + done)
-                if got <= 0:
-                    raise MemvisorError(f"kernel {image.path} ended early while loading it: download it again")
-                done += got
-            tail = segment.memsz - segment.filesz
-            if tail:
-                ctypes.memset(memory.host_address(segment.paddr + segment.filesz, tail), 0, tail)
+            if not _read_into(memory, fd, segment.paddr, segment.offset, segment.filesz):
+                raise MemvisorError(f"kernel {image.path} ended early while loading it: download it again")
+            memory.zero(segment.paddr + segment.filesz, segment.memsz - segment.filesz)
     except OSError as error:
         raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
     finally:

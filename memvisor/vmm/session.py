@@ -10,7 +10,6 @@ import faulthandler
 import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +62,8 @@ def _console_target(config: MachineConfig, exec_mode: bool) -> Path | None:
     if config.console_path is not None:
         return config.console_path
     if exec_mode:
+        import tempfile
+
         return Path(tempfile.gettempdir()) / f"memvisor-console-{os.getpid()}.log"
     return None
 

@@ -78,8 +78,9 @@ def test_synthetic_image_fields(tmp_path: Path) -> None:
     assert image.cmdline_size == 4095
     assert image.pref_address == 0x2000000
     assert image.init_size == 0x1234000
-    assert image.kernel == payload  # everything after the (7 + 1) setup sectors
     data = path.read_bytes()
+    assert image.kernel_offset == 8 * 512 and image.kernel_size == len(payload)  # after the (7 + 1) setup sectors
+    assert data[image.kernel_offset :] == payload
     assert image.setup_header == data[0x1F1:HEADER_END]
     assert image.setup_header[0x202 - 0x1F1 : 0x206 - 0x1F1] == b"HdrS"
 
@@ -91,7 +92,8 @@ def test_setup_sects_zero_means_four(tmp_path: Path) -> None:
     assert data[0x1F1] == 0 and len(data) == 5 * 512 + len(payload)
     path = tmp_path / "vmlinuz"
     path.write_bytes(data)
-    assert bzimage.parse_bzimage(path).kernel == payload
+    image = bzimage.parse_bzimage(path)
+    assert (image.kernel_offset, image.kernel_size) == (5 * 512, len(payload))
 
 
 def test_header_length_follows_the_jump_byte(tmp_path: Path) -> None:
@@ -112,9 +114,9 @@ def test_real_debian_kernel() -> None:
     assert image.pref_address == 0x1000000
     assert image.initrd_addr_max == 0x7FFFFFFF
     assert image.cmdline_size >= 2047
-    assert image.init_size > len(image.kernel)  # decompression needs room beyond the file
+    assert image.init_size > image.kernel_size  # decompression needs room beyond the file
     setup_sects = data[0x1F1]
-    assert image.kernel == data[(setup_sects + 1) * 512 :]
+    assert image.kernel_offset == (setup_sects + 1) * 512 and image.kernel_size == len(data) - image.kernel_offset
     assert len(image.setup_header) == 0x202 + data[0x201] - 0x1F1
     assert image.setup_header.startswith(data[0x1F1:0x1F2])
 

@@ -137,6 +137,16 @@ def test_loading_puts_each_segment_at_its_address_and_zeroes_the_rest(tmp_path: 
     assert struct.unpack_from("<I", zero_page, 0x218)[0] == loaded.initrd_addr
 
 
+def test_loading_into_fresh_memory_leaves_the_bss_to_the_host(tmp_path: Path, memory: GuestMemory) -> None:
+    """Fresh guest RAM reads as zeros already: the .bss (23 MiB in Debian's kernel) costs the host no pages."""
+    path = tmp_path / "vmlinux"
+    path.write_bytes(compact_elf(make_vmlinux(bss=16 * MIB)))
+    acpi = build_acpi_tables(1, [(0x3F8, 4)], [])
+    loader.load_kernel(memory, parse_elf_kernel(path), None, "console=ttyS0", 256 * MIB, acpi)
+    assert memory.allocated_bytes() < MIB  # text, data, boot tables: a few pages
+    assert memory.read(0x2000000, len(DATA) + 16 * MIB) == DATA + bytes(16 * MIB)
+
+
 def test_a_command_line_over_the_kernels_limit_is_refused(tmp_path: Path, memory: GuestMemory) -> None:
     path = tmp_path / "vmlinux"
     path.write_bytes(make_vmlinux())

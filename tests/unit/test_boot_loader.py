@@ -3,7 +3,9 @@
 Guest memory here is a sparse memfd (memvisor.memory), so no KVM is needed; what lands where is read back.
 """
 
+import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +137,32 @@ def test_unreadable_initrd(tmp_path: Path, memory: GuestMemory) -> None:
         loader.load_kernel(
             memory, image, tmp_path / "missing.img", "", 256 * MIB, build_acpi_tables(1, [], [])
         )
+
+
+def test_an_initrd_from_a_pipe_is_read_to_its_end(tmp_path: Path, memory: GuestMemory) -> None:
+    """Not a regular file (bash's <(...)): no size to read up to, so it is read to its end, as before."""
+    data = b"070701" + os.urandom(200_000)
+    read_end, write_end = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(write_end, data), os.close(write_end)))
+    writer.start()
+    try:
+        loaded = loader.load_kernel(memory, _image(tmp_path), Path(f"/dev/fd/{read_end}"), "", 256 * MIB,
+                                    build_acpi_tables(1, [], []))  # fmt: skip
+    finally:
+        writer.join()
+        os.close(read_end)
+    assert loaded.initrd_size == len(data)
+    assert memory.read(loaded.initrd_addr, len(data)) == data
+
+
+def test_an_initrd_that_is_a_directory(tmp_path: Path, memory: GuestMemory) -> None:
+    with pytest.raises(MemvisorError, match="cannot read initramfs .*: Is a directory"):
+        loader.load_kernel(memory, _image(tmp_path), tmp_path, "", 256 * MIB, build_acpi_tables(1, [], []))
+
+
+def test_a_kernel_cut_short_after_it_was_parsed(tmp_path: Path, memory: GuestMemory) -> None:
+    image = _image(tmp_path, payload=b"k" * 100_000)
+    with image.path.open("r+b") as file:  # cut while memvisor starts (a download still being written, say)
+        file.truncate(image.kernel_offset + 5000)
+    with pytest.raises(MemvisorError, match="ended early while loading it: download it again"):
+        loader.load_kernel(memory, image, None, "", 256 * MIB, build_acpi_tables(1, [], []))

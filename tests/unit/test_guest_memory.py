@@ -224,6 +224,50 @@ def test_discard_punches_hole_in_file(tmp_path: Path) -> None:
     assert path.stat().st_size == 4 * MIB
 
 
+def test_held_ranges_are_the_memfd_outside_its_holes() -> None:
+    with GuestMemory([MemoryRegion.memfd(0, 4 * MIB, "ram")]) as mem:
+        region = mem.regions[0]
+        assert region.held_ranges(0, 4 * MIB) == []
+        mem.write(3 * PAGE_SIZE + 7, b"x")
+        mem.write(7 * PAGE_SIZE, b"y" * (3 * PAGE_SIZE))
+        assert region.held_ranges(0, 4 * MIB) == [(3 * PAGE_SIZE, 4 * PAGE_SIZE), (7 * PAGE_SIZE, 10 * PAGE_SIZE)]
+        assert region.held_ranges(3 * PAGE_SIZE + 5, 10) == [(3 * PAGE_SIZE + 5, 3 * PAGE_SIZE + 15)]
+        assert region.held_ranges(8 * PAGE_SIZE, 4 * MIB - 8 * PAGE_SIZE) == [(8 * PAGE_SIZE, 10 * PAGE_SIZE)]
+        assert region.held_ranges(4 * PAGE_SIZE, 3 * PAGE_SIZE) == []
+    with GuestMemory([MemoryRegion.anonymous(0, MIB, "anon")]) as mem:
+        assert mem.regions[0].held_ranges(5, 100) == [(5, 105)]  # private memory: all of it, as far as it knows
+
+
+def test_zero_clears_what_the_host_holds_and_allocates_nothing_more() -> None:
+    with GuestMemory([MemoryRegion.memfd(0, 16 * MIB, "ram")]) as mem:
+        _touch(mem, 0, 2 * MIB)
+        mem.write(9 * MIB + 100, b"left over from before a reboot")
+        held = mem.allocated_bytes()
+        marked: list[tuple[int, int]] = []
+        mem.on_write = lambda gpa, length: marked.append((gpa, length))
+        mem.zero(MIB + 3, 12 * MIB)
+        assert mem.allocated_bytes() == held  # the holes stayed holes
+        assert marked == [(MIB + 3, 12 * MIB)]  # the dirty tracker hears of all of it
+        assert mem.read(MIB + 3, 12 * MIB) == bytes(12 * MIB)
+        assert mem.read(MIB, 3) != bytes(3)  # the bytes before the range are kept
+        _touch(mem, 13 * MIB + 3, 1)  # and those after it
+        mem.zero(13 * MIB + 3, 0)
+        assert mem.read(13 * MIB + 3, 1) != bytes(1)
+
+
+def test_zero_of_private_and_read_only_memory(tmp_path: Path) -> None:
+    with GuestMemory([MemoryRegion.anonymous(0, MIB, "anon")]) as mem:
+        _touch(mem, 0, MIB)
+        mem.zero(100, MIB - 200)
+        assert mem.read(100, MIB - 200) == bytes(MIB - 200) and mem.read(0, 100) != bytes(100)
+    path = tmp_path / "image"
+    path.write_bytes(b"\xff" * MIB)
+    with GuestMemory([MemoryRegion.file(0, path, readonly=True)]) as mem:
+        with pytest.raises(GuestMemoryError, match="read-only region"):
+            mem.zero(0, PAGE_SIZE)
+        assert mem.read(0, PAGE_SIZE) == b"\xff" * PAGE_SIZE
+
+
 @pytest.mark.parametrize(("gpa", "length"), [(1, PAGE_SIZE), (0, PAGE_SIZE + 1), (4 * MIB, PAGE_SIZE),
                                              (4 * MIB - PAGE_SIZE, 2 * PAGE_SIZE), (-PAGE_SIZE, PAGE_SIZE)])
 def test_bad_discards_fail(mem: GuestMemory, gpa: int, length: int) -> None:
