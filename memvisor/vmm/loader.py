@@ -90,6 +90,9 @@ def _read_into(memory: GuestMemory, fd: int, gpa: int, offset: int, length: int)
         if got <= 0:
             return False
         done += got
+    hook = memory.on_write  # the VMM's own writes count as dirty (a reboot's reload during a migration)
+    if hook is not None:
+        hook(gpa, length)
     return True
 
 

@@ -166,3 +166,23 @@ def test_a_kernel_cut_short_after_it_was_parsed(tmp_path: Path, memory: GuestMem
         file.truncate(image.kernel_offset + 5000)
     with pytest.raises(MemvisorError, match="ended early while loading it: download it again"):
         loader.load_kernel(memory, image, None, "", 256 * MIB, build_acpi_tables(1, [], []))
+
+
+def test_the_loader_reports_every_byte_it_writes_to_the_dirty_hook(tmp_path: Path) -> None:
+    """A reload (a guest reboot during a migration) must mark what it wrote dirty: preadv bypasses memory.write."""
+    import random
+
+
+    region = MemoryRegion.memfd(0, 4 << 20, "ram0")
+    memory = GuestMemory([region])
+    seen: list[tuple[int, int]] = []
+    memory.on_write = lambda gpa, length: seen.append((gpa, length))
+    blob = tmp_path / "blob"
+    blob.write_bytes(random.Random(1).randbytes(3 * 4096 + 5))
+    fd = os.open(blob, os.O_RDONLY)
+    try:
+        assert loader._read_into(memory, fd, 0x10000, 5, 3 * 4096)
+    finally:
+        os.close(fd)
+    assert seen == [(0x10000, 3 * 4096)]
+    assert bytes(memory.view(0x10000, 3 * 4096)) == blob.read_bytes()[5:]
