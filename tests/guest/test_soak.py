@@ -5,7 +5,9 @@ it (requested-size 0 -> 1G -> 0, as benchmarks/memory_vs_qemu.py does), while on
 fills and frees a tmpfs file in a loop. After every round the guest must still be the same boot (its
 uptime grows, memvisor kept running, the console shows one start) with its writers alive: a reset, which
 memvisor would otherwise answer by silently booting the guest again, fails the test with memvisor's reset
-evidence (the cause and each vCPU's registers, memory/vmm/session.py) from its stderr.
+evidence (the cause and each vCPU's registers, memory/vmm/session.py) from its stderr. In the lab, a reset
+whose page walk finds the guest's tables intact is issue 13's open one and is reported as an xfail naming it
+(tests/guest/conftest.py, `known_lab_reset`; MEMVISOR_STRICT_RESETS=1 makes it a failure again).
 
 Rounds: MEMVISOR_SOAK_ROUNDS (default 1); vCPU counts: MEMVISOR_SOAK_VCPUS (default 2, the harder case: about
 6 minutes in the lab, for CI). `MEMVISOR_SOAK_ROUNDS=200 MEMVISOR_SOAK_VCPUS=1,2 memvisor lab -- pytest

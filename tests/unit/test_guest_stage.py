@@ -113,3 +113,41 @@ def test_the_lab_command_shares_the_record_and_deselects_by_node_id(
     assert f"{progress.ENV}={tmp_path / 'progress'}" in argv
     assert argv[argv.index("--deselect") + 1] == B and argv[-1] == B and "-x" in argv
     assert argv[argv.index("--timeout") + 1] == "1800"
+
+
+# memvisor's stderr from the CI run of 2026-12-01 (test_soak, 2 vCPUs, round 1's balloon inflate), shortened.
+_RESET_STDERR = """\
+memvisor: the guest rebooted; restarting it
+memvisor: the guest reset: triple fault on vCPU 0 (KVM_EXIT_SHUTDOWN); its last exit before it: MMIO write at \
+0xd0000050 (len 4) at rip=0xffffffffc020e0d6 rsp=0xffffc900003dba20 cs=0x10 cr0=0x80050033 (7291.5 ms earlier)
+memvisor:   page walk at monotonic 2072369979630 ns from cr3=0x51dc000 (4-level paging), the tables as they read now:
+memvisor:   rip 0xffffffffc020e0d6: maps to gpa 0x64bc0d6
+memvisor:       PML4 table 0x51dc000 [511] = 0x2a15067 present
+memvisor:   page walk: no table page on these walks reads all zeros
+"""
+LAB = {"MEMVISOR_IN_LAB": "1"}
+
+
+def test_the_known_lab_reset_with_intact_tables_is_named_as_issue_13() -> None:
+    from tests.guest.conftest import known_lab_reset
+
+    reason = known_lab_reset(["memvisor: guest booted\n", _RESET_STDERR], LAB)
+    assert reason is not None and "issue 13" in reason and "triple fault on vCPU 0" in reason
+
+
+@pytest.mark.parametrize(
+    ("stderr", "environ"),
+    [
+        (_RESET_STDERR, {}),  # hardware KVM (not the lab): a reset is a failure
+        (_RESET_STDERR, {**LAB, "MEMVISOR_STRICT_RESETS": "1"}),  # stress runs want it as a failure
+        (_RESET_STDERR.replace("no table page on these walks reads all zeros",
+                               "table pages that read ALL ZEROS: 0x2a15000"), LAB),  # fmt: skip
+        (_RESET_STDERR.replace("memvisor:   page walk: no table page on these walks reads all zeros\n",
+                               "memvisor:   page walk failed: cr3 outside RAM\n"), LAB),  # fmt: skip
+        ("memvisor: guest booted\nmemvisor: the balloon timed out\n", LAB),  # any other failure
+    ],
+)
+def test_anything_else_stays_a_failure(stderr: str, environ: dict[str, str]) -> None:
+    from tests.guest.conftest import known_lab_reset
+
+    assert known_lab_reset([stderr], environ) is None
