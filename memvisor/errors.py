@@ -19,11 +19,14 @@ EXIT_LAB_CRASHED = 123
 
 
 class MemvisorError(Exception):
-    """A failure of memvisor itself, shown to the user as one line (no traceback)."""
+    """A failure of memvisor itself, shown to the user as one line (no traceback); the CLI exits with
+    `exit_status`."""
+
+    exit_status = EXIT_MEMVISOR_FAILURE
 
 
 class LabCrashed(MemvisorError):
-    """The lab's kernel panicked (or its QEMU died) while a command ran: exit status EXIT_LAB_CRASHED."""
+    """The lab's kernel panicked while a command ran (its console shows the panic): exit status EXIT_LAB_CRASHED."""
 
     exit_status = EXIT_LAB_CRASHED
 

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except MemvisorError as error:
         print(f"memvisor: error: {error}", file=sys.stderr)
-        return int(getattr(error, "exit_status", EXIT_MEMVISOR_FAILURE))
+        return error.exit_status
     except KeyboardInterrupt:
         print("memvisor: interrupted", file=sys.stderr)
         return 130

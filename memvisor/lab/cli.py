@@ -106,13 +106,13 @@ def lab_main(argv: list[str]) -> int:
 
 def main() -> int:
     """`python -m memvisor.lab.cli ...` (until the main CLI wires `memvisor lab` in)."""
-    from memvisor.errors import EXIT_MEMVISOR_FAILURE, MemvisorError
+    from memvisor.errors import MemvisorError
 
     try:
         return lab_main(sys.argv[1:])
     except MemvisorError as error:
         print(f"memvisor: {error}", file=sys.stderr)
-        return int(getattr(error, "exit_status", EXIT_MEMVISOR_FAILURE))
+        return error.exit_status
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """The guest-test stage (scripts/guest-tests and tests/guest/progress.py): the record of finished tests, and a
 lab crash that reruns only the tests that did not finish, once; anything else is passed through."""
 
-import importlib.machinery
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -12,8 +10,8 @@ import pytest
 
 from memvisor.errors import EXIT_LAB_CRASHED
 from tests.guest import progress
+from tests.unit.scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "guest-tests"
 A, B, C = (
     "tests/guest/test_a.py::test_one",
     "tests/guest/test_a.py::test_two[x y]",
@@ -23,13 +21,7 @@ A, B, C = (
 
 @pytest.fixture(scope="module")
 def stage() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("guest_tests_stage", str(SCRIPT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
+    return load_script("guest-tests", "guest_tests_stage")
 
 
 def test_the_record_tells_finished_and_failed_tests_and_survives_a_torn_line(tmp_path: Path) -> None:

@@ -1,8 +1,6 @@
 """scripts/stress-guest-reset's own logic (the lab part runs only in the lab): its arguments and how it reads
 memvisor's reset report out of memvisor's stderr."""
 
-import importlib.machinery
-import importlib.util
 import os
 import re
 import subprocess
@@ -12,6 +10,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from tests.unit.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "stress-guest-reset"
 
@@ -30,13 +30,7 @@ Traceback-free noise
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("stress_guest_reset", str(SCRIPT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module  # its dataclasses look their module up there
-    loader.exec_module(module)
-    return module
+    return load_script("stress-guest-reset", "stress_guest_reset")
 
 
 def test_the_reset_line_and_its_report_are_found(script: ModuleType) -> None:
