@@ -9,6 +9,7 @@ import ctypes
 import os
 
 from memvisor.kvm import structs
+from memvisor.memory.libc import LIBC
 
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
 KVMIO = 0xAE
@@ -111,10 +112,9 @@ KVM_CAP_TSC_CONTROL = 60
 KVM_CAP_XSAVE2 = 208
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 
-# glibc by its soname: ctypes.util.find_library("c") would run `ldconfig -p` in a subprocess at every start.
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-_libc.ioctl.restype = ctypes.c_int
+_ioctl = LIBC.ioctl
+_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_ioctl.restype = ctypes.c_int
 
 
 class KvmIoctlError(OSError):
@@ -129,7 +129,7 @@ def ioctl(fd: int, request: int, arg: int | ctypes.Structure | ctypes.Array | No
         pointer = arg
     else:
         pointer = ctypes.addressof(arg)
-    result: int = _libc.ioctl(fd, request, pointer)
+    result: int = _ioctl(fd, request, pointer)
     if result < 0:
         err = ctypes.get_errno()
         raise KvmIoctlError(err, f"KVM ioctl {request:#x} failed: {os.strerror(err)}")

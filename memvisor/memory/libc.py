@@ -28,24 +28,25 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 # glibc by its soname: ctypes.util.find_library("c") would run `ldconfig -p` in a subprocess at every start.
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+# The one handle in memvisor (memvisor/kvm/ioctls.py calls ioctl through it too).
+LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
 
-_mmap = _libc.mmap
+_mmap = LIBC.mmap
 _mmap.restype = ctypes.c_void_p
 _mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_munmap = _libc.munmap
+_munmap = LIBC.munmap
 _munmap.restype = ctypes.c_int
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_mprotect = _libc.mprotect
+_mprotect = LIBC.mprotect
 _mprotect.restype = ctypes.c_int
 _mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_madvise = _libc.madvise
+_madvise = LIBC.madvise
 _madvise.restype = ctypes.c_int
 _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_mincore = _libc.mincore
+_mincore = LIBC.mincore
 _mincore.restype = ctypes.c_int
 _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_fallocate = _libc.fallocate
+_fallocate = LIBC.fallocate
 _fallocate.restype = ctypes.c_int
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 

@@ -7,6 +7,8 @@ entered at the ELF entry: boot/elf.py). Everything else, the zero page included,
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,14 +98,26 @@ def _read_into(memory: GuestMemory, fd: int, gpa: int, offset: int, length: int)
     return True
 
 
+@contextmanager
+def _open_for_loading(path: Path, what: str) -> Iterator[int]:
+    """`path` opened read-only for loading; an OSError while opening or reading it becomes a MemvisorError that
+    names `what` the file is ("kernel", "initramfs") and why."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise MemvisorError(f"cannot read {what} {path}: {error.strerror}") from None
+    try:
+        yield fd
+    except OSError as error:
+        raise MemvisorError(f"cannot read {what} {path}: {error.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def _load_initrd(memory: GuestMemory, image: KernelImage, initrd: Path, memory_size: int) -> tuple[int, int]:
     """Put the initramfs at its address (initrd_address); (address, size). A regular file is read straight into
     guest memory; anything else (a pipe such as bash's <(...)) is read to its end first."""
-    try:
-        fd = os.open(initrd, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        raise MemvisorError(f"cannot read initramfs {initrd}: {error.strerror}") from None
-    try:
+    with _open_for_loading(initrd, "initramfs") as fd:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
             with os.fdopen(os.dup(fd), "rb") as stream:
@@ -115,39 +129,19 @@ def _load_initrd(memory: GuestMemory, image: KernelImage, initrd: Path, memory_s
         if not _read_into(memory, fd, address, 0, status.st_size):
             raise MemvisorError(f"initramfs {initrd} ended early while loading it (was it being written?): run again once it is complete")
         return address, status.st_size
-    except OSError as error:
-        raise MemvisorError(f"cannot read initramfs {initrd}: {error.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def _load_bzimage(memory: GuestMemory, image: BzImage) -> None:
     """Read the protected-mode kernel from the file straight into guest memory at its load address."""
-    try:
-        fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
-    try:
+    with _open_for_loading(image.path, "kernel") as fd:
         if not _read_into(memory, fd, layout.KERNEL_LOAD_ADDR, image.kernel_offset, image.kernel_size):
             raise MemvisorError(f"kernel {image.path} ended early while loading it: download it again")
-    except OSError as error:
-        raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def _load_segments(memory: GuestMemory, image: ElfKernel) -> None:
     """Read each segment from the file straight into guest memory, zero the rest."""
-    try:
-        fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
-    try:
+    with _open_for_loading(image.path, "kernel") as fd:
         for segment in image.segments:
             if not _read_into(memory, fd, segment.paddr, segment.offset, segment.filesz):
                 raise MemvisorError(f"kernel {image.path} ended early while loading it: download it again")
             memory.zero(segment.paddr + segment.filesz, segment.memsz - segment.filesz)
-    except OSError as error:
-        raise MemvisorError(f"cannot read kernel {image.path}: {error.strerror}") from None
-    finally:
-        os.close(fd)
