@@ -271,7 +271,7 @@ def render_table(results: Sequence[ModeResult], phases: Sequence[Phase], scenari
     """The markdown table, a row per mode; workload columns give the filling or reading time in seconds."""
     columns = workload_columns(phases)
     header = ["mode", "host pswpout (pages)", "over budget (s)", "at memory.max (s)", "memory.events max",
-              "guest OOM kills", *[f"{c} (s)" for c in columns], "host held avg (MiB)", "peak (MiB)"]  # fmt: skip
+              "guest OOM kills", "host OOM kills", *[f"{c} (s)" for c in columns], "host held avg (MiB)", "peak (MiB)"]  # fmt: skip
     lines = [
         f"budget {scenario.budget >> 20}M (cgroup memory.max), three {scenario.guest_memory >> 20}M guests; "
         f"holds of {scenario.hold >> 20}M for {scenario.hold_seconds:g} s, a {scenario.read >> 20}M read; "
@@ -291,6 +291,7 @@ def render_table(results: Sequence[ModeResult], phases: Sequence[Phase], scenari
                 f"{result.at_limit:.1f}",
                 str(result.max_events),
                 "?" if result.guest_oom_kills is None else str(result.guest_oom_kills),
+                str(result.cgroup_oom_kills),
                 *[_seconds(result.workloads.get(column)) for column in columns],
                 str(result.average_held >> 20),
                 str(result.peak_held >> 20),

@@ -351,7 +351,7 @@ def run_phase(guests: dict[str, GuestVM], phase: Phase, index: int, scenario: Sc
             script = hold_script(workload.size, scenario.hold_seconds, status)
         else:
             script = read_script(status)
-        guests[workload.guest].check(background(script), timeout=60)
+        guests[workload.guest].check(f"rm -f {status} && {background(script)}", timeout=60)
         statuses[workload.guest] = status
     results: dict[str, WorkloadResult | None] = {}
     deadline = time.monotonic() + timeout
@@ -402,6 +402,12 @@ def manager_process(guests: dict[str, GuestVM], policy: str, budget: int, log_pa
                 proc.wait()
 
 
+def describe(result: WorkloadResult | None) -> str:
+    if result is None:
+        return "did not finish"
+    return f"exit {result.status}, worked {result.work_seconds:.1f} s, done after {result.total_seconds:.1f} s"
+
+
 def guest_oom_kills(vm: GuestVM) -> int | None:
     """OOM kills the guest logged: its dmesg through the agent, or its console (which also spans a restart)."""
     counts = []
@@ -418,8 +424,6 @@ def guest_boots(vm: GuestVM) -> int:
 
 
 # --- one mode ---------------------------------------------------------------------------------------------------------
-
-
 
 
 def _events(cgroup: Path) -> dict[str, int]:
@@ -449,6 +453,7 @@ def run_mode(mode: Mode, scenario: Scenario, workdir: Path, read_file: Path, out
     trace = Trace(mode, [], [])
     with budget_cgroup(f"memvisor-overcommit-{mode.name}", scenario.budget) as cgroup:
         started = time.monotonic()
+        stem = out.with_suffix("")
         guests = boot_guests(workdir / mode.name, mode, scenario, cgroup, read_file)
         try:
             for name in ("a", "b"):
@@ -459,11 +464,11 @@ def run_mode(mode: Mode, scenario: Scenario, workdir: Path, read_file: Path, out
                 f"{current >> 20}M, of it guest RAM {guest_ram >> 20}M")
             if mode.policy is not None:
                 result.manager_budget = scenario.budget - max(0, current - guest_ram) - MANAGER_MARGIN
-            stem = out.with_suffix("")
+            decisions = Path(f"{stem}-{mode.name}-decisions.jsonl")
+            decisions.unlink(missing_ok=True)  # the manager appends
             manager = (
-                manager_process(guests, mode.policy, result.manager_budget or 0,
-                                Path(f"{stem}-{mode.name}-decisions.jsonl"), Path(f"{stem}-{mode.name}-manager.png"),
-                                workdir / mode.name / "manager.stderr")
+                manager_process(guests, mode.policy, result.manager_budget or 0, decisions,
+                                Path(f"{stem}-{mode.name}-manager.png"), Path(f"{stem}-{mode.name}-manager.log"))
                 if mode.policy is not None else contextlib.nullcontext()
             )  # fmt: skip
             vmstat_before, events_before = _vmstat(), _events(cgroup)
@@ -482,10 +487,10 @@ def run_mode(mode: Mode, scenario: Scenario, workdir: Path, read_file: Path, out
                     for workload in phase.workloads:
                         key = next(columns)
                         result.workloads[key] = done.get(workload.guest)
-                        log(f"{mode.name}:   {key}: {done.get(workload.guest)}")
+                        log(f"{mode.name}:   {key}: {describe(done.get(workload.guest))}")
                     time.sleep(phase.gap_seconds)
                 if proc is not None and proc.poll() is not None:
-                    log(f"{mode.name}: the manager exited early ({proc.returncode}); see its stderr in {workdir}")
+                    log(f"{mode.name}: the manager exited early ({proc.returncode}); see {stem}-{mode.name}-manager.log")
             trace.samples = sampler.samples
             vmstat_after, events_after = _vmstat(), _events(cgroup)
             result.pswpout = counter_delta(vmstat_before, vmstat_after, "pswpout")
@@ -506,6 +511,9 @@ def run_mode(mode: Mode, scenario: Scenario, workdir: Path, read_file: Path, out
                 f"(peak {result.peak_held >> 20}M)")  # fmt: skip
         finally:
             close_guests(guests)
+            for name, vm in guests.items():  # kept next to --out: what a failed or odd run needs looked at
+                with contextlib.suppress(OSError):
+                    Path(f"{stem}-{mode.name}-{name}.console").write_text(vm.console_text())
     return result, trace
 
 
@@ -585,6 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         result, trace = ModeResult(mode, error=str(err).splitlines()[0][:200]), Trace(mode, [], [])
                     results.append(result)
                     traces.append(trace)
+                    table = render_table(results, phase_schedule(scenario), scenario)
+                    log(f"so far:\n{table}")
+                    out.write_text(table)  # a lab that times out later still leaves the rows done
         except SetupError as err:
             log(f"cannot prepare the host: {err}")
             return 2

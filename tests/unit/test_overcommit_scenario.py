@@ -204,7 +204,7 @@ def test_average_held_weighs_by_time() -> None:
 def test_render_table_a_row_per_mode() -> None:
     phases = phase_schedule(FULL)
     done = WorkloadResult(0, 12.345, 75)
-    good = ModeResult(MODES["memvisor"], pswpout=12, over_budget=0.0, at_limit=1.5, max_events=3, guest_oom_kills=0,
+    good = ModeResult(MODES["memvisor"], pswpout=12, over_budget=0.0, at_limit=1.5, max_events=3, guest_oom_kills=0, cgroup_oom_kills=1,
                       workloads={"a holds": done, "b holds": WorkloadResult(137, 1, 2), "c reads": None},
                       average_held=1500 * MiB, peak_held=1900 * MiB)  # fmt: skip
     failed = ModeResult(MODES["none"], error="guest b did not boot | odd")
@@ -215,7 +215,7 @@ def test_render_table_a_row_per_mode() -> None:
     assert "| a+b hold: a (s) | a+b hold: b (s) |" in header
     assert lines[3].count("---") == header.count("|") - 1
     row = lines[4]
-    assert row == ("| memvisor's manager | 12 | 0.0 | 1.5 | 3 | 0 | 12.3 | failed (137) | - | - | - | 1500 | 1900 |")
+    assert row == ("| memvisor's manager | 12 | 0.0 | 1.5 | 3 | 0 | 1 | 12.3 | failed (137) | - | - | - | 1500 | 1900 |")
     assert lines[5].startswith("| no manager, no reporting | failed: guest b did not boot / odd |")
     assert lines[5].count("|") == header.count("|")
     assert "budget 2048M" in lines[0]
@@ -223,7 +223,7 @@ def test_render_table_a_row_per_mode() -> None:
 
 def test_render_table_unknown_oom_count() -> None:
     table = render_table([ModeResult(MODES["reporting"])], phase_schedule(QUICK), QUICK)
-    assert "| free page reporting only | 0 | 0.0 | 0.0 | 0 | ? |" in table
+    assert "| free page reporting only | 0 | 0.0 | 0.0 | 0 | ? | 0 |" in table
 
 
 def test_the_plot_has_a_panel_per_mode(tmp_path: Path) -> None:
