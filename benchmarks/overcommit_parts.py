@@ -27,6 +27,7 @@ class Mode:
     label: str
     reporting: bool  # virtio-balloon free-page-reporting=on
     policy: str | None  # `memvisor manager --policy ...`, or None: no manager
+    limited: bool = True  # the cgroup's memory.max is the budget (else "max": the unconstrained baseline)
 
 
 MODES: dict[str, Mode] = {
@@ -36,8 +37,11 @@ MODES: dict[str, Mode] = {
         Mode("reporting", "free page reporting only", reporting=True, policy=None),
         Mode("mom", "MoM-like rules (--policy mom)", reporting=True, policy="mom"),
         Mode("memvisor", "memvisor's manager", reporting=True, policy="memvisor"),
+        Mode("unconstrained", "unconstrained host (no memory.max)", reporting=True, policy=None, limited=False),
     )
 }
+# The four runs; "unconstrained" is the baseline its slowdown goal (at most 10 %) compares with.
+DEFAULT_MODES = "none,reporting,mom,memvisor"
 
 
 def parse_modes(text: str) -> list[Mode]:

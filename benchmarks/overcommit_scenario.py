@@ -16,6 +16,7 @@ hold at once. An idle gap follows each phase. The modes:
   reporting  free page reporting only
   mom        reporting + `memvisor manager --policy mom` (oVirt MoM's balloon rules)
   memvisor   reporting + `memvisor manager` (the default policy)
+  unconstrained  reporting, no memory.max: the baseline for the workloads' slowdown (only when named)
 The manager gets the budget less what the memvisor processes hold besides guest RAM (measured after boot, plus
 64M), since it counts guest memory only.
 
@@ -49,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.overcommit_parts import (  # noqa: E402
+    DEFAULT_MODES,
     FULL,
     GUESTS,
     MODES,
@@ -144,8 +146,9 @@ def cgroup2_with_memory() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def budget_cgroup(name: str, budget: int) -> Iterator[Path]:
-    """A fresh child cgroup with memory.max = `budget` (its memory.events start at 0); removed afterwards."""
+def budget_cgroup(name: str, budget: int | None) -> Iterator[Path]:
+    """A fresh child cgroup with memory.max = `budget` (None: no limit; its memory.events start at 0); removed
+    afterwards."""
     path = CGROUP_ROOT / name
     if path.exists():
         try:
@@ -155,7 +158,7 @@ def budget_cgroup(name: str, budget: int) -> Iterator[Path]:
                              "stop what runs in it") from None  # fmt: skip
     path.mkdir()
     try:
-        _write(path / "memory.max", str(budget))
+        _write(path / "memory.max", "max" if budget is None else str(budget))
         yield path
     finally:
         deadline = time.monotonic() + 30
@@ -451,7 +454,7 @@ def run_mode(mode: Mode, scenario: Scenario, workdir: Path, read_file: Path, out
     columns = iter(workload_columns(phases))
     result = ModeResult(mode)
     trace = Trace(mode, [], [])
-    with budget_cgroup(f"memvisor-overcommit-{mode.name}", scenario.budget) as cgroup:
+    with budget_cgroup(f"memvisor-overcommit-{mode.name}", scenario.budget if mode.limited else None) as cgroup:
         started = time.monotonic()
         stem = out.with_suffix("")
         guests = boot_guests(workdir / mode.name, mode, scenario, cgroup, read_file)
@@ -557,7 +560,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="write the markdown table here")
     parser.add_argument("--plot", type=Path, help="the PNG (default: --out with .png)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: shorter phases, smaller sizes and budget")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"a subset, in order (default {','.join(MODES)})")
+    parser.add_argument("--modes", default=DEFAULT_MODES,
+                        help=f"modes in order, of {','.join(MODES)} (default {DEFAULT_MODES})")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         args.mode_list = parse_modes(args.modes)
