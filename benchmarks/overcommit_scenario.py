@@ -600,13 +600,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     table = render_table(results, phase_schedule(scenario), scenario)
                     log(f"so far:\n{table}")
                     out.write_text(table)  # a lab that times out later still leaves the rows done
+                    plot(traces, scenario.budget, plot_path)  # and the plot of them
         except SetupError as err:
             log(f"cannot prepare the host: {err}")
             return 2
     table = render_table(results, phase_schedule(scenario), scenario)
     print(table, flush=True)
-    out.write_text(table)
-    plot(traces, scenario.budget, plot_path)
     log(f"wrote {out} and {plot_path}")
     return 0 if all(r.error is None for r in results) else 1
 
