@@ -49,6 +49,7 @@ class GuestVM:
         devices: list[str] | None = None,
         extra: list[str] | None = None,
         boot_timeout: float = 240,
+        cgroup: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.socket = workdir / "qmp.sock"
@@ -58,6 +59,8 @@ class GuestVM:
         for device in devices or []:
             argv += ["--device", device]
         argv += extra or []
+        if cgroup is not None:  # join the cgroup v2 before exec: every page memvisor touches is charged there
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *argv]
         self.stderr_path = workdir / "memvisor.stderr"
         self._stderr = self.stderr_path.open("wb")
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
