@@ -182,6 +182,15 @@ class LabMachine:
     monitor_socket: Path | None = None
 
 
+QEMU_ENV = "MEMVISOR_LAB_QEMU"
+
+
+def lab_qemu() -> str:
+    """The QEMU that runs the lab: $MEMVISOR_LAB_QEMU (a path, to try another QEMU release as the lab's emulator;
+    docs/LAB.md), else qemu-system-x86_64 from PATH. Benchmarks inside the lab keep using the system's QEMU."""
+    return os.environ.get(QEMU_ENV) or "qemu-system-x86_64"
+
+
 def early_shares(folders: list[str]) -> list[str]:
     """Of `folders` (the package root, the virtualenv), the shareable ones the lab's tmpfs would hide;
     a folder inside another one listed is covered by it."""

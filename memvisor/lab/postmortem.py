@@ -130,26 +130,53 @@ _CRASH_STARTS = (
     "Kernel panic - not syncing",
 )
 CRASH_LINES = 40
+CRASH_SEARCH = 5000  # console lines to walk back from the panic line
+CRASH_SPAN = 10.0  # seconds: an earlier line belongs to another story
+_STAMP = re.compile(r"^\[\s*(\d+\.\d+)\]")
+
+
+def _stamp(line: str) -> float | None:
+    """The kernel's timestamp at the start of a console line (`[  118.149400] ...`), if it has one."""
+    match = _STAMP.match(line)
+    return float(match.group(1)) if match else None
 
 
 def panic_story(console: str, limit: int = CRASH_LINES) -> list[str]:
     """The lab kernel's last crash as the console told it: from the first line that names its cause (an
     unknown NMI, a BUG, an oops, a lockup) up to the panic line and the first frames after it; [] when the
-    console shows no panic. The tail of a panic (the other CPUs' backtraces) hides the cause; this finds it."""
+    console shows no panic. The tail of a panic (the other CPUs' backtraces) hides the cause; this finds it.
+
+    The walk back stays within the crash (lines stamped at most CRASH_SPAN seconds before the panic), which may
+    be a long one: a recursive page fault prints a frame per level until the stack overflows (1,500 lines seen).
+    A story longer than `limit` keeps its head and tail, and a line naming every distinct interrupted context
+    (`RIP:` lines, in order), so that where the crash began is never cut out."""
     lines = [line.rstrip() for line in console.replace("\r", "\n").splitlines() if line.strip()]
     panics = [i for i, line in enumerate(lines) if "Kernel panic - not syncing" in line]
     if not panics:
         return []
     panic = panics[-1]
+    panic_time = _stamp(lines[panic])
     start = panic
-    # Walk back over the crash report (it is contiguous) to the earliest line that names a cause.
-    for index in range(panic, max(panic - 200, -1), -1):
+    for index in range(panic, max(panic - CRASH_SEARCH, -1), -1):
+        stamp = _stamp(lines[index])
+        if stamp is not None and panic_time is not None and panic_time - stamp > CRASH_SPAN:
+            break
         if any(marker in lines[index] for marker in _CRASH_STARTS):
             start = index
     story = lines[start : panic + 1]
     after = [line for line in lines[panic + 1 : panic + 30] if "+0x" in line or "RIP:" in line][:8]
     if len(story) > limit:
-        story = story[: limit // 2] + [f"... ({len(story) - limit} lines left out)"] + story[-(limit // 2) :]
+        contexts: list[str] = []
+        for line in story:
+            if "RIP:" in line:
+                where = line.split("RIP:", 1)[1].strip()
+                if where not in contexts:
+                    contexts.append(where)
+        story = (
+            story[: limit // 2]
+            + [f"... ({len(story) - limit} lines left out; the interrupted contexts, in order: {' < '.join(contexts)})"]
+            + story[-(limit // 2) :]
+        )
     return story + after
 
 

@@ -529,10 +529,12 @@ def run_in_lab(
                         shares=tuple(resolved_shares),
                         early_shares=tuple(early),
                         monitor_socket=workdir / plan.MONITOR_SOCKET,
+                        qemu=plan.lab_qemu(),
                     )
                     say(
                         f"starting lab: {format_size(memory)}, {cpus} vCPUs, {len(resolved_shares)} shares, "
                         f"console {console}"
+                        + (f", QEMU {machine.qemu} (${plan.QEMU_ENV})" if os.environ.get(plan.QEMU_ENV) else "")
                     )
                     return _run_once(machine, request, workdir, stop, stdin=stdin, say=say, timeout=timeout)
                 except _Stuck as stuck:
@@ -571,6 +573,10 @@ def _run_once(
                 start_new_session=True,
             )
         except FileNotFoundError:
+            if os.environ.get(plan.QEMU_ENV):
+                raise MemvisorError(
+                    f"${plan.QEMU_ENV} names {machine.qemu}, which does not exist: fix it or unset it"
+                ) from None
             raise MemvisorError(
                 "qemu-system-x86_64 is not installed: install Debian's qemu-system-x86 (apt-get install qemu-system-x86)"
             ) from None

@@ -42,9 +42,11 @@ def _fake_labs(
     """Each lab run writes its phase reports into the record and returns its status; the calls are kept."""
     calls: list[Any] = []
 
-    def run_in_lab(deadline: float, record: Path, extra: list[str], deselect: list[str]) -> int:
+    def run_in_lab(
+        deadline: float, record: Path, extra: list[str], deselect: list[str], only: list[str] | None = None
+    ) -> int:
         status, reports = runs[len(calls)]
-        calls.append((deadline, list(deselect), extra))
+        calls.append((deadline, list(deselect), extra, only))
         for phase, outcome, nodeid in reports:
             progress.record(record, phase, outcome, nodeid)
         return status
@@ -70,10 +72,46 @@ def test_a_lab_crash_reruns_only_the_tests_that_did_not_finish(
     assert "the lab's own kernel crashed" in capsys.readouterr().out
 
 
-def test_a_failure_before_the_crash_stays_a_failure(stage: ModuleType, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    _fake_labs(stage, monkeypatch, [(EXIT_LAB_CRASHED, _finished(A, "failed")), (0, _finished(B))])
+def test_a_failure_before_the_crash_stays_a_failure_if_it_fails_again(stage: ModuleType, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls = _fake_labs(stage, monkeypatch, [(EXIT_LAB_CRASHED, _finished(A, "failed")), (0, _finished(B)),
+                                            (1, _finished(A, "failed"))])  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["guest-tests"])
     assert stage.main() == 1
+    assert calls[2][3] == [A]
+
+
+def test_a_failed_test_runs_once_more_alone_and_passing_then_is_flaky_not_red(
+    stage: ModuleType, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    calls = _fake_labs(stage, monkeypatch, [(1, _finished(A) + _finished(B, "failed") + _finished(C)),
+                                            (0, _finished(B))])  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["guest-tests", "-k", "x"])
+    assert stage.main() == 0
+    assert calls[1][3] == [B] and calls[1][1] == [] and calls[1][2] == ["-k", "x"]
+    out = capsys.readouterr().out
+    assert "FLAKY" in out and B in out.split("FLAKY")[1]
+
+
+@pytest.mark.parametrize("second", [(1, _finished(B, "failed")), (0, []), (125, []), (EXIT_LAB_CRASHED, [])])
+def test_a_failed_test_that_fails_again_or_does_not_finish_fails_the_stage(
+    stage: ModuleType, monkeypatch, capsys, second: tuple[int, list[tuple[str, str, str]]]
+) -> None:  # type: ignore[no-untyped-def]
+    _fake_labs(stage, monkeypatch, [(1, _finished(A) + _finished(B, "failed")), second])
+    monkeypatch.setattr(sys, "argv", ["guest-tests"])
+    assert stage.main() == (second[0] or 1)
+    assert "FLAKY" not in capsys.readouterr().out
+
+
+def test_no_rerun_keeps_a_failure_a_failure(stage: ModuleType, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls = _fake_labs(stage, monkeypatch, [(1, _finished(A, "failed"))])
+    monkeypatch.setattr(sys, "argv", ["guest-tests", "--no-rerun"])
+    assert stage.main() == 1 and len(calls) == 1
+
+
+def test_the_rerun_runs_only_the_failed_node_ids(stage: ModuleType, tmp_path: Path) -> None:
+    argv = stage.lab_argv(1800.0, tmp_path / "progress", [], [], only=[A, B])
+    assert "tests/guest" not in argv
+    assert argv[argv.index(A) + 1] == B
 
 
 @pytest.mark.parametrize("first", [0, 1, 125])

@@ -1,5 +1,6 @@
 """What the lab runner decides before QEMU starts: shares, forwarded sockets, memory, the command line."""
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -152,3 +153,12 @@ def test_working_folder_hidden_by_a_lab_tmpfs_must_be_shared() -> None:
     plan.check_cwd("/tmp/work", ["/tmp/work"])
     with pytest.raises(UsageError, match=r"under /tmp, which is an empty tmpfs inside the lab: share it"):
         plan.check_cwd("/tmp/work", [])
+
+
+def test_the_labs_qemu_is_the_one_on_path_unless_the_environment_names_another(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv(plan.QEMU_ENV, raising=False)
+    assert plan.lab_qemu() == "qemu-system-x86_64"
+    monkeypatch.setenv(plan.QEMU_ENV, "/opt/qemu-10/bin/qemu-system-x86_64")
+    assert plan.lab_qemu() == "/opt/qemu-10/bin/qemu-system-x86_64"
+    machine = dataclasses.replace(_machine(), qemu=plan.lab_qemu())
+    assert plan.qemu_command(machine)[0] == "/opt/qemu-10/bin/qemu-system-x86_64"

@@ -275,6 +275,37 @@ def test_a_lab_panic_is_told_from_its_cause_not_its_tail() -> None:
     assert postmortem.panic_story("[ 1.0] a quiet console\n[ 2.0] nothing went wrong\n") == []
 
 
+def _frame(rip: str, stamp: str = "118.149400") -> str:
+    return (f"[  {stamp}] RIP: 0010:{rip}\n[  {stamp}] RSP: 0018:ffffc9000053c000 EFLAGS: 00000083\n"
+            f"[  {stamp}] RAX: 0000000000000000 RBX: ffffc9000053c028\n[  {stamp}]  asm_exc_page_fault+0x22/0x30\n")
+
+
+# Shaped like the lab panic of 2026-12-01 (manager test): an IRQ taken right after VMRUN, with the guest's GS
+# base still loaded, page-faults on `current` and faults again in the handler until the stack overflows.
+_STACK_OVERFLOW_CONSOLE = (
+    "[   65.900253] WARNING: something earlier, a minute before\n"
+    "[  118.149400] BUG: TASK stack guard page was hit at 000000007660be72 (stack is 000000006ff3571f..)\n"
+    "[  118.149400] stack guard page: 0000 [#1] PREEMPT SMP NOPTI\n"
+    + "".join(_frame("exc_page_fault+0x1e/0x170") for _ in range(400))
+    + _frame("irqentry_enter+0x12/0x50")
+    + "[  118.149400]  sysvec_reschedule_ipi+0xa/0x110\n"
+    + _frame("__svm_vcpu_run+0x9c/0x210 [kvm_amd]")
+    + "[  118.149400]  svm_vcpu_enter_exit+0x4a/0x80 [kvm_amd]\n"
+    + "[  118.311311] Kernel panic - not syncing: Fatal exception in interrupt\n"
+    + "[  118.311311]  panic+0x154/0x2f4\n[  118.311311]  handle_stack_overflow+0x49/0x60\n"
+)
+
+
+def test_a_long_recursive_crash_is_told_from_its_cause_with_every_interrupted_context() -> None:
+    story = postmortem.panic_story(_STACK_OVERFLOW_CONSOLE)
+    assert "BUG: TASK stack guard page was hit" in story[0]
+    assert len(story) <= postmortem.CRASH_LINES + 1 + 8
+    contexts = next(line for line in story if "interrupted contexts" in line)
+    assert contexts.index("exc_page_fault") < contexts.index("irqentry_enter") < contexts.index("__svm_vcpu_run")
+    assert any("Kernel panic - not syncing: Fatal exception in interrupt" in line for line in story)
+    assert not any("something earlier" in line for line in story)
+
+
 def test_the_stopped_lab_message_names_the_panic_and_keeps_the_console(tmp_path: Path) -> None:
     console = tmp_path / "console.log"
     console.write_text(_NMI_PANIC_CONSOLE)
