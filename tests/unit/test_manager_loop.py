@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from memvisor.errors import MemvisorError
 from memvisor.manager.config import Config, VmConfig
 from memvisor.manager.host import HostInputs
 from memvisor.manager.loop import Manager
-from memvisor.manager.vm import VmLink
+from memvisor.manager.policy import GuestStats
+from memvisor.manager.vm import Sample, VmLink, vm_name
 
 from .manager_fakes import FakeGuest, RecordedQemu, socket_folder
 
@@ -352,6 +355,114 @@ def test_a_vm_with_malformed_replies_leaves_and_the_others_are_still_managed(
     finally:
         mgr.close()
         good.stop()
+
+
+class ScriptedLink:
+    """A VM whose sample() runs `before` first (waiting on the other VMs, or raising), then reports an idle 1G
+    guest with fresh statistics; it records the thread that read it."""
+
+    def __init__(self, path: str, before: Callable[[], None] = lambda: None) -> None:
+        self.path, self.name, self.before = path, vm_name(path), before
+        self.kind, self.boot_ram, self.cgroup, self.has_host_memory, self.has_agent = "memvisor", GiB, None, True, False
+        self.threads: list[threading.Thread] = []
+        self.closed = False
+
+    def sample(self) -> Sample:
+        self.threads.append(threading.current_thread())
+        self.before()
+        stats = GuestStats(GiB - 40 * MiB, 800 * MiB, 800 * MiB, 0)
+        return Sample(GiB, GiB, stats, time.time(), 0, 0, None, GiB // 2, None)
+
+    def set_balloon(self, target: int) -> None:
+        pass
+
+    def set_polling(self, interval: float) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def scripted(tmp_path: Path, before: dict[str, Callable[[], None]]) -> tuple[Manager, dict[str, ScriptedLink]]:
+    """A manager over ScriptedLinks a, b, c (in that order), `before` their reads by name."""
+    paths = [str(tmp_path / f"{name}.sock") for name in "abc"]
+    for path in paths:
+        Path(path).touch()
+    links = {vm_name(path): ScriptedLink(path, before.get(vm_name(path), lambda: None)) for path in paths}
+
+    def connect(path: str, interval: float, cgroup: str | None) -> Any:
+        return links[vm_name(path)]
+
+    mgr = Manager(paths, Config(interval=1.0), 4 * GiB, host_inputs=QuietHost(), psi_trigger=False, connect=connect)
+    return mgr, links
+
+
+def test_the_vms_are_read_at_once(tmp_path: Path) -> None:
+    """Each read waits until all three are being read: read one after the other, the first would wait out the
+    barrier's timeout and break it (that VM and the others would leave)."""
+    barrier = threading.Barrier(parties=3, timeout=5)
+    mgr, links = scripted(tmp_path, {name: barrier.wait for name in "abc"})
+    try:
+        mgr.discover()
+        _, observations = mgr.observe()
+        assert [o.name for o in observations] == ["a", "b", "c"]
+        assert len(mgr.vms) == 3
+        readers = {link.threads[0] for link in links.values()}
+        assert len(readers) == 3 and threading.main_thread() not in readers
+        assert all(tracked.sample_seconds > 0 for tracked in mgr.vms.values())
+        mgr.round()  # a whole round, the barrier passed again
+        assert set(mgr.history[-1].vms) == {"a", "b", "c"}
+    finally:
+        mgr.close()
+
+
+def chain(wait_for: threading.Event | None, then: threading.Event, error: Exception | None = None) -> Callable[[], None]:
+    """A read that returns only after `wait_for` is set (at most 5 s, else it fails), sets `then`, and raises
+    `error` if given: reads chained c, then b, then a finish in the opposite of the VMs' order."""
+
+    def before() -> None:
+        if wait_for is not None and not wait_for.wait(timeout=5):
+            raise TimeoutError("the reads are not concurrent")
+        then.set()
+        if error is not None:
+            raise error
+
+    return before
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [(MemvisorError("no reply from b.sock in time: the VM is busy or hung; retry"), "b left (no reply from b.sock"),
+     (KeyError("actual"), "b left (unexpected reply (KeyError: 'actual'))")],
+)  # fmt: skip
+def test_a_vm_whose_read_fails_leaves_and_the_others_are_observed_in_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception, why: str
+) -> None:
+    c_done, b_done, a_done = threading.Event(), threading.Event(), threading.Event()
+    mgr, links = scripted(tmp_path, {"c": chain(None, c_done), "b": chain(c_done, b_done, error),
+                                     "a": chain(b_done, a_done)})  # fmt: skip
+    try:
+        mgr.discover()
+        with caplog.at_level("INFO", logger="memvisor.manager"):
+            _, observations = mgr.observe()
+        assert why in caplog.text
+        assert "a left" not in caplog.text and "c left" not in caplog.text
+        assert [o.name for o in observations] == ["a", "c"]
+        assert [t.link.name for t in mgr.vms.values()] == ["a", "c"]
+        assert links["b"].closed and not links["a"].closed
+    finally:
+        mgr.close()
+
+
+def test_close_shuts_the_reading_threads_down(tmp_path: Path) -> None:
+    barrier = threading.Barrier(parties=3, timeout=5)
+    mgr, links = scripted(tmp_path, {name: barrier.wait for name in "abc"})
+    mgr.round()
+    readers = [thread for link in links.values() for thread in link.threads]
+    assert len(readers) == 3 and all(thread.is_alive() for thread in readers)  # kept for the next round
+    mgr.close()
+    assert not any(thread.is_alive() for thread in readers)
+    assert all(link.closed for link in links.values())
 
 
 def test_a_failing_round_is_logged_and_the_manager_goes_on(sock_dir: str, caplog: pytest.LogCaptureFixture) -> None:
