@@ -37,6 +37,7 @@ import ctypes
 import dataclasses
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,7 @@ from benchmarks.overcommit_parts import (  # noqa: E402
     schedule_seconds,
     workload_columns,
 )
+from memvisor.memory.libc import LIBC  # noqa: E402
 from tests.guest.vm import GuestVM  # noqa: E402
 
 MiB = 1 << 20
@@ -173,10 +175,6 @@ def budget_cgroup(name: str, budget: int | None) -> Iterator[Path]:
                 time.sleep(0.5)
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _zram_modules() -> list[Path]:
     """zram and what it needs (zsmalloc), from the kernel package memvisor's image cache unpacked: the lab's
     initramfs carries only the modules it needs itself, and the host root it chroots into has no /lib/modules."""
@@ -210,7 +208,7 @@ def load_zram() -> list[str]:
             raise SetupError(f"{path} is compressed: modprobe zram by hand first")
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if _libc().syscall(SYS_FINIT_MODULE, fd, b"", 0) != 0:
+            if LIBC.syscall(SYS_FINIT_MODULE, fd, b"", 0) != 0:
                 raise SetupError(f"finit_module({path}): {os.strerror(ctypes.get_errno())}")
         finally:
             os.close(fd)
@@ -221,10 +219,8 @@ def load_zram() -> list[str]:
 
 
 def _which(tool: str) -> str | None:
-    for folder in (os.environ.get("PATH", "") + ":/usr/sbin:/sbin").split(":"):
-        if folder and (Path(folder) / tool).is_file():
-            return str(Path(folder) / tool)
-    return None
+    """`tool` on PATH or in the sbin folders (a root tool, and PATH may lack them)."""
+    return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 
 
 @contextlib.contextmanager
@@ -249,7 +245,7 @@ def zram_swap(size: int) -> Iterator[None]:
                 _write(ZRAM / "reset", "1")
     finally:
         for name in reversed(loaded):
-            if _libc().syscall(SYS_DELETE_MODULE, name.encode(), os.O_NONBLOCK) != 0:
+            if LIBC.syscall(SYS_DELETE_MODULE, name.encode(), os.O_NONBLOCK) != 0:
                 log(f"could not unload {name}: {os.strerror(ctypes.get_errno())}")
 
 
