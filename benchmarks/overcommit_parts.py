@@ -179,16 +179,6 @@ def parse_status(text: str) -> WorkloadResult | None:
 # --- host counters ------------------------------------------------------------------------------------------------
 
 
-def parse_flat_keyed(text: str) -> dict[str, int]:
-    """A "KEY VALUE" per line file: /proc/vmstat, a cgroup's memory.events or memory.stat."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        words = line.split()
-        if len(words) == 2 and words[1].isdigit():
-            values[words[0]] = int(words[1])
-    return values
-
-
 def counter_delta(before: Mapping[str, int], after: Mapping[str, int], key: str) -> int:
     """How much counter `key` grew (a missing key counts as 0; a counter never goes back, so never below 0)."""
     return max(0, after.get(key, 0) - before.get(key, 0))

@@ -38,7 +38,6 @@ import dataclasses
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -71,7 +70,6 @@ from benchmarks.overcommit_parts import (  # noqa: E402
     counter_delta,
     hold_script,
     over_budget_seconds,
-    parse_flat_keyed,
     parse_modes,
     parse_status,
     phase_schedule,
@@ -80,7 +78,9 @@ from benchmarks.overcommit_parts import (  # noqa: E402
     schedule_seconds,
     workload_columns,
 )
+from memvisor.manager.host import parse_flat_keyed  # noqa: E402
 from memvisor.memory.libc import LIBC  # noqa: E402
+from tests.guest.manager_run import running_manager  # noqa: E402
 from tests.guest.vm import GuestVM  # noqa: E402
 
 MiB = 1 << 20
@@ -378,29 +378,6 @@ def run_phase(guests: dict[str, GuestVM], phase: Phase, index: int, scenario: Sc
     return results
 
 
-@contextlib.contextmanager
-def manager_process(guests: dict[str, GuestVM], policy: str, budget: int, log_path: Path, plot_path: Path,
-                    stderr_path: Path) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
-    """`memvisor manager --budget --policy --interval --log --plot SOCK...` as a process (outside the cgroup: it is
-    the host's), SIGTERM on the way out (it writes its plot then)."""
-    argv = [sys.executable, "-m", "memvisor", "manager", "--budget", f"{budget >> 20}M", "--policy", policy,
-            "--interval", str(MANAGER_INTERVAL), "--log", str(log_path), "--plot", str(plot_path),
-            *(str(vm.socket) for vm in guests.values())]  # fmt: skip
-    with stderr_path.open("wb") as err:
-        proc = subprocess.Popen(argv, cwd=REPO, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def describe(result: WorkloadResult | None) -> str:
     if result is None:
         return "did not finish"
@@ -466,8 +443,11 @@ def run_mode(mode: Mode, scenario: Scenario, workdir: Path, read_file: Path, out
             decisions = Path(f"{stem}-{mode.name}-decisions.jsonl")
             decisions.unlink(missing_ok=True)  # the manager appends
             manager = (
-                manager_process(guests, mode.policy, result.manager_budget or 0, decisions,
-                                Path(f"{stem}-{mode.name}-manager.png"), Path(f"{stem}-{mode.name}-manager.log"))
+                # outside the cgroup: the manager is the host's; SIGTERM on the way out makes it write its plot
+                running_manager([vm.socket for vm in guests.values()], result.manager_budget or 0, decisions,
+                                Path(f"{stem}-{mode.name}-manager.log"), interval=MANAGER_INTERVAL,
+                                extra=["--policy", mode.policy, "--plot", f"{stem}-{mode.name}-manager.png"],
+                                stop_timeout=60)
                 if mode.policy is not None else contextlib.nullcontext()
             )  # fmt: skip
             vmstat_before, events_before = _vmstat(), _events(cgroup)

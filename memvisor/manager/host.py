@@ -56,7 +56,8 @@ def parse_psi(text: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def parse_vmstat(text: str) -> dict[str, int]:
+def parse_flat_keyed(text: str) -> dict[str, int]:
+    """A "KEY VALUE" per line file: /proc/vmstat, a cgroup's memory.events or memory.stat."""
     values: dict[str, int] = {}
     for line in text.splitlines():
         words = line.split()
@@ -86,7 +87,7 @@ class HostInputs:
 
     def swap_out_bytes(self) -> int | None:
         text = _read(self.proc / "vmstat")
-        return parse_vmstat(text).get("pswpout", 0) * PAGE_SIZE if text else None
+        return parse_flat_keyed(text).get("pswpout", 0) * PAGE_SIZE if text else None
 
 
 class PsiTrigger:

@@ -1,5 +1,6 @@
 """`memvisor manager` started as a user would, for the manual manager checks in this folder
-(manual_manager_two_guests.py, manual_manager_check.py), and its decision log read back."""
+(manual_manager_two_guests.py, manual_manager_check.py) and benchmarks/overcommit_scenario.py, and its
+decision log read back."""
 
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ from tests.guest.vm import REPO
 
 
 @contextlib.contextmanager
-def running_manager(sockets: Sequence[str | Path], budget: int, log: Path, stderr: Path,
-                    interval: int = 2) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
-    """`memvisor manager --budget BUDGET --interval INTERVAL --log LOG SOCKET...` as a process, its stderr in
-    `stderr` (a *.stderr file in a test's tmp_path is attached to its failure report); SIGTERM on the way out,
-    SIGKILL if it is not gone within 30 s."""
+def running_manager(sockets: Sequence[str | Path], budget: int, log: Path, stderr: Path, interval: int = 2,
+                    extra: Sequence[str] = (), stop_timeout: float = 30) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
+    """`memvisor manager --budget BUDGET --interval INTERVAL --log LOG [EXTRA...] SOCKET...` as a process, its
+    stderr in `stderr` (a *.stderr file in a test's tmp_path is attached to its failure report); SIGTERM on the
+    way out (the manager writes its --plot then), SIGKILL if it is not gone within `stop_timeout` s."""
     with stderr.open("wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "memvisor", "manager", "--budget", f"{budget >> 20}M", "--interval", str(interval),
-             "--log", str(log), *map(str, sockets)],
+             "--log", str(log), *extra, *map(str, sockets)],
             cwd=REPO, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
@@ -35,7 +36,7 @@ def running_manager(sockets: Sequence[str | Path], budget: int, log: Path, stder
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=stop_timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

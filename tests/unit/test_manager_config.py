@@ -9,7 +9,7 @@ import pytest
 from memvisor.errors import UsageError
 from memvisor.manager import config
 from memvisor.manager.cli import watch_table
-from memvisor.manager.host import HostInputs, parse_meminfo, parse_psi, parse_vmstat
+from memvisor.manager.host import HostInputs, parse_flat_keyed, parse_meminfo, parse_psi
 from memvisor.manager.loop import RoundRecord
 from memvisor.manager.policy import Decision, VmAction
 from memvisor.manager.vm import vm_name
@@ -76,7 +76,7 @@ def test_host_parsers() -> None:
         "MemTotal": 102400, "MemAvailable": 51200, "HugePages_Total": 0}  # fmt: skip
     psi = parse_psi("some avg10=1.50 avg60=0.20 avg300=0.00 total=123\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
     assert psi["some"]["avg10"] == 1.5 and psi["full"]["total"] == 0
-    assert parse_vmstat("pswpin 3\npswpout 7\n")["pswpout"] == 7
+    assert parse_flat_keyed("pswpin 3\npswpout 7\n")["pswpout"] == 7
 
 
 def test_host_inputs_from_a_fake_proc(tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ from benchmarks.overcommit_parts import (
     counter_delta,
     hold_script,
     over_budget_seconds,
-    parse_flat_keyed,
     parse_modes,
     parse_status,
     phase_schedule,
@@ -33,6 +32,7 @@ from benchmarks.overcommit_parts import (
     schedule_seconds,
     workload_columns,
 )
+from memvisor.manager.host import parse_flat_keyed
 
 MiB = 1 << 20
 
