@@ -10,7 +10,8 @@
 #   4. runs `python -m memvisor.lab.inner` chrooted into /host: the host's own Python and checkout.
 #      The inner agent talks to the host runner over the virtio-serial port `memvisor.lab`.
 # Whatever happens, the guest powers off at the end; QEMU runs with -no-reboot, so that ends it.
-# Parameters come from the kernel command line: mvlab.python=PATH mvlab.root=DIR [mvlab.cache=loose|none].
+# Parameters come from the kernel command line: mvlab.python=PATH mvlab.root=DIR [mvlab.cache=loose|none]
+# [mvlab.kvm_amd=NAME=VALUE,...].
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
@@ -32,8 +33,11 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 PYTHON=$(param mvlab.python) || die "no mvlab.python= on the kernel command line"
 ROOT=$(param mvlab.root) || die "no mvlab.root= on the kernel command line"
 CACHE=$(param mvlab.cache) || CACHE=loose
+# Extra kvm_amd parameters ($MEMVISOR_LAB_KVM_AMD on the host): mvlab.kvm_amd=npt=0,avic=0.
+KVM_AMD=$(param mvlab.kvm_amd | tr , ' ') || KVM_AMD=""
 
-modprobe kvm_amd nested=1 || say "kvm_amd did not load: /dev/kvm will be missing in the lab"
+# shellcheck disable=SC2086 # one word per parameter
+modprobe kvm_amd nested=1 $KVM_AMD || say "kvm_amd did not load: /dev/kvm will be missing in the lab"
 modprobe virtio_pci || die "virtio_pci did not load"
 for module in 9pnet_virtio 9p virtio_console; do
     modprobe "$module" || die "$module did not load"

@@ -12,6 +12,7 @@ What the lab sees (see init.sh): the host's root read-only over 9p, with tmpfs f
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +181,7 @@ class LabMachine:
     early_shares: tuple[str, ...] = ()  # among `shares`: mounted by init.sh before the agent starts
     qemu: str = "qemu-system-x86_64"
     monitor_socket: Path | None = None
+    kvm_amd: tuple[str, ...] = ()  # extra kvm_amd module parameters for the lab kernel, e.g. ("npt=0",)
 
 
 QEMU_ENV = "MEMVISOR_LAB_QEMU"
@@ -189,6 +191,27 @@ def lab_qemu() -> str:
     """The QEMU that runs the lab: $MEMVISOR_LAB_QEMU (a path, to try another QEMU release as the lab's emulator;
     docs/LAB.md), else qemu-system-x86_64 from PATH. Benchmarks inside the lab keep using the system's QEMU."""
     return os.environ.get(QEMU_ENV) or "qemu-system-x86_64"
+
+
+KVM_AMD_ENV = "MEMVISOR_LAB_KVM_AMD"
+_MODULE_PARAMETER = re.compile(r"[a-z][a-z0-9_]*=[A-Za-z0-9_.-]+")
+
+
+def lab_kvm_amd() -> tuple[str, ...]:
+    """Extra kvm_amd parameters for the lab's kernel: $MEMVISOR_LAB_KVM_AMD, comma-separated NAME=VALUE
+    (e.g. `npt=0` runs nested guests on shadow paging instead of the emulated nested paging; docs/LAB.md).
+    Loaded after the lab's own `nested=1`."""
+    raw = os.environ.get(KVM_AMD_ENV, "").strip()
+    if not raw:
+        return ()
+    words = tuple(word.strip() for word in raw.split(","))
+    for word in words:
+        if not _MODULE_PARAMETER.fullmatch(word):
+            raise UsageError(
+                f"${KVM_AMD_ENV} holds {word!r}, not a kvm_amd parameter: write NAME=VALUE pairs separated by "
+                "commas, e.g. MEMVISOR_LAB_KVM_AMD=npt=0"
+            )
+    return words
 
 
 def early_shares(folders: list[str]) -> list[str]:
@@ -226,6 +249,7 @@ def qemu_command(machine: LabMachine) -> list[str]:
             *(["maxcpus=1"] if machine.cpus > 1 else []),
             _kernel_word("python", machine.python),
             _kernel_word("root", machine.root),
+            *([_kernel_word("kvm_amd", ",".join(machine.kvm_amd))] if machine.kvm_amd else []),
             *[
                 _kernel_word("early", f"{share_tag(machine.shares.index(folder))}:{folder}")
                 for folder in machine.early_shares

@@ -508,6 +508,7 @@ def run_in_lab(
         forwards=forward_paths,
         stdin=stdin,
     )
+    kvm_amd = plan.lab_kvm_amd()  # a bad value is a usage error before anything starts
     stop = _StopRequest()
     try:
         with _signals(stop):  # from here on a signal is handled: the temp folder and QEMU always go
@@ -530,11 +531,13 @@ def run_in_lab(
                         early_shares=tuple(early),
                         monitor_socket=workdir / plan.MONITOR_SOCKET,
                         qemu=plan.lab_qemu(),
+                        kvm_amd=kvm_amd,
                     )
                     say(
                         f"starting lab: {format_size(memory)}, {cpus} vCPUs, {len(resolved_shares)} shares, "
                         f"console {console}"
                         + (f", QEMU {machine.qemu} (${plan.QEMU_ENV})" if os.environ.get(plan.QEMU_ENV) else "")
+                        + (f", kvm_amd {' '.join(kvm_amd)} (${plan.KVM_AMD_ENV})" if kvm_amd else "")
                     )
                     return _run_once(machine, request, workdir, stop, stdin=stdin, say=say, timeout=timeout)
                 except _Stuck as stuck:

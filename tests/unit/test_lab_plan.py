@@ -162,3 +162,20 @@ def test_the_labs_qemu_is_the_one_on_path_unless_the_environment_names_another(m
     assert plan.lab_qemu() == "/opt/qemu-10/bin/qemu-system-x86_64"
     machine = dataclasses.replace(_machine(), qemu=plan.lab_qemu())
     assert plan.qemu_command(machine)[0] == "/opt/qemu-10/bin/qemu-system-x86_64"
+
+
+def test_extra_kvm_amd_parameters_reach_the_lab_kernel_as_one_word(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv(plan.KVM_AMD_ENV, raising=False)
+    assert plan.lab_kvm_amd() == ()
+    assert not [w for w in _option(plan.qemu_command(_machine()), "-append")[0].split() if "kvm_amd" in w]
+    monkeypatch.setenv(plan.KVM_AMD_ENV, "npt=0, avic=0")
+    assert plan.lab_kvm_amd() == ("npt=0", "avic=0")
+    machine = dataclasses.replace(_machine(), kvm_amd=plan.lab_kvm_amd())
+    assert "mvlab.kvm_amd=npt=0,avic=0" in _option(plan.qemu_command(machine), "-append")[0].split()
+
+
+@pytest.mark.parametrize("value", ["npt", "npt=0 avic=0", "npt=0;reboot", "NPT=0", "npt=$(x)"])
+def test_a_kvm_amd_value_that_is_not_name_equals_value_is_refused(monkeypatch, value: str) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv(plan.KVM_AMD_ENV, value)
+    with pytest.raises(UsageError, match=r"MEMVISOR_LAB_KVM_AMD holds .* write NAME=VALUE pairs"):
+        plan.lab_kvm_amd()
