@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import re
 import socket
 import subprocess
 import sys
@@ -40,6 +41,8 @@ MODULE_DIR = "usr/lib/memvisor"  # exists in the guest image's first archive
 BALLOON_BOUND = "/sys/bus/virtio/drivers/virtio_balloon/virtio*"
 VIRTIO_MEM_BOUND = "/sys/bus/virtio/drivers/virtio_mem/virtio*"
 PMEM_BOUND = "/dev/pmem0"
+VCPU_HEAD = re.compile(r"^CPU#(\d+)", re.MULTILINE)
+VCPU_IP = re.compile(r"^[RE]IP=([0-9a-f]+) [RE]FL=\S+ \[[^\]]*\] CPL=(\d)\b.*\bHLT=(\d)", re.MULTILINE)
 
 
 def log(message: str) -> None:
@@ -131,6 +134,10 @@ class QemuMachine:
     @property
     def stderr(self) -> Path:
         return self.work / f"{self.name}-stderr.log"
+
+    @property
+    def vcpus_log(self) -> Path:
+        return self.work / f"{self.name}-vcpus.log"
 
     def hotplug_size(self) -> int:
         """The backends' sizes in `devices` (the memory virtio-mem and pmem devices place above RAM)."""
@@ -270,6 +277,33 @@ def bind_virtio_pci(exec: Callable[[str, float], tuple[int, str]], wanted: list[
         time.sleep(0.5)
 
 
+def vcpu_positions(registers: str) -> list[str]:
+    """HMP `info registers -a` as one word per vCPU: 'cpu0 ip=0xffffffff81234567 cpl=0 running' (or 'halted')."""
+    heads = list(VCPU_HEAD.finditer(registers))
+    found = []
+    for index, head in enumerate(heads):
+        end = heads[index + 1].start() if index + 1 < len(heads) else len(registers)
+        match = VCPU_IP.search(registers, head.end(), end)
+        if match:
+            ip, cpl, halted = match.groups()
+            found.append(f"cpu{head.group(1)} ip={int(ip, 16):#x} cpl={cpl} {'halted' if halted == '1' else 'running'}")
+    return found
+
+
+def vcpu_verdict(samples: list[list[str]]) -> str:
+    """What samples of vcpu_positions say: a guest whose vCPUs sit halted is idle (waiting for an interrupt that
+    does not come: a device, a timer, the agent's UART), one that runs kernel code at ever other addresses is
+    busy (a probe or a loop starving the agent)."""
+    words = [word for sample in samples for word in sample]
+    if not words:
+        return "no vCPU registers read"
+    if all(word.endswith(" halted") for word in words):
+        return "every vCPU halted in every sample: the guest is idle, waiting for an interrupt"
+    running = [word.split()[1] for word in words if word.endswith(" running")]
+    return (f"vCPUs running in {len(running)} of {len(words)} readings at {len(set(running))} different addresses: "
+            "the guest is busy")  # fmt: skip
+
+
 class QemuGuest:
     """A running QEMU guest with its QMP connection and agent, booted and its virtio-pci devices bound; the
     surface of tests/guest/vm.py's GuestVM that scripts use (cmd, check, process, stderr_path, close)."""
@@ -290,7 +324,9 @@ class QemuGuest:
             self.qmp = connect_qmp(machine.qmp_socket, self.process, 60)
             self.agent = AgentSocket(machine.agent_socket, boot_timeout)
             bind_virtio_pci(self.exec, wanted, boot_timeout)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, Exception):
+                self.keep_vcpu_samples()
             self.close()
             raise
 
@@ -317,6 +353,30 @@ class QemuGuest:
             new = self.qmp.get_events(wait=float(wait)) if wait > 0 else self.qmp.get_events(wait=False)
         self.events += new
         return new
+
+    def vcpu_samples(self, count: int = 5, gap: float = 1.0) -> list[str]:
+        """Where the vCPUs are, `count` times `gap` s apart (QMP query-status, HMP info registers -a), and what
+        that says (vcpu_verdict): the guest's side of a wait that timed out."""
+        lines, samples = [], []
+        for index in range(count):
+            if index:
+                time.sleep(gap)
+            status = self.cmd("query-status").get("status", "?")
+            positions = vcpu_positions(self.cmd("human-monitor-command", command_line="info registers -a"))
+            samples.append(positions)
+            lines.append(f"sample {index + 1}: {status}; {', '.join(positions) or 'no registers'}")
+        return [*lines, vcpu_verdict(samples)]
+
+    def keep_vcpu_samples(self) -> None:
+        """After a failed start: the vCPU samples into `work`/NAME-vcpus.log and on stderr (best effort)."""
+        if self.qmp is None or self.process.poll() is not None:
+            return
+        try:
+            lines = self.vcpu_samples()
+        except Exception as error:  # QEMU went away or QMP broke: nothing to add
+            lines = [f"cannot read the vCPUs: {error}"]
+        self.machine.vcpus_log.write_text("\n".join(lines) + "\n")
+        log("\n".join(f"{self.name}: vCPUs: {line}" for line in lines))
 
     def exec(self, command: str, timeout: float = 300) -> tuple[int, str]:
         if self.agent is None:

@@ -1,5 +1,6 @@
 """tests/guest/qemu_vm.py without KVM: QEMU's command line for given options, the agent's line protocol over a
-socket, the wait for the virtio-pci devices, and the QMP events of a QEMU that ended by itself."""
+socket, the wait for the virtio-pci devices, the QMP events of a QEMU that ended by itself, and where the vCPUs of
+a QEMU that did not come up are."""
 
 import base64
 import socket
@@ -19,6 +20,8 @@ from tests.guest.qemu_vm import (
     bind_virtio_pci,
     pmem_device,
     qemu_cmdline,
+    vcpu_positions,
+    vcpu_verdict,
     virtio_mem_device,
 )
 
@@ -208,3 +211,66 @@ def test_closing_a_qemu_that_ended_by_itself_keeps_its_last_events(tmp_path: Pat
     guest._stderr = (tmp_path / "stderr").open("wb")
     guest.close()
     assert guest.events == [{"event": "BALLOON_CHANGE"}, shutdown] and fake.closed
+
+
+# --- where the vCPUs of a QEMU that did not come up are --------------------------------------------------------------
+
+# HMP `info registers -a` as QEMU 7.2 prints it (cut): a 64-bit vCPU in the kernel, one in real mode, halted.
+REGISTERS = """
+CPU#0
+RAX=0000000000000000 RBX=ffff8f4b40a3c000 RCX=0000000000000001 RDX=0000000000000000
+RIP=ffffffffa32592eb RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0
+ES =0000 0000000000000000 00000000 00000000
+CPU#1
+EAX=00000000 EBX=00000000 ECX=0000b79d EDX=00000000
+EIP=0000b7b9 EFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1
+CS =f000 000f0000 0000ffff 00009b00
+"""
+
+
+def test_vcpu_positions_read_hmps_registers() -> None:
+    assert vcpu_positions(REGISTERS) == ["cpu0 ip=0xffffffffa32592eb cpl=0 running", "cpu1 ip=0xb7b9 cpl=0 halted"]
+    assert vcpu_positions("") == []
+
+
+def test_the_verdict_tells_an_idle_guest_from_a_busy_one() -> None:
+    halted = ["cpu0 ip=0xffffffff81000000 cpl=0 halted"]
+    assert "idle" in vcpu_verdict([halted, halted])
+    busy = vcpu_verdict([["cpu0 ip=0xffffffff81000010 cpl=0 running"], ["cpu0 ip=0xffffffff81000020 cpl=0 running"]])
+    assert "running in 2 of 2 readings at 2 different addresses" in busy and "busy" in busy
+    assert vcpu_verdict([[], []]) == "no vCPU registers read"
+
+
+class SamplingQmp:
+    """A QMP peer that answers query-status and HMP info registers."""
+
+    def __init__(self) -> None:
+        self.asked: list[dict[str, Any]] = []
+
+    def cmd_obj(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.asked.append(message)
+        if message["execute"] == "query-status":
+            return {"return": {"status": "running", "running": True}}
+        assert message == {"execute": "human-monitor-command", "arguments": {"command-line": "info registers -a"}}
+        return {"return": REGISTERS}
+
+    def get_events(self, wait: bool | float = False) -> list[dict[str, Any]]:
+        return []
+
+
+def test_a_failed_start_keeps_the_vcpu_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    monkeypatch.setattr(qemu_vm.time, "sleep", lambda seconds: None)
+    guest = QemuGuest.__new__(QemuGuest)  # a running one needs QEMU: its QMP side only
+    guest.machine = QemuMachine(kernel=Path("k"), initrd=Path("i"), cmdline="", memory=GiB, work=tmp_path)
+    guest.qmp, guest.events = SamplingQmp(), []  # type: ignore[assignment]
+    guest.process = subprocess.Popen(["sleep", "30"])
+    try:
+        guest.keep_vcpu_samples()
+    finally:
+        guest.process.kill()
+        guest.process.wait()
+    kept = (tmp_path / "qemu-vcpus.log").read_text().splitlines()
+    assert kept[0] == "sample 1: running; cpu0 ip=0xffffffffa32592eb cpl=0 running, cpu1 ip=0xb7b9 cpl=0 halted"
+    assert len(kept) == 6 and "running in 5 of 10 readings at 1 different addresses" in kept[-1]
+    assert "qemu: vCPUs: sample 5: running" in capsys.readouterr().err

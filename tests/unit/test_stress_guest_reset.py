@@ -474,6 +474,7 @@ def test_a_qemu_that_does_not_boot_shows_its_own_words(
 ) -> None:
     def boot_qemu(args: Any, logs: Path, private: Path) -> None:
         (logs / "qemu-stderr.log").write_text("qemu-system-x86_64: failed to initialize kvm: Permission denied\n")
+        (logs / "qemu-vcpus.log").write_text("every vCPU halted in every sample: the guest is idle\n")
         raise RuntimeError("the VMM exited with status 1 before it answered")
 
     monkeypatch.setattr(script, "boot_qemu", boot_qemu)
@@ -481,3 +482,4 @@ def test_a_qemu_that_does_not_boot_shows_its_own_words(
     out = capsys.readouterr().out
     assert status == 1 and "the guest did not boot: the VMM exited with status 1" in out
     assert "qemu-stderr.log | qemu-system-x86_64: failed to initialize kvm: Permission denied" in out
+    assert "qemu-vcpus.log | every vCPU halted in every sample: the guest is idle" in out
