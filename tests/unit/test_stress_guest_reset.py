@@ -483,3 +483,21 @@ def test_a_qemu_that_does_not_boot_shows_its_own_words(
     assert status == 1 and "the guest did not boot: the VMM exited with status 1" in out
     assert "qemu-stderr.log | qemu-system-x86_64: failed to initialize kvm: Permission denied" in out
     assert "qemu-vcpus.log | every vCPU halted in every sample: the guest is idle" in out
+
+
+def test_an_unwritable_logs_folder_is_a_clear_error(script: ModuleType, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    (tmp_path / "file").write_text("")  # a folder cannot be made under a file, as under the lab's read-only /work
+    status = script.run(script.parse_args(["--inside", "--logs", str(tmp_path / "file" / "logs")]))
+    err = capsys.readouterr().err
+    assert status == 2 and "cannot make the logs folder" in err and "give --logs a folder under /tmp" in err
+
+
+def test_the_lab_runs_the_projects_python(script: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[list[str]] = []
+    monkeypatch.setattr(script.subprocess, "call", lambda command, cwd: ran.append(command) or 0)
+    assert script.through_lab(script.parse_args(["--rounds", "2"]), ["--rounds", "2"]) == 0
+    python = script.project_python()
+    assert ran[0][0] == python and ran[0][ran[0].index("--") + 3] == python  # the lab and the loop inside it
+    if (script.REPO / ".venv" / "bin" / "python").exists():
+        assert python.endswith(".venv/bin/python")
