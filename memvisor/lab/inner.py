@@ -30,6 +30,7 @@ import time
 
 from memvisor.lab.cpus import bring_cpus_online
 from memvisor.lab.kvm_keys import hold_kvm_static_keys
+from memvisor.lab.loopback import bring_loopback_up
 from memvisor.lab.mux import (
     CONTROL,
     PORT_NAME,
@@ -331,6 +332,11 @@ def main() -> int:
         print(f"mvlab: brought CPUs {brought} online at uptime {_uptime()} s", file=sys.stderr, flush=True)
     except OSError as error:
         print(f"mvlab: cannot bring the other CPUs online ({error}): the lab runs on fewer", file=sys.stderr, flush=True)
+    try:  # guests of one lab talk over 127.0.0.1 (a migration over tcp:), which needs lo up
+        if bring_loopback_up():
+            print("mvlab: loopback interface lo is up", file=sys.stderr, flush=True)
+    except OSError as error:
+        print(f"mvlab: cannot bring lo up ({error}): tcp to 127.0.0.1 fails in the lab", file=sys.stderr, flush=True)
     port = find_port()
     fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     print(f"mvlab: port {port} open at uptime {_uptime()} s", file=sys.stderr, flush=True)
