@@ -13,14 +13,12 @@ runs during the migration; query-migrate's counts are printed (bytes sent agains
 The cancel test caps the bandwidth at 8 MiB/s (as scripts/stress-guest-reset does), cancels once the first pass
 is moving RAM, and checks that the source runs on untouched and that the destination ends by itself with 125.
 
-127.0.0.1 needs the loopback interface up; the lab's bare kernel (memvisor/lab/init.sh) never brings it up,
-so the tcp tests do (`loopback_up`, as root; a no-op where `lo` is up already, as on any ordinary host).
+127.0.0.1 needs the loopback interface up: the lab's agent brings it up (memvisor/lab/loopback.py), as any
+booted host has it.
 """
 
-import fcntl
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -58,23 +56,6 @@ if os.environ.get("MEMVISOR_MIGRATION_HINTING") == "1":
 
 # --- loopback TCP ---------------------------------------------------------------------------------------------
 
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-IFREQ = struct.Struct("16sH22x")  # struct ifreq: the name, then ifr_flags in its 24-byte union
-
-
-def loopback_up() -> None:
-    """Bring `lo` up if it is down: the lab's kernel leaves it down, and connecting to 127.0.0.1 then fails
-    with ENETUNREACH (binding works, so the destination would wait for a source that can never reach it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        _, flags = IFREQ.unpack(fcntl.ioctl(sock, SIOCGIFFLAGS, IFREQ.pack(b"lo", 0)))
-        if flags & IFF_UP:
-            return
-        try:
-            fcntl.ioctl(sock, SIOCSIFFLAGS, IFREQ.pack(b"lo", flags | IFF_UP))
-        except PermissionError:
-            pytest.fail("the loopback interface is down and this is not root: run `ip link set lo up` first")
-
-
 def free_port() -> int:
     """A TCP port nothing listens on now (the kernel's pick; the destination binds it with SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -98,7 +79,6 @@ def incoming(channel: str, tmp_path: Path) -> tuple[str, Callable[[], bool]]:
     if channel == "unix":
         path = tmp_path / "migration.sock"
         return f"unix:{path}", path.exists
-    loopback_up()
     port = free_port()
     return f"tcp:127.0.0.1:{port}", lambda: tcp_listening(port)
 
@@ -230,7 +210,6 @@ def test_migrate_cancel_in_the_first_pass_leaves_the_source_running_and_ends_the
     dest_dir.mkdir()
     with GuestVM(source_dir, memory="1G") as source:
         checksum = prepare(source)
-        loopback_up()
         port = free_port()
         uri = f"tcp:127.0.0.1:{port}"
         # The destination only receives (it never runs the guest here): a bare process, its exit status wanted.
