@@ -56,6 +56,7 @@ if os.environ.get("MEMVISOR_MIGRATION_HINTING") == "1":
 
 # --- loopback TCP ---------------------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     """A TCP port nothing listens on now (the kernel's pick; the destination binds it with SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
