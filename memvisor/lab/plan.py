@@ -197,19 +197,28 @@ KVM_AMD_ENV = "MEMVISOR_LAB_KVM_AMD"
 _MODULE_PARAMETER = re.compile(r"[a-z][a-z0-9_]*=[A-Za-z0-9_.-]+")
 
 
+DEFAULT_KVM_AMD = ("npt=0",)
+
+
 def lab_kvm_amd() -> tuple[str, ...]:
-    """Extra kvm_amd parameters for the lab's kernel: $MEMVISOR_LAB_KVM_AMD, comma-separated NAME=VALUE
-    (e.g. `npt=0` runs nested guests on shadow paging instead of the emulated nested paging; docs/LAB.md).
-    Loaded after the lab's own `nested=1`."""
-    raw = os.environ.get(KVM_AMD_ENV, "").strip()
-    if not raw:
+    """The kvm_amd parameters for the lab's kernel, loaded after the lab's own `nested=1`.
+
+    Default `npt=0`: the lab's KVM runs nested guests on shadow paging, not on the nested paging QEMU's TCG
+    emulates, because on the emulated nested paging guests triple-faulted while their memory moved and on shadow
+    paging they did not (docs/LAB.md, "Shadow paging in the lab"). $MEMVISOR_LAB_KVM_AMD replaces the default:
+    comma-separated NAME=VALUE words (`npt=1` brings the emulated nested paging back), or empty for kvm_amd's own
+    defaults."""
+    raw = os.environ.get(KVM_AMD_ENV)
+    if raw is None:
+        return DEFAULT_KVM_AMD
+    if not raw.strip():
         return ()
     words = tuple(word.strip() for word in raw.split(","))
     for word in words:
         if not _MODULE_PARAMETER.fullmatch(word):
             raise UsageError(
                 f"${KVM_AMD_ENV} holds {word!r}, not a kvm_amd parameter: write NAME=VALUE pairs separated by "
-                "commas, e.g. MEMVISOR_LAB_KVM_AMD=npt=0"
+                "commas, e.g. MEMVISOR_LAB_KVM_AMD=npt=1"
             )
     return words
 

@@ -537,7 +537,7 @@ def run_in_lab(
                         f"starting lab: {format_size(memory)}, {cpus} vCPUs, {len(resolved_shares)} shares, "
                         f"console {console}"
                         + (f", QEMU {machine.qemu} (${plan.QEMU_ENV})" if os.environ.get(plan.QEMU_ENV) else "")
-                        + (f", kvm_amd {' '.join(kvm_amd)} (${plan.KVM_AMD_ENV})" if kvm_amd else "")
+                        + (f", kvm_amd {' '.join(kvm_amd) or 'defaults'}" if kvm_amd != plan.DEFAULT_KVM_AMD else "")
                     )
                     return _run_once(machine, request, workdir, stop, stdin=stdin, say=say, timeout=timeout)
                 except _Stuck as stuck:

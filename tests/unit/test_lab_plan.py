@@ -166,8 +166,13 @@ def test_the_labs_qemu_is_the_one_on_path_unless_the_environment_names_another(m
 
 def test_extra_kvm_amd_parameters_reach_the_lab_kernel_as_one_word(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.delenv(plan.KVM_AMD_ENV, raising=False)
+    assert plan.lab_kvm_amd() == ("npt=0",)  # shadow paging by default (docs/LAB.md)
+    machine = dataclasses.replace(_machine(), kvm_amd=plan.lab_kvm_amd())
+    assert "mvlab.kvm_amd=npt=0" in _option(plan.qemu_command(machine), "-append")[0].split()
+    monkeypatch.setenv(plan.KVM_AMD_ENV, " ")  # empty: kvm_amd's own defaults, no word at all
     assert plan.lab_kvm_amd() == ()
-    assert not [w for w in _option(plan.qemu_command(_machine()), "-append")[0].split() if "kvm_amd" in w]
+    machine = dataclasses.replace(_machine(), kvm_amd=plan.lab_kvm_amd())
+    assert not [w for w in _option(plan.qemu_command(machine), "-append")[0].split() if "kvm_amd" in w]
     monkeypatch.setenv(plan.KVM_AMD_ENV, "npt=0, avic=0")
     assert plan.lab_kvm_amd() == ("npt=0", "avic=0")
     machine = dataclasses.replace(_machine(), kvm_amd=plan.lab_kvm_amd())
