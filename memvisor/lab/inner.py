@@ -332,6 +332,9 @@ def main() -> int:
         print(f"mvlab: brought CPUs {brought} online at uptime {_uptime()} s", file=sys.stderr, flush=True)
     except OSError as error:
         print(f"mvlab: cannot bring the other CPUs online ({error}): the lab runs on fewer", file=sys.stderr, flush=True)
+    # plan.lab_kvm_amd: shadow paging (N) unless asked otherwise
+    with contextlib.suppress(OSError), open("/sys/module/kvm_amd/parameters/npt") as file:
+        print(f"mvlab: kvm_amd npt={file.read().strip()}", file=sys.stderr, flush=True)
     try:  # guests of one lab talk over 127.0.0.1 (a migration over tcp:), which needs lo up
         if bring_loopback_up():
             print("mvlab: loopback interface lo is up", file=sys.stderr, flush=True)
