@@ -294,10 +294,7 @@ def test_restored_devices_work_balloon_virtio_mem_and_pmem(tmp_path: Path) -> No
         assert vm.check("sha256sum /mnt/t/data").split()[0] == data_sum
 
 
-@pytest.mark.may_skip
-@pytest.mark.skipif(os.environ.get("MEMVISOR_TRY_HINTED_SNAPSHOT") != "1",
-                    reason="experimental `memvisor snapshot --hints`: in its first lab run (s5) the restored guest "
-                           "reset while it booted; run it with MEMVISOR_TRY_HINTED_SNAPSHOT=1")  # fmt: skip
+# In CI since 2026-12-02: its one earlier failure (s5) was issue 13's reset of the lab's emulated nested paging.
 def test_a_hinted_snapshot_leaves_out_freed_memory_and_restores_every_used_page(tmp_path: Path) -> None:
     """`memvisor snapshot --hints` with a balloon that offers free page hinting asks the guest for hints first:
     memory the guest filled and freed (still holding data, no free page reporting) stays out of the file, and
