@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,6 +222,14 @@ def lab_kvm_amd() -> tuple[str, ...]:
                 "commas, e.g. MEMVISOR_LAB_KVM_AMD=npt=1"
             )
     return words
+
+
+def project_python(repo: Path) -> str:
+    """The Python that scripts starting a lab run inside it: the checkout's virtualenv (`repo`/.venv, which has
+    qemu.qmp and pytest) when there is one, else the one running now. A script run through its #!python3 line
+    must not take a Python without the test dependencies into the lab."""
+    venv = repo / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
 
 
 def early_shares(folders: list[str]) -> list[str]:

@@ -497,7 +497,9 @@ def test_the_lab_runs_the_projects_python(script: ModuleType, monkeypatch: pytes
     ran: list[list[str]] = []
     monkeypatch.setattr(script.subprocess, "call", lambda command, cwd: ran.append(command) or 0)
     assert script.through_lab(script.parse_args(["--rounds", "2"]), ["--rounds", "2"]) == 0
-    python = script.project_python()
+    from memvisor.lab.plan import project_python
+
+    python = project_python(script.REPO)
     assert ran[0][0] == python and ran[0][ran[0].index("--") + 3] == python  # the lab and the loop inside it
     if (script.REPO / ".venv" / "bin" / "python").exists():
         assert python.endswith(".venv/bin/python")
