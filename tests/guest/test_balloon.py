@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.balloon_wait import balloon_actual, move_balloon, stall_report
 from tests.guest.vm import GuestVM, wait_until
 
 MiB = 1 << 20
@@ -96,69 +97,14 @@ def reporting_vm(guests: Guests) -> GuestVM:
     return guests.get("virtio-balloon,id=balloon0,deflate-on-oom=on,free-page-reporting=on")
 
 
-def _actual(vm: GuestVM) -> int:
-    return int(vm.cmd("query-balloon")["actual"])
-
-
-def _balloon(vm: GuestVM, target: int, what: str) -> float:
-    """Ask for `target` bytes of guest RAM, wait until the guest is there (within 1 %) and its driver has
-    settled (`actual` unchanged for 2 s); return the seconds until it was within 1 %."""
-    start = time.monotonic()
-    vm.cmd("balloon", value=target)
-    seen: list[tuple[float, int]] = []  # (seconds, actual) each time `actual` changed
-
-    def arrived() -> bool:
-        actual = _actual(vm)
-        if not seen or seen[-1][1] != actual:
-            seen.append((time.monotonic() - start, actual))
-        return abs(actual - target) <= target // 100
-
-    try:
-        wait_until(arrived, timeout=400, interval=0.5, what=what)
-    except AssertionError as error:
-        raise AssertionError(f"{error}\n{_stall_report(vm, seen)}") from None
-    seconds = time.monotonic() - start
-    previous = [-1]
-
-    def settled() -> bool:
-        actual = _actual(vm)
-        stable, previous[0] = actual == previous[0], actual
-        return stable
-
-    wait_until(settled, timeout=60, interval=2, what=f"{what}: the driver to settle")
-    print(f"[balloon] {what}: {seconds:.1f} s (actual {_actual(vm) // MiB} MiB)")
-    return seconds
-
-
-def _stall_report(vm: GuestVM, seen: list[tuple[float, int]]) -> str:
-    """What a balloon that stopped short shows: how `actual` moved, the guest's view (free memory, its
-    balloon counters, the end of its kernel log) and the VMM's exit counts. Each part is best effort: the
-    guest may be the thing that hangs."""
-    lines = ["actual over time (s, MiB): " + ", ".join(f"{t:.0f}:{a // MiB}" for t, a in seen[-12:])]
-    for label, command in (
-        ("guest memory", "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Shmem):' /proc/meminfo"),
-        ("guest balloon counters", "grep -E '^balloon' /proc/vmstat"),
-        ("guest kernel log", "dmesg | tail -n 15"),
-    ):
-        try:
-            lines.append(f"{label}:\n{vm.exec(command, timeout=30).stdout.rstrip()}")
-        except Exception as error:  # the guest agent may not answer: say so and go on
-            lines.append(f"{label}: not read ({error})")
-    try:
-        lines.append(f"exits to Python: {vm.cmd('x-query-exits')}")
-    except Exception as error:
-        lines.append(f"exits to Python: not read ({error})")
-    return "\n".join(lines)
-
-
 def _empty_balloon(vm: GuestVM) -> None:
     """A full-size guest with nothing left on the test tmpfs."""
     vm.check(f"rm -f {TMPFS}/*")
     vm.cmd("balloon", value=RAM)
     try:
-        wait_until(lambda: _actual(vm) == RAM, timeout=400, interval=0.5, what="an empty balloon")
+        wait_until(lambda: balloon_actual(vm) == RAM, timeout=400, interval=0.5, what="an empty balloon")
     except AssertionError as error:
-        raise AssertionError(f"{error}\n{_stall_report(vm, [(0.0, _actual(vm))])}") from None
+        raise AssertionError(f"{error}\n{stall_report(vm, [(0.0, balloon_actual(vm))])}") from None
 
 
 def _known_state(vm: GuestVM) -> None:
@@ -188,7 +134,7 @@ def _checksum(vm: GuestVM, path: str) -> str:
 def _leave_free(vm: GuestVM, free: int) -> int:
     """Inflate the balloon until about `free` bytes of guest memory are free; return the target it was given."""
     target = (RAM - (vm.meminfo()["MemFree"] - free)) // MiB * MiB
-    _balloon(vm, target, f"inflate to {target // MiB} MiB leaving {free // MiB} MiB free")
+    move_balloon(vm, target, f"inflate to {target // MiB} MiB leaving {free // MiB} MiB free")
     return target
 
 
@@ -211,8 +157,8 @@ def test_inflate_gives_memory_to_the_host_and_deflate_gives_it_back(plain_vm: Gu
     total_before = vm.meminfo()["MemTotal"]
     host_before = vm.host_memory()
 
-    seconds = _balloon(vm, 512 * MiB, "inflate 1G -> 512M")
-    ballooned = RAM - _actual(vm)
+    seconds = move_balloon(vm, 512 * MiB, "inflate 1G -> 512M").seconds
+    ballooned = RAM - balloon_actual(vm)
     total_inflated = vm.meminfo()["MemTotal"]
     host_inflated = vm.host_memory()
     print(f"[balloon] inflate: {ballooned / MiB / seconds:.1f} MiB/s; MemTotal {total_before // MiB} -> "
@@ -229,8 +175,8 @@ def test_inflate_gives_memory_to_the_host_and_deflate_gives_it_back(plain_vm: Gu
     vm.check(f"dd if=/dev/urandom of={TMPFS}/more bs=1M count=128 2>/dev/null")
     more = _checksum(vm, f"{TMPFS}/more")
 
-    _balloon(vm, RAM, "deflate 512M -> 1G")
-    assert _actual(vm) == RAM
+    move_balloon(vm, RAM, "deflate 512M -> 1G")
+    assert balloon_actual(vm) == RAM
     assert vm.meminfo()["MemTotal"] == total_before
     assert _checksum(vm, f"{TMPFS}/keep") == kept, "the guest's file changed across inflate and deflate"
     assert _checksum(vm, f"{TMPFS}/more") == more
@@ -303,7 +249,7 @@ def test_deflate_on_oom_lets_the_guest_allocate_without_killing(reporting_vm: Gu
     start = time.monotonic()
     result = vm.exec(HOLD_ANON.format(n=300), timeout=400)
     seconds = time.monotonic() - start
-    actual = _actual(vm)
+    actual = balloon_actual(vm)
     print(f"[balloon] deflate-on-oom: 300 MiB held in {seconds:.1f} s with {free_before // MiB} MiB free; "
           f"balloon {target // MiB} -> {actual // MiB} MiB")  # fmt: skip
     assert result.status == 0 and result.stdout == "held\n", (result.status, result.stderr)
@@ -319,7 +265,7 @@ def test_without_deflate_on_oom_the_oom_killer_acts(plain_vm: GuestVM) -> None:
     killed = _oom_kills(vm)
     print(f"[balloon] no deflate-on-oom: the allocator exited {result.status}; OOM-killed: {killed}")
     assert result.status == 137 and set(killed) == {"awk"}, (result.status, result.stderr, killed)
-    assert abs(_actual(vm) - target) <= target // 100  # the balloon stayed inflated
+    assert abs(balloon_actual(vm) - target) <= target // 100  # the balloon stayed inflated
     assert vm.check("echo alive") == "alive\n"  # the agent survived
 
 
@@ -336,4 +282,4 @@ def test_free_page_reporting_returns_freed_memory_without_a_host_command(reporti
                what="the host to get 300 MiB back by free page reporting")  # fmt: skip
     print(f"[balloon] free page reporting: host memory {peak // MiB} -> {vm.host_memory() // MiB} MiB "
           f"within {time.monotonic() - start:.1f} s of the free")  # fmt: skip
-    assert _actual(vm) == RAM  # reporting is not ballooning
+    assert balloon_actual(vm) == RAM  # reporting is not ballooning

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from memvisor.memory.backend import HUGEPAGES_2M, THP_SHMEM_CONTROL, hugepage_pool, thp_shmem_setting
+from tests.guest.balloon_wait import balloon_actual, move_balloon
 from tests.guest.vm import GuestVM, wait_until
 
 MiB = 1 << 20
@@ -71,17 +72,6 @@ def _host_meminfo() -> dict[str, int]:
         name, _, rest = line.partition(":")
         values[name] = int(rest.split()[0]) * (1024 if rest.strip().endswith("kB") else 1)
     return values
-
-
-def _actual(vm: GuestVM) -> int:
-    return int(vm.cmd("query-balloon")["actual"])
-
-
-def _balloon(vm: GuestVM, target: int, what: str) -> None:
-    start = time.monotonic()
-    vm.cmd("balloon", value=target)
-    wait_until(lambda: abs(_actual(vm) - target) <= target // 100, timeout=300, interval=0.5, what=what)
-    print(f"[huge] {what}: {time.monotonic() - start:.1f} s")
 
 
 def _checksum(vm: GuestVM, path: str) -> str:
@@ -133,8 +123,8 @@ def test_balloon_and_free_page_reporting_give_huge_page_memory_back(
         before = vm.host_memory()
         assert before >= held - 16 * MiB, f"the host got memory back with reporting off: {held // MiB} -> {before // MiB}"
         pool_before = hugepage_pool()
-        _balloon(vm, 512 * MiB, f"{backend}: inflate 1G -> 512M")
-        ballooned = RAM - _actual(vm)
+        move_balloon(vm, 512 * MiB, f"{backend}: inflate 1G -> 512M")
+        ballooned = RAM - balloon_actual(vm)
         after = vm.host_memory()
         pool_after = hugepage_pool()
         print(f"[huge] {backend}: balloon {ballooned // MiB} MiB, host memory {before // MiB} -> {after // MiB} MiB, "
@@ -146,7 +136,7 @@ def test_balloon_and_free_page_reporting_give_huge_page_memory_back(
             assert pool_before is not None and pool_after is not None
             assert (pool_after.free - pool_before.free) * 2 * MiB >= share * ballooned, (pool_before, pool_after)
         assert _checksum(vm, f"{TMPFS}/keep") == kept, "the guest's file changed while the balloon was inflated"
-        _balloon(vm, RAM, f"{backend}: deflate 512M -> 1G")
+        move_balloon(vm, RAM, f"{backend}: deflate 512M -> 1G")
         assert _checksum(vm, f"{TMPFS}/keep") == kept, "the guest's file changed across inflate and deflate"
         vm.check(f"dd if=/dev/urandom of={TMPFS}/more bs=1M count=32 2>/dev/null && sha256sum {TMPFS}/more")
 

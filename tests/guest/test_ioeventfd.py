@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.guest.balloon_wait import move_balloon
 from tests.guest.vm import GuestVM, wait_until
 
 pytestmark = [
@@ -51,14 +52,6 @@ def exits(vm: GuestVM) -> tuple[int, dict[str, int]]:
     return int(reply["total"]), dict(reply["eventfd"])
 
 
-def balloon_to(vm: GuestVM, target: int, what: str) -> float:
-    started = time.monotonic()
-    vm.cmd("balloon", value=target)
-    wait_until(lambda: abs(int(vm.cmd("query-balloon")["actual"]) - target) <= target // 100, timeout=400,
-               interval=0.5, what=what)  # fmt: skip
-    return time.monotonic() - started
-
-
 @pytest.mark.timeout(900)
 def test_balloon_and_virtio_mem_work_with_notifies_through_ioeventfds(tmp_path: Path) -> None:
     with GuestVM(tmp_path, memory="1G", devices=DEVICES) as vm:
@@ -73,7 +66,7 @@ def test_balloon_and_virtio_mem_work_with_notifies_through_ioeventfds(tmp_path: 
         vm.check(f"dd if=/dev/zero of={TMPFS}/f bs=1M count=600 && rm {TMPFS}/f", timeout=600)
         host_before = vm.host_memory()
         before = exits(vm)
-        seconds = balloon_to(vm, TARGET, "inflate 1G -> 512M")
+        seconds = move_balloon(vm, TARGET, "inflate 1G -> 512M").seconds
         after = exits(vm)
         ballooned = RAM - int(vm.cmd("query-balloon")["actual"])
         host_inflated = vm.host_memory()
@@ -86,7 +79,7 @@ def test_balloon_and_virtio_mem_work_with_notifies_through_ioeventfds(tmp_path: 
         assert host_before - host_inflated >= 0.9 * ballooned, "the host did not get the ballooned memory back"
         # Linux's driver kicks once per buffer and waits for it: every kick came through an ioeventfd.
         assert notifies >= 0.9 * buffers, f"{notifies} notifies through eventfds for {buffers} inflate buffers"
-        seconds = balloon_to(vm, RAM, "deflate 512M -> 1G")
+        seconds = move_balloon(vm, RAM, "deflate 512M -> 1G").seconds
         report(f"deflate 512M -> 1G: {seconds:.2f} s")
         assert vm.check(f"sha256sum {TMPFS}/keep").split()[0] == kept, "the guest's data changed"
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from tests.guest.balloon_wait import move_balloon
 from tests.guest.vm import REPO, GuestVM, wait_until
 
 MiB = 1 << 20
@@ -105,24 +106,6 @@ def writer_goes_on(vm: GuestVM, when: str) -> None:
                what=f"the guest's writer loop to go on {when}")  # fmt: skip
 
 
-def balloon_to(vm: GuestVM, target: int, what: str) -> int:
-    """Ask for `target` bytes of guest RAM; wait until query-balloon's `actual` is there (Linux's driver moves
-    the balloon to the exact target, updating `actual` batch by batch), or within 1 % of it and no longer moving
-    (the same on two reads a second apart); return that `actual`."""
-    vm.cmd("balloon", value=target)
-    previous = [-1]
-
-    def settled() -> int:  # 0 until then
-        actual = int(vm.cmd("query-balloon")["actual"])
-        done = actual == target or (actual == previous[0] and abs(actual - target) <= target // 100)
-        previous[0] = actual
-        return actual if done else 0
-
-    actual = wait_until(settled, timeout=120, interval=1, what=what)
-    print(f"balloon: {what}: actual {actual >> 20} MiB")
-    return actual
-
-
 def migration_ended(vm: GuestVM) -> Callable[[], Any]:
     def ended() -> Any:
         info = vm.cmd("query-migrate")
@@ -144,7 +127,7 @@ def test_live_migration_keeps_the_guest_its_files_and_its_processes(tmp_path: Pa
         checksum = prepare(source)
         balloon_before = RAM
         if balloon:  # the balloon's pages are not sent; its state is
-            balloon_before = balloon_to(source, RAM - 64 * MiB, "inflate by 64 MiB on the source")
+            balloon_before = move_balloon(source, RAM - 64 * MiB, "inflate by 64 MiB on the source").actual
         boot_id = source.check("cat /proc/sys/kernel/random/boot_id").strip()
         uptime_before = float(source.check("cut -d' ' -f1 /proc/uptime"))
 
@@ -195,8 +178,8 @@ def test_live_migration_keeps_the_guest_its_files_and_its_processes(tmp_path: Pa
             assert dest.cmd("query-status")["status"] == "running"
             if balloon:  # the balloon came along and works: the same size, then a small inflate and deflate
                 assert int(dest.cmd("query-balloon")["actual"]) == balloon_before
-                balloon_to(dest, RAM - 128 * MiB, "inflate by 64 MiB more on the destination")
-                assert balloon_to(dest, RAM, "deflate to 1G on the destination") == RAM
+                move_balloon(dest, RAM - 128 * MiB, "inflate by 64 MiB more on the destination")
+                assert move_balloon(dest, RAM, "deflate to 1G on the destination").actual == RAM
                 writer_goes_on(dest, "after the balloon moved")
             console = dest.console_text()
             assert "soft lockup" not in console and "BUG:" not in console, console[-2000:]
