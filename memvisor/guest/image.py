@@ -97,6 +97,7 @@ LAB_MODULES = (
     "9pnet",
     "9pnet_virtio",
     "9p",
+    "veth",  # the guest tests' veth pair between two network namespaces (tests/guest/netns.py)
 )
 E2FS_PROGRAMS = ("mke2fs", "e2fsck", "debugfs", "tune2fs", "dumpe2fs", "resize2fs")
 E2FS_LINKS = {
@@ -453,7 +454,7 @@ def ensure_guest_image(flavour: str = "default", *, progress: Progress = None) -
 
 def build_lab_image(progress: Progress = None, *, extra_modules: Sequence[str] = ()) -> GuestImage:
     """The lab's L1 image: the default kernel and an initramfs with busybox, the KVM (AMD, nested), 9p over
-    virtio-pci and virtio-console modules, and /init = memvisor/lab/init.sh (read now, part of the key).
+    virtio-pci, virtio-console and veth modules, and /init = memvisor/lab/init.sh (read now, part of the key).
 
     Cached like the guest image; `extra_modules` adds modules (with their dependencies).
     """

@@ -4,7 +4,7 @@
 # It turns a bare kernel into "the host's own files, read-only, with a working /dev/kvm":
 #   1. mounts /proc, /sys, /dev;
 #   2. loads kvm_amd with nested=1 (QEMU TCG's `-cpu max` offers SVM with nested paging), then the virtio
-#      drivers: virtio_pci first, or 9pnet_virtio finds no channel (docs/LAB.md);
+#      drivers: virtio_pci first, or 9pnet_virtio finds no channel (docs/LAB.md); then veth;
 #   3. mounts the host's root (9p tag `hostroot`, read-only) at /host, with /proc, /sys, /dev and
 #      tmpfs folders for the places programs expect to write (/run, /tmp, /var/tmp, /dev/shm);
 #   4. runs `python -m memvisor.lab.inner` chrooted into /host: the host's own Python and checkout.
@@ -42,6 +42,9 @@ modprobe virtio_pci || die "virtio_pci did not load"
 for module in 9pnet_virtio 9p virtio_console; do
     modprobe "$module" || die "$module did not load"
 done
+# veth, for the guest tests that migrate between two network namespaces (tests/guest/netns.py): loaded here,
+# from this initramfs, since the chroot's /lib/modules is the host's and holds no module of this kernel.
+modprobe veth || say "veth did not load: the guest tests' network namespaces will have no veth pair"
 
 mkdir -p /host
 mount -t 9p -o "trans=virtio,version=9p2000.L,ro,msize=262144,cache=$CACHE" hostroot /host ||

@@ -1,5 +1,6 @@
-"""Live migration of a running Debian guest between two memvisor processes in one lab, over `unix:PATH` and
-over loopback `tcp:127.0.0.1:PORT`; and `migrate_cancel` in the middle of the first RAM pass.
+"""Live migration of a running Debian guest between two memvisor processes in one lab, over `unix:PATH`, over
+loopback `tcp:127.0.0.1:PORT` and over TCP between two network namespaces the test creates (a veth pair, traffic
+only inside them: tests/guest/netns.py); and `migrate_cancel` in the middle of the first RAM pass.
 
 The source guest keeps writing a counter file in a loop and holds a 64 MiB tmpfs file of random data; the
 destination waits with `--incoming unix:PATH` or `--incoming tcp:127.0.0.1:PORT`. After QMP `migrate`
@@ -9,6 +10,9 @@ guests have a balloon, inflated by 64 MiB on the source before the migration: it
 destination's `query-balloon` reads what the source's did, and the balloon inflates and deflates there.
 A further unix variant has the balloon's free page hinting on, so a hint round
 runs during the migration; query-migrate's counts are printed (bytes sent against RAM, pages skipped by reason).
+In the netns variant the source memvisor runs in namespace mvmig-src-PID and the destination in mvmig-dst-PID
+(`ip netns exec`; their QMP sockets stay in the filesystem, which namespaces do not split), the destination
+listens on its veth address and the veth ends' byte counters show the migration's bytes went through them.
 
 The cancel test caps the bandwidth at 8 MiB/s (as scripts/stress-guest-reset does), cancels once the first pass
 is moving RAM, and checks that the source runs on untouched and that the destination ends by itself with 125.
@@ -23,13 +27,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.guest.balloon_wait import move_balloon
+from tests.guest.netns import NetnsPair, netns_pair, tcp_table_listens
 from tests.guest.vm import REPO, GuestVM, wait_until
 
 MiB = 1 << 20
@@ -51,7 +56,10 @@ CANCEL_BANDWIDTH = 8 * MiB
 HINTING = "virtio-balloon,id=balloon0,free-page-hint=on"
 VARIANTS = [pytest.param("unix", [], False, id="unix-plain"),
             pytest.param("tcp", [BALLOON], True, id="tcp-balloon"),
-            pytest.param("unix", [HINTING], False, id="unix-hinting")]  # fmt: skip
+            pytest.param("unix", [HINTING], False, id="unix-hinting"),
+            pytest.param("netns", [], False, id="netns-tcp")]  # fmt: skip
+# The destination's port in its own fresh namespace, where nothing else listens.
+NETNS_PORT = 4444
 
 
 # --- loopback TCP ---------------------------------------------------------------------------------------------
@@ -67,21 +75,44 @@ def free_port() -> int:
 def tcp_listening(port: int) -> bool:
     """A socket listens on `port` (state 0A in /proc/net/tcp). Read without connecting: the destination takes
     one connection only, and a probe would be that one."""
-    suffix = f":{port:04X}"
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if len(fields) > 3 and fields[1].endswith(suffix) and fields[3] == "0A":
-            return True
-    return False
+    return tcp_table_listens(Path("/proc/net/tcp").read_text(), port)
 
 
-def incoming(channel: str, tmp_path: Path) -> tuple[str, Callable[[], bool]]:
-    """The destination's URI for `channel` ("unix" or "tcp") and a check that it listens."""
+def incoming(channel: str, tmp_path: Path, pair: NetnsPair | None) -> tuple[str, Callable[[], bool]]:
+    """The destination's URI for `channel` ("unix", "tcp" or "netns": `pair`'s) and a check that it listens
+    (for "netns", in the destination's namespace: /proc/net/tcp is per namespace)."""
     if channel == "unix":
         path = tmp_path / "migration.sock"
         return f"unix:{path}", path.exists
+    if channel == "netns":
+        assert pair is not None
+        return f"tcp:{pair.dest.address}:{NETNS_PORT}", lambda: pair.dest.listens(NETNS_PORT)
     port = free_port()
     return f"tcp:127.0.0.1:{port}", lambda: tcp_listening(port)
+
+
+@pytest.fixture
+def veth_pair() -> Iterator[NetnsPair]:
+    """Two network namespaces joined by a veth pair, removed after the test (whatever happened)."""
+    with netns_pair() as pair:
+        yield pair
+
+
+def lo_bytes() -> int:
+    """Bytes sent over this (the lab's own) namespace's loopback."""
+    return int(Path("/sys/class/net/lo/statistics/tx_bytes").read_text())
+
+
+def traffic_stayed_inside(pair: NetnsPair, before: dict[str, tuple[int, int]], lo_before: int, sent: int) -> None:  # fmt: skip
+    """The veth ends carried at least the `sent` bytes (source's tx, destination's rx, both counting headers
+    too) and this namespace's loopback less than that."""
+    out = pair.source.byte_counts()[1] - before["source"][1]
+    into = pair.dest.byte_counts()[0] - before["dest"][0]
+    lo = lo_bytes() - lo_before
+    print(f"veth: the source's end sent {out >> 20} MiB, the destination's received {into >> 20} MiB "
+          f"(the migration sent {sent >> 20} MiB); the lab's loopback carried {lo >> 20} MiB meanwhile")  # fmt: skip
+    assert out >= sent and into >= sent, (out, into, sent)
+    assert lo < sent, (lo, sent)
 
 
 # --- the guest ------------------------------------------------------------------------------------------------
@@ -118,12 +149,15 @@ def migration_ended(vm: GuestVM) -> Callable[[], Any]:
 
 
 @pytest.mark.parametrize(("channel", "devices", "balloon"), VARIANTS)
-def test_live_migration_keeps_the_guest_its_files_and_its_processes(tmp_path: Path, channel: str, devices: list[str],
+def test_live_migration_keeps_the_guest_its_files_and_its_processes(tmp_path: Path, request: pytest.FixtureRequest,
+                                                                    channel: str, devices: list[str],
                                                                     balloon: bool) -> None:  # fmt: skip
     source_dir, dest_dir = tmp_path / "source", tmp_path / "dest"
     source_dir.mkdir()
     dest_dir.mkdir()
-    with GuestVM(source_dir, memory="1G", devices=devices) as source:
+    pair: NetnsPair | None = request.getfixturevalue("veth_pair") if channel == "netns" else None
+    source_ns, dest_ns = (pair.source.netns, pair.dest.netns) if pair else (None, None)
+    with GuestVM(source_dir, memory="1G", devices=devices, netns=source_ns) as source:
         checksum = prepare(source)
         balloon_before = RAM
         if balloon:  # the balloon's pages are not sent; its state is
@@ -131,13 +165,14 @@ def test_live_migration_keeps_the_guest_its_files_and_its_processes(tmp_path: Pa
         boot_id = source.check("cat /proc/sys/kernel/random/boot_id").strip()
         uptime_before = float(source.check("cut -d' ' -f1 /proc/uptime"))
 
-        uri, listening = incoming(channel, tmp_path)  # a TCP port is picked just before the destination starts
+        # A TCP port is picked just before the destination starts.
+        uri, listening = incoming(channel, tmp_path, pair)
         started: dict[str, Any] = {}
 
         def start_destination() -> None:
             try:
-                started["vm"] = GuestVM(dest_dir, memory="1G", devices=devices,
-                                        extra=["--incoming", uri], boot_timeout=300)  # fmt: skip
+                started["vm"] = GuestVM(dest_dir, memory="1G", devices=devices, extra=["--incoming", uri],
+                                        boot_timeout=300, netns=dest_ns)  # fmt: skip
             except BaseException as error:  # noqa: BLE001 - reported by the test below
                 started["error"] = error
 
@@ -147,6 +182,8 @@ def test_live_migration_keeps_the_guest_its_files_and_its_processes(tmp_path: Pa
             wait_until(lambda: listening() or "error" in started, timeout=120, interval=0.2,
                        what="the destination to listen")  # fmt: skip
             assert "error" not in started, started.get("error")
+            veth_before = {"source": pair.source.byte_counts(), "dest": pair.dest.byte_counts()} if pair else {}  # fmt: skip
+            lo_before = lo_bytes()
             began = time.monotonic()
             source.cmd("migrate-set-parameters", downtime_limit=500, max_bandwidth=0)
             source.cmd("migrate", uri=uri)
@@ -170,6 +207,8 @@ def test_live_migration_keeps_the_guest_its_files_and_its_processes(tmp_path: Pa
         finally:
             thread.join(330)
         assert "error" not in started, started.get("error")
+        if pair:  # read once the destination runs: every byte sent has arrived
+            traffic_stayed_inside(pair, veth_before, lo_before, ram["transferred"])
         with started["vm"] as dest:
             assert dest.check("cat /proc/sys/kernel/random/boot_id").strip() == boot_id  # the same boot
             assert float(dest.check("cut -d' ' -f1 /proc/uptime")) >= uptime_before  # uptime continues

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from memvisor.control.ready import QmpNotReady, wait_for_qmp
+from tests.guest.netns import exec_prefix
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -50,6 +51,7 @@ class GuestVM:
         extra: list[str] | None = None,
         boot_timeout: float = 240,
         cgroup: Path | None = None,
+        netns: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.socket = workdir / "qmp.sock"
@@ -59,8 +61,7 @@ class GuestVM:
         for device in devices or []:
             argv += ["--device", device]
         argv += extra or []
-        if cgroup is not None:  # join the cgroup v2 before exec: every page memvisor touches is charged there
-            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *argv]
+        argv = wrapped_argv(argv, cgroup=cgroup, netns=netns)
         self.stderr_path = workdir / "memvisor.stderr"
         self._stderr = self.stderr_path.open("wb")
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -151,6 +152,17 @@ class GuestVM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wrapped_argv(argv: list[str], *, cgroup: Path | None = None, netns: str | None = None) -> list[str]:
+    """memvisor's `argv` run inside network namespace `netns` (`ip netns exec NAME`, tests/guest/netns.py) and
+    in cgroup v2 `cgroup` (joined by a shell before exec: every page memvisor touches is charged there). Each
+    wrapper execs the next, so the process started is memvisor's (its pid, its /proc/PID/fd)."""
+    if netns is not None:
+        argv = [*exec_prefix(netns), *argv]
+    if cgroup is not None:
+        argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *argv]
+    return argv
 
 
 def memfd_bytes(pid: int, wanted: Callable[[str], bool]) -> int:
