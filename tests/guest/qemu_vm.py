@@ -118,6 +118,7 @@ class QemuMachine:
     binary: str = "qemu-system-x86_64"
     name: str = "qemu"  # prefix of the files in `work`
     sockets: Path | None = None  # where the UNIX sockets go (default: `work`; a 9p share is no place for them)
+    incoming: str | None = None  # `-incoming URI` (unix:PATH, defer): wait for a migration stream, no boot
 
     @property
     def qmp_socket(self) -> Path:
@@ -169,6 +170,8 @@ class QemuMachine:
         ]  # fmt: skip
         if self.no_reboot:
             argv.append("-no-reboot")
+        if self.incoming is not None:
+            argv += ["-incoming", self.incoming]
         return argv
 
 

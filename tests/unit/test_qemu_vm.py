@@ -86,6 +86,15 @@ def test_a_plain_machine_has_no_maxmem_and_tcg_uses_cpu_max(tmp_path: Path) -> N
         machine.argv()
 
 
+def test_a_migration_destination_waits_with_incoming_last(tmp_path: Path) -> None:
+    machine = QemuMachine(kernel=Path("/k"), initrd=Path("/i"), cmdline="c", memory=GiB, work=tmp_path,
+                          devices=balloon_device(hint=True), no_reboot=True)  # fmt: skip
+    source = machine.argv()
+    assert "-incoming" not in source
+    machine.incoming = f"unix:{tmp_path}/mig.sock"
+    assert machine.argv() == [*source, "-incoming", f"unix:{tmp_path}/mig.sock"]
+
+
 def test_the_memory_benchmark_gives_qemu_what_it_gave_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/memory_vs_qemu.py's QEMU command line, now built here: the same guest and devices as before."""
     from benchmarks import memory_vs_qemu
