@@ -67,12 +67,12 @@ from tests.guest.qemu_vm import (  # noqa: E402
     AgentSocket,
     QemuMachine,
     balloon_device,
-    bind_virtio_pci,
     connect_qmp,
     initrd_with_virtio_pci,
     pmem_device,
     qemu_cmdline,
     virtio_mem_device,
+    wait_for_virtio_devices,
 )
 from tests.guest.vm import memfd_bytes  # noqa: E402
 
@@ -236,8 +236,8 @@ class QemuVm(Vm):
     def _start(self, machine: QemuMachine, pmem: Path | None) -> None:
         self.qmp = _connect_qmp(machine.qmp_socket, self.process, 60)
         self.agent = AgentSocket(machine.agent_socket, 300)
-        log("qemu: the agent answers; loading virtio_pci")
-        bind_virtio_pci(self.exec, [BALLOON_BOUND] + ([VIRTIO_MEM_BOUND, PMEM_BOUND] if pmem is not None else []))
+        log("qemu: the agent answers; waiting for its virtio-pci devices")
+        wait_for_virtio_devices(self.exec, [BALLOON_BOUND] + ([VIRTIO_MEM_BOUND, PMEM_BOUND] if pmem is not None else []))
         log("qemu: devices bound")
         self._ram_fd = self._find_ram_memfd()
 

@@ -1,7 +1,7 @@
 #!/bin/sh
 # memvisor guest /init (busybox sh, PID 1). Built into the initramfs by memvisor/guest/image.py, which
 # replaces the module list placeholders with the modules of the image, in load order.
-# It mounts the basics, loads the virtio and nvdimm drivers, then runs the guest agent on /dev/ttyS1,
+# It mounts the basics, loads the virtio and nvdimm drivers, then runs the guest agent (agent.sh: /dev/hvc0 or /dev/ttyS1),
 # protected from the OOM killer; when the agent ends, the guest powers off.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 export HOME=/root
@@ -17,6 +17,17 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 hostname memvisor
 
+# Modules from outside the image's module tree, named on the kernel command line as
+# mvinsmod=/path/a.ko,/path/b.ko (the kernel hands unknown name=value words to init's environment), load first:
+# QEMU's guest gets virtio_pci this way (appended by tests/guest/qemu_vm.py), so that its virtio-console exists
+# before the agent looks for /dev/hvc0.
+saved_ifs=$IFS
+IFS=,
+for path in ${mvinsmod:-}; do
+    insmod "$path" || echo "memvisor-init: insmod $path failed" >&2
+done
+IFS=$saved_ifs
+
 for module in @MODULES@; do
     modprobe "$module" || echo "memvisor-init: modprobe $module failed" >&2
 done
@@ -27,7 +38,7 @@ done
 
 # Children inherit the score: the agent is never chosen by the OOM killer; it sets 0 for each command.
 echo -1000 > /proc/self/oom_score_adj
-echo "memvisor-init: starting the agent on /dev/ttyS1"
+echo "memvisor-init: starting the agent (on /dev/hvc0, or /dev/ttyS1 without a virtio-console)"
 /bin/sh /usr/lib/memvisor/agent.sh
 echo "memvisor-init: the agent exited with status $?, powering off"
 sync

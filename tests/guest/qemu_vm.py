@@ -9,8 +9,13 @@ blocks the memory benchmark and scripts/stress-guest-reset share.
         guest.cmd("balloon", value=512 << 20)
 
 The guest image has no virtio_pci module (memvisor puts its devices on virtio-mmio), so QEMU's guest gets the
-image's initrd with the virtio_pci modules appended as a second cpio archive, and the guest agent (on the second
-UART, a UNIX socket here) insmods them once it answers. The kernel command line is memvisor's without `pci=off`.
+image's initrd with the virtio_pci modules appended as a second cpio archive, and /init insmods them first (the
+kernel command line names them: `mvinsmod=`, memvisor's command line less `pci=off` plus that). The guest agent
+talks over a virtio-console on PCI (a UNIX socket here), as it does under memvisor (virtio-console on mmio).
+It used to talk over the second UART: in the lab (QEMU 7.2 under L1's KVM under QEMU TCG) that channel lost
+its interrupts, so a command over a few bytes long could wait minutes or for ever (2026-12-02: no answer to the
+virtio_pci insmod in 300 s with 2 vCPUs, on the in-kernel and on the split irqchip; 177 s to bind the balloon
+with 1 vCPU), which stopped every QEMU comparison in the lab.
 """
 
 from __future__ import annotations
@@ -64,9 +69,11 @@ def initrd_with_virtio_pci(image: GuestImage, out: Path) -> Path:
 
 
 def qemu_cmdline(append: str = "") -> str:
-    """memvisor's kernel command line for QEMU's guest: the same words, less `pci=off` (its devices are on PCI)."""
-    words = [word for word in BASE_CMDLINE.split() if word != "pci=off"] + append.split()
-    return " ".join(words)
+    """memvisor's kernel command line for QEMU's guest: the same words, less `pci=off` (its devices are on PCI),
+    plus the virtio_pci modules for /init to insmod before anything looks for a device (memvisor/guest/init.sh)."""
+    words = [word for word in BASE_CMDLINE.split() if word != "pci=off"]
+    words.append("mvinsmod=" + ",".join(f"/{MODULE_DIR}/{name}.ko" for name in PCI_MODULES))
+    return " ".join(words + append.split())
 
 
 # --- the command line -----------------------------------------------------------------------------------------------
@@ -103,7 +110,7 @@ def pmem_device(file: Path, size: int, *, ident: str = "pm0") -> list[str]:
 @dataclass
 class QemuMachine:
     """What QEMU is asked to run: a pc machine on a memfd, the kernel and initrd, the console in a file, the
-    agent on the second UART (a UNIX socket), QMP on a UNIX socket, then `devices` (-object/-device words)."""
+    agent on a virtio-console (a UNIX socket), QMP on a UNIX socket, then `devices` (-object/-device words)."""
 
     kernel: Path
     initrd: Path
@@ -164,7 +171,8 @@ class QemuMachine:
             "-m", size, "-object", f"memory-backend-memfd,id=ram,size={memory}", "-machine", "pc,memory-backend=ram",
             "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline,
             "-serial", f"file:{self.console}",
-            "-chardev", f"socket,id=agent,path={self.agent_socket},server=on,wait=off", "-serial", "chardev:agent",
+            "-chardev", f"socket,id=agent,path={self.agent_socket},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=agent-serial", "-device", "virtconsole,chardev=agent,id=agent-port",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             *self.devices,
         ]  # fmt: skip
@@ -263,18 +271,16 @@ class AgentSocket:
             self.sock.close()
 
 
-def bind_virtio_pci(exec: Callable[[str, float], tuple[int, str]], wanted: list[str], timeout: float = 300) -> None:
-    """insmod the virtio_pci modules in the guest (in the background: the probes may starve the agent) and wait
-    until every path of `wanted` (e.g. BALLOON_BOUND) exists; on a timeout say what the guest shows."""
-    modules = " && ".join(f"insmod /{MODULE_DIR}/{name}.ko" for name in PCI_MODULES)
-    status, output = exec(f"( {modules} ) >/tmp/insmod.log 2>&1 &", 300)
-    if status != 0:
-        raise RuntimeError(f"QEMU's guest could not start loading virtio_pci: {output[-500:]}")
+def wait_for_virtio_devices(exec: Callable[[str, float], tuple[int, str]], wanted: list[str], timeout: float = 300
+                            ) -> None:  # fmt: skip
+    """Wait until every path of `wanted` (e.g. BALLOON_BOUND) exists in the guest: /init loaded virtio_pci
+    (`mvinsmod=`) before the agent started, and the virtio drivers bind as the PCI probe finds their devices. On a
+    timeout say what the guest shows."""
     probe = " && ".join(f"ls {path} >/dev/null 2>&1" for path in wanted) or "true"
     deadline = time.monotonic() + timeout
     while exec(probe, 120)[0] != 0:
         if time.monotonic() > deadline:
-            shown = exec("cat /tmp/insmod.log; lsmod; ls /sys/bus/virtio/devices /dev; dmesg | tail -40", 120)[1]
+            shown = exec("lsmod; ls /sys/bus/virtio/devices /sys/bus/virtio/drivers /dev; dmesg | tail -40", 120)[1]
             raise RuntimeError(f"timed out after {timeout:.0f} s waiting for QEMU's guest to bind its virtio-pci "
                                f"devices ({', '.join(wanted)}); the guest shows:\n{shown}")  # fmt: skip
         time.sleep(0.5)
@@ -326,7 +332,7 @@ class QemuGuest:
         try:
             self.qmp = connect_qmp(machine.qmp_socket, self.process, 60)
             self.agent = AgentSocket(machine.agent_socket, boot_timeout)
-            bind_virtio_pci(self.exec, wanted, boot_timeout)
+            wait_for_virtio_devices(self.exec, wanted, boot_timeout)
         except BaseException as error:
             if isinstance(error, Exception):
                 self.keep_vcpu_samples()

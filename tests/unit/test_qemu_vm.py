@@ -17,15 +17,18 @@ from tests.guest.qemu_vm import (
     QemuGuest,
     QemuMachine,
     balloon_device,
-    bind_virtio_pci,
     pmem_device,
     qemu_cmdline,
     vcpu_positions,
     vcpu_verdict,
     virtio_mem_device,
+    wait_for_virtio_devices,
 )
 
 MiB, GiB = 1 << 20, 1 << 30
+
+
+AGENT_DEVICES = ["virtio-serial-pci,id=agent-serial", "virtconsole,chardev=agent,id=agent-port"]
 
 
 def _after(argv: list[str], flag: str) -> list[str]:
@@ -38,6 +41,10 @@ def test_the_command_line_is_memvisors_without_pci_off() -> None:
     assert "pci=off" not in line.split()
     assert line.startswith("console=ttyS0 8250.nr_uarts=2 quiet io_delay=none") and line.endswith("no5lvl reboot=t")
     assert qemu_cmdline() == line.removesuffix(" no5lvl reboot=t")
+    # /init insmods virtio_pci first (memvisor/guest/init.sh), in load order, from the appended archive
+    insmod = [word for word in line.split() if word.startswith("mvinsmod=")]
+    assert insmod == ["mvinsmod=/usr/lib/memvisor/virtio_pci_legacy_dev.ko,/usr/lib/memvisor/virtio_pci_modern_dev.ko,"
+                      "/usr/lib/memvisor/virtio_pci.ko"]  # fmt: skip
 
 
 def test_devices_take_memvisors_properties() -> None:
@@ -65,10 +72,10 @@ def test_a_machine_with_hotplugged_memory_gets_maxmem_and_sockets_apart(tmp_path
     assert _after(argv, "-smp") == ["2"] and _after(argv, "-m") == ["2048M,maxmem=3072M"]
     assert _after(argv, "-machine") == ["pc,memory-backend=ram"]
     assert _after(argv, "-object")[0] == "memory-backend-memfd,id=ram,size=2048M"
-    assert _after(argv, "-serial") == [f"file:{tmp_path}/logs/qemu-console.log", "chardev:agent"]
+    assert _after(argv, "-serial") == [f"file:{tmp_path}/logs/qemu-console.log"]  # the agent is on a virtio-console
     assert _after(argv, "-qmp") == [f"unix:{tmp_path}/run/qemu-qmp.sock,server=on,wait=off"]
     assert f"path={tmp_path}/run/qemu-agent.sock" in _after(argv, "-chardev")[0]
-    assert _after(argv, "-device") == ["virtio-balloon-pci,id=balloon0", virtio_mem_device(GiB)[-1]]
+    assert _after(argv, "-device") == [*AGENT_DEVICES, "virtio-balloon-pci,id=balloon0", virtio_mem_device(GiB)[-1]]
     assert argv[-1] == "-no-reboot" and argv.count("-no-reboot") == 1
     assert (machine.stderr, machine.console) == (tmp_path / "logs/qemu-stderr.log", tmp_path / "logs/qemu-console.log")
 
@@ -114,6 +121,7 @@ def test_the_memory_benchmark_gives_qemu_what_it_gave_before(tmp_path: Path, mon
     (argv,) = seen
     assert _after(argv, "-m") == ["1024M,maxmem=4096M"] and _after(argv, "-smp") == ["1"]
     assert _after(argv, "-device") == [
+        *AGENT_DEVICES,
         "virtio-balloon-pci,id=balloon0",
         "virtio-mem-pci,id=vm0,memdev=vm0-mem,block-size=2M,requested-size=0",
         "virtio-pmem-pci,memdev=pm0-mem,id=pm0",
@@ -122,7 +130,7 @@ def test_the_memory_benchmark_gives_qemu_what_it_gave_before(tmp_path: Path, mon
     assert _after(argv, "-qmp") == [f"unix:{tmp_path}/qemu-qmp.sock,server=on,wait=off"]  # manual_manager_check's
     with pytest.raises(Started):
         memory_vs_qemu.QemuVm(tmp_path, Path("/k"), Path("/i"), reporting=True, pmem=None)
-    assert _after(seen[1], "-device") == ["virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
+    assert _after(seen[1], "-device") == [*AGENT_DEVICES, "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
 
 
 # --- the agent over a socket ------------------------------------------------------------------------------------------
@@ -177,14 +185,13 @@ def test_devices_that_never_bind_end_the_wait_with_what_the_guest_shows(monkeypa
         commands.append(command)
         if command.startswith("ls "):
             return 2, ""
-        return 0, "insmod: ERROR: could not insert module" if command.startswith("cat /tmp/insmod.log") else ""
+        return 0, "virtio_pci 28672 0\nvirtio_mem: probe failed" if command.startswith("lsmod") else ""
 
     monkeypatch.setattr(qemu_vm.time, "sleep", lambda seconds: None)
     with pytest.raises(RuntimeError, match=r"(?s)bind its virtio-pci devices \(/sys/bus/virtio/drivers/virtio_mem.*"
-                                           r"could not insert module"):  # fmt: skip
-        bind_virtio_pci(exec, [qemu_vm.VIRTIO_MEM_BOUND], timeout=0)
-    assert commands[0].startswith("( insmod /usr/lib/memvisor/virtio_pci_legacy_dev.ko && insmod")
-    assert commands[0].endswith(") >/tmp/insmod.log 2>&1 &")
+                                           r"probe failed"):  # fmt: skip
+        wait_for_virtio_devices(exec, [qemu_vm.VIRTIO_MEM_BOUND], timeout=0)
+    assert commands[0] == "ls /sys/bus/virtio/drivers/virtio_mem/virtio* >/dev/null 2>&1"
 
 
 # --- the QMP events of a QEMU that ended -----------------------------------------------------------------------------
