@@ -17,20 +17,26 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 hostname memvisor
 
-# Modules from outside the image's module tree, named on the kernel command line as
-# mvinsmod=/path/a.ko,/path/b.ko (the kernel hands unknown name=value words to init's environment), load first:
-# QEMU's guest gets virtio_pci this way (appended by tests/guest/qemu_vm.py), so that its virtio-console exists
-# before the agent looks for /dev/hvc0.
-saved_ifs=$IFS
-IFS=,
-for path in ${mvinsmod:-}; do
-    insmod "$path" || echo "memvisor-init: insmod $path failed" >&2
-done
-IFS=$saved_ifs
-
 for module in @MODULES@; do
     modprobe "$module" || echo "memvisor-init: modprobe $module failed" >&2
 done
+# Modules from outside the image's module tree, named on the kernel command line as
+# mvinsmod=/path/a.ko,/path/b.ko (the kernel hands unknown name=value words to init's environment), load after
+# the image's own (they may need virtio's core): QEMU's guest gets virtio_pci this way (appended by
+# tests/guest/qemu_vm.py), and then waits up to 30 s for the virtio-console its agent talks on.
+if [ -n "${mvinsmod:-}" ]; then
+    saved_ifs=$IFS
+    IFS=,
+    for path in $mvinsmod; do
+        insmod "$path" || echo "memvisor-init: insmod $path failed" >&2
+    done
+    IFS=$saved_ifs
+    tries=0
+    while [ ! -c /dev/hvc0 ] && [ "$tries" -lt 300 ]; do
+        sleep 0.1
+        tries=$((tries + 1))
+    done
+fi
 # Optional ones (pvpanic, CPU-specific crc32c) may find no device or CPU feature: no complaint.
 for module in @OPTIONAL_MODULES@; do
     modprobe -q "$module" 2>/dev/null
