@@ -15,7 +15,7 @@ images are only found.
 `build_lab_image()` makes the lab's L1 image the same way with /init = memvisor/lab/init.sh (owned by the lab).
 The kernel command line the VMM uses for the guest image:
     console=ttyS0 8250.nr_uarts=2 quiet pci=off memhp_default_state=online_movable panic=-1
-with the agent (agent.sh) on the second UART, /dev/ttyS1.
+with the agent (agent.sh) on the virtio-console /dev/hvc0, or on the second UART /dev/ttyS1 without one.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ LAB_INIT = HERE.parent / "lab" / "init.sh"
 BUILDER_SOURCES = ("cpio.py", "elf.py", "modules.py", "packages.py", "image.py")
 
 GUEST_CMDLINE = "console=ttyS0 8250.nr_uarts=2 quiet pci=off memhp_default_state=online_movable panic=-1"
-AGENT_PORT = "/dev/ttyS1"
 
 # Loaded by the guest's /init in this order (modprobe pulls in what each needs).
 GUEST_MODULES = (
