@@ -28,7 +28,7 @@ line every 10 s) until "completed" or "failed" (or --migration-timeout, then mig
 - dirty rate and throttle: the highest ram.dirty-pages-rate (times page-size) and cpu-throttle-percentage
   seen while active (QEMU 7.2's reply once completed need not carry them);
 - memvisor's x-skipped-pages by reason (QEMU counts no such thing).
-Then the destination's guest must answer (memvisor's x-guest-exec; QEMU's agent on its second UART) in the
+Then the destination's guest must answer (memvisor's x-guest-exec; QEMU's agent on its virtio-console) in the
 same boot (boot_id) with the file's sha256 unchanged: the row's "destination checks".
 
 The same settings on both VMMs: `migrate-set-parameters` downtime-limit 300 ms (both defaults) and

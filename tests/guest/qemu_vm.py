@@ -198,7 +198,7 @@ def connect_qmp(path: Path, process: subprocess.Popen[bytes], timeout: float) ->
 
 
 class AgentSocket:
-    """The guest agent's line protocol (memvisor/guest/agent.sh) over QEMU's second UART, a UNIX socket."""
+    """The guest agent's line protocol (memvisor/guest/agent.sh) over QEMU's virtio-console, a UNIX socket."""
 
     def __init__(self, path: Path, timeout: float) -> None:
         deadline = time.monotonic() + timeout
