@@ -1,12 +1,12 @@
 """Snapshots, memvisor against QEMU 7.2: save time, file size and allocated size, and memvisor's restore time.
 
-Run inside the lab (or on a host with hardware KVM), one scenario per lab hold (each boots two guests, saves,
-restores and cold-boots memvisor: about 4-6 minutes under TCG):
-    rm -rf /tmp/snapbench && mkdir -p /tmp/snapbench && flock /work/lab.lock timeout 900 \\
-      .venv/bin/memvisor lab --memory 6G --timeout 840 --share /tmp/snapbench -- env PYTHONUNBUFFERED=1 \\
-        .venv/bin/python benchmarks/snapshot_vs_qemu.py --work /tmp/snapbench --only idle \\
-        --json /tmp/snapbench/idle.json
-(--only idle-hinted, filled-freed, balloon-512M likewise, each with a fresh --work folder.)
+Run inside the lab (or on a host with hardware KVM). Each scenario boots two guests, saves, restores and
+cold-boots memvisor: about 5 minutes in the lab, so all four fit one lab hold, each in its own process and folder:
+    rm -rf /tmp/snapbench && mkdir -p /tmp/snapbench && flock /work/lab.lock timeout 2700 \
+      .venv/bin/memvisor lab --memory 6G --timeout 2600 --share /tmp/snapbench -- sh -c 'for s in idle \
+        idle-hinted filled-freed balloon-512M; do mkdir -p /tmp/snapbench/$s; env PYTHONUNBUFFERED=1 \
+        .venv/bin/python benchmarks/snapshot_vs_qemu.py --work /tmp/snapbench/$s --only $s \
+        --json /tmp/snapbench/$s.json; done'
 
 1G guests, each booted under both VMMs (same kernel, initramfs and command line as
 benchmarks/memory_vs_qemu.py, whose VM classes this reuses), then saved:
