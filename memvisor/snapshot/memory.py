@@ -6,18 +6,22 @@ it is not all zeros (and, decided by the caller, was not hinted free by the gues
 memvisor.snapshot.writer). Runs of such pages go out in one pwrite each at their fixed offset; every other
 page stays a hole in the file.
 
-Loading: only the pages the bitmap marks are read, straight into the fresh (all-hole) guest RAM with preadv,
-and checked against their chunk's CRC-32; everything else stays a hole in guest RAM.
+Loading: only the pages the bitmap marks are read, checked against their chunk's CRC-32 and written into the
+fresh (all-hole) guest RAM through its memfd with pwrite; everything else stays a hole in guest RAM. Writing
+through the fd rather than copying into the mapping spares a page fault per 4 KiB page, the larger part of a
+restore's time in the lab (under emulation a fault costs about 100 us: 3.8 s of 16 s for an idle 1G guest's 99
+MiB). hugetlbfs takes no write(): there (EINVAL) the pages are copied into the mapping. Loading needs no numpy,
+whose import alone cost a restore about 3 s in the lab; saving does.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from memvisor.memory.guest_memory import MemoryRegion
 from memvisor.snapshot.fileformat import (
@@ -29,8 +33,12 @@ from memvisor.snapshot.fileformat import (
     chunk_count,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+
 Progress = Callable[[int], None]  # called with the bytes just handled
 MAX_IO = 8 << 20
+SET_RUN = re.compile("1+")  # a run of present pages in page_bits' string
 
 
 def data_extents(region: MemoryRegion) -> Iterator[tuple[int, int]]:
@@ -72,6 +80,8 @@ def accessible_extents(region: MemoryRegion) -> Iterator[tuple[int, int]]:
 
 def present_pages(region: MemoryRegion) -> np.ndarray:
     """A bool per page of the region: allocated by the host, readable and not all zeros."""
+    import numpy as np
+
     present = np.zeros(region.size // PAGE_SIZE, dtype=bool)
     for start, end in accessible_extents(region):
         end = min(-(-end // PAGE_SIZE) * PAGE_SIZE, region.size)
@@ -84,6 +94,8 @@ def present_pages(region: MemoryRegion) -> np.ndarray:
 
 def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
     """[first, last+1) runs of True in a bool array."""
+    import numpy as np
+
     if not mask.any():
         return
     padded = np.concatenate(([False], mask, [False])).astype(np.int8)
@@ -103,6 +115,8 @@ def save_region(
 ) -> RegionImage:
     """Write the region's bitmap and present pages (`present`: a bool per page, by default
     `present_pages(region)`); returns where they are, with their checksums."""
+    import numpy as np
+
     if present is None:
         present = present_pages(region)
     if present.shape != (region.size // PAGE_SIZE,):
@@ -144,24 +158,54 @@ def load_region(fd: int, region: MemoryRegion, image: RegionImage, where: str, p
     bitmap = _pread_exact(fd, bitmap_bytes(image.size), image.bitmap_offset, where)
     if zlib.crc32(bitmap) != image.bitmap_crc:
         raise SnapshotFileError(f"{where}: the page bitmap is corrupted (checksum mismatch)")
-    present = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[: image.size // PAGE_SIZE]
-    present = present.astype(bool)
-    if int(present.sum()) != image.pages:
-        raise SnapshotFileError(f"{where}: the page bitmap holds {int(present.sum())} pages, the state says {image.pages}")
-    view = region.view
+    bits = page_bits(bitmap, image.size // PAGE_SIZE)
+    if bits.count("1") != image.pages:
+        raise SnapshotFileError(f"{where}: the page bitmap holds {bits.count('1')} pages, the state says {image.pages}")
+    target = _RegionWriter(region)
+    buffer = memoryview(bytearray(min(MAX_IO, image.size)))
     for chunk in range(chunk_count(image.size)):
         first = chunk * CHUNK_PAGES
         crc = 0
-        for start, stop in _runs(present[first : first + CHUNK_PAGES]):
-            begin, end = (first + start) * PAGE_SIZE, (first + stop) * PAGE_SIZE
-            _preadinto_exact(fd, view[begin:end], image.data_offset + begin, where)
-            crc = zlib.crc32(view[begin:end], crc)
+        for run in SET_RUN.finditer(bits, first, first + CHUNK_PAGES):
+            begin, end = run.start() * PAGE_SIZE, run.end() * PAGE_SIZE
+            for piece in range(begin, end, len(buffer)):
+                data = buffer[: min(len(buffer), end - piece)]
+                _preadinto_exact(fd, data, image.data_offset + piece, where)
+                crc = zlib.crc32(data, crc)
+                target.write(piece, data)
             progress(end - begin)
         expected = int.from_bytes(image.chunk_crcs[4 * chunk : 4 * chunk + 4], "little")
         if crc != expected:
             raise SnapshotFileError(
                 f"{where}: data chunk {chunk} (guest {image.gpa + first * PAGE_SIZE:#x}) is corrupted (checksum mismatch)"
             )
+
+
+def page_bits(bitmap: bytes, pages: int) -> str:
+    """The file's page bitmap (bit i of byte i // 8, least significant first: page i) as one character per page,
+    "1" present, "0" a hole: the runs of present pages are then a regular-expression search."""
+    return format(int.from_bytes(bitmap, "little"), f"0{len(bitmap) * 8}b")[::-1][:pages]
+
+
+class _RegionWriter:
+    """Writes into a region's memory through its fd (no page faults), or through its mapping where there is no
+    fd or the fd takes no write() (hugetlbfs: EINVAL)."""
+
+    def __init__(self, region: MemoryRegion) -> None:
+        self.region = region
+        self.through_fd = region.fd is not None
+
+    def write(self, offset: int, data: memoryview) -> None:
+        if self.through_fd:
+            assert self.region.fd is not None
+            try:
+                _pwrite_all(self.region.fd, data, offset)
+                return
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                self.through_fd = False
+        self.region.view[offset : offset + len(data)] = data
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -1,7 +1,10 @@
 """The snapshot file: sparse memory (only pages with data written, holes kept on both sides), checksums,
 and bad input refused with a message naming the problem."""
 
+import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +12,9 @@ import pytest
 
 from memvisor.memory.guest_memory import MemoryRegion
 from memvisor.snapshot import fileformat
+from memvisor.snapshot import memory as snapshot_memory
 from memvisor.snapshot.fileformat import MemoryImage, SnapshotFileError
-from memvisor.snapshot.memory import load_region, present_pages, save_region
+from memvisor.snapshot.memory import load_region, page_bits, present_pages, save_region
 
 MiB = 1 << 20
 PAGE = 4096
@@ -77,6 +81,49 @@ def test_round_trip_writes_only_present_pages_and_keeps_holes(tmp_path: Path) ->
     assert again.read_bytes() == path.read_bytes()
     source.close()
     target.close()
+
+
+def test_page_bits_put_page_i_at_bit_i_of_byte_i_over_8() -> None:
+    assert page_bits(bytes([0b0000_0101, 0b1000_0000]), 16) == "1010000000000001"
+    assert page_bits(bytes([0xFF]), 5) == "11111"  # bits past the region's pages are cut off
+    assert page_bits(bytes(3), 24) == "0" * 24
+
+
+def test_loading_writes_through_the_fd_and_falls_back_to_the_mapping_where_write_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading writes guest RAM with pwrite on its memfd (no page fault per page); hugetlbfs refuses write()
+    with EINVAL, and then the pages are copied into the mapping instead: the same memory either way."""
+    source = _region()
+    _fill(source)
+    path = tmp_path / "snap"
+    _save(path, source)
+    through_fd, through_mapping = _region(), _region()
+    written_to: list[int] = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        written_to.append(fd)
+        if fd == through_mapping.fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(snapshot_memory.os, "pwrite", pwrite)
+    _load(path, through_fd)
+    _load(path, through_mapping)
+    assert written_to.count(through_mapping.fd) == 1  # tried once, then the mapping
+    assert written_to.count(through_fd.fd) >= 4  # every run of present pages (0-1, 7, 600, 1500, 2047)
+    assert bytes(through_fd.view) == bytes(source.view) == bytes(through_mapping.view)
+    for region in (source, through_fd, through_mapping):
+        region.close()
+
+
+def test_loading_imports_no_numpy() -> None:
+    """numpy's import cost a restore about 3 s in the lab: the load path does without it."""
+    code = ("import sys; import memvisor.snapshot.memory, memvisor.snapshot.fileformat; "
+            "print('numpy' in sys.modules)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 @pytest.fixture
