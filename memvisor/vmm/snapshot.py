@@ -30,9 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from memvisor.devices.balloon.device import BalloonDevice
 from memvisor.devices.balloon.hinting import HintState
@@ -57,7 +55,6 @@ from memvisor.devices.legacy_state import (
     save_rtc,
     save_serial,
 )
-from memvisor.devices.mem.device import VirtioMemDevice
 from memvisor.devices.mem.state import MemState, check_mem, restore_mem, save_mem
 from memvisor.devices.pmem.device import VirtioPmemDevice
 from memvisor.devices.pmem.state import PmemState, check_pmem, quiesce_pmem, restore_pmem, save_pmem
@@ -76,11 +73,15 @@ from memvisor.snapshot.cpu import (
     savable_msrs,
 )
 from memvisor.snapshot.memory import load_region
-from memvisor.snapshot.writer import write_snapshot
 from memvisor.virtio.device import STATUS_DRIVER_OK
 from memvisor.virtio.state import TransportState, restore_transport, save_transport
 from memvisor.vmm.config import MAX_VCPUS
 from memvisor.vmm.machine import Machine
+
+# numpy (seconds of Python start-up in the lab), the virtio-mem model and the writer, which need it, are imported
+# where a save or a virtio-mem state needs them: restoring a machine without virtio-mem does not import numpy.
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 PAUSE_TIMEOUT = 10.0
@@ -199,6 +200,8 @@ def unsupported_devices(machine: Machine) -> list[str]:
 
 
 def _device_state(attached: Any) -> DeviceState:
+    from memvisor.devices.mem.device import VirtioMemDevice
+
     device = attached.device
     return DeviceState(
         id=attached.id,
@@ -247,6 +250,8 @@ def save_snapshot(machine: Machine, path: Path, progress: Progress | None = None
         raise MemvisorError(
             f"snapshots do not cover {', '.join(unsupported)} yet: snapshot a machine without --device"
         )
+    from memvisor.snapshot.writer import write_snapshot
+
     started = time.monotonic()
     with quiesced(machine):
         state = capture_machine(machine)
@@ -270,6 +275,8 @@ def hinted_free(machine: Machine, regions: list[MemoryRegion]) -> dict[str, np.n
     when the log cannot be read. Called with the machine quiesced: no write can come after the look."""
     if not machine.dirty_logging:
         return {}
+    import numpy as np
+
     for attached in machine.devices:
         device = attached.device
         if not isinstance(device, BalloonDevice) or device.hint_state is HintState.IDLE:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from memvisor.devices.balloon.constants import STAT_COUNT, QueueRole, queue_roles
 from memvisor.devices.balloon.device import COUNTER_NAMES, BalloonDevice
 from memvisor.devices.balloon.hinting import HintState
@@ -29,10 +27,21 @@ HINT_STATES = tuple(state.value for state in HintState)
 
 
 def _pack(bits: bytearray) -> bytes:
+    """One byte per page (0 or 1) packed to one bit per page, little-endian bit order."""
+    if bits.count(0) == len(bits):  # nothing inflated or hinted: all zero bytes, without importing numpy
+        return bytes((len(bits) + 7) // 8)
+    import numpy as np
+
     return np.packbits(np.frombuffer(bytes(bits), dtype=np.uint8).astype(bool), bitorder="little").tobytes()
 
 
 def _unpack(data: bytes, size: int) -> bytearray:
+    """The inverse of _pack: `size` bytes, one per page. numpy only when a bit is set (a restore of a balloon
+    with nothing inflated or hinted does not import it)."""
+    if data.count(0) == len(data):
+        return bytearray(size)
+    import numpy as np
+
     return bytearray(np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[:size].tobytes())
 
 

@@ -49,9 +49,6 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from memvisor.devices.mem.blocks import BlockBitmap
 from memvisor.devices.mem.protocol import (
     CONFIG,
     REQUEST,
@@ -85,7 +82,9 @@ from memvisor.virtio.device import (
 )
 from memvisor.virtio.queue import VirtqueueError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy (the block bitmap's too) is imported when a device is made: a machine without
+    import numpy as np  # virtio-mem never imports it (it costs seconds of Python start-up in the lab)
+
     from memvisor.memory.guest_memory import GuestMemory, MemoryRegion
     from memvisor.virtio.queue import DescriptorChain, SplitVirtqueue
 
@@ -168,6 +167,8 @@ class VirtioMemDevice(VirtioDevice):
         self.on_unplug = on_unplug
         self.busy = False  # set by the host (e.g. during migration): state changes answer BUSY
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        from memvisor.devices.mem.blocks import BlockBitmap
+
         self._bitmap = BlockBitmap(region.size // block_size)
         self._requested_size = requested_size
         self._usable_region_size = 0
@@ -440,6 +441,8 @@ class VirtioMemDevice(VirtioDevice):
         if self.region.fd is not None:
             os.posix_fallocate(self.region.fd, gpa - self.addr, size)
             return
+        import numpy as np
+
         offset = gpa - self.addr
         pages = np.frombuffer(self.region.view[offset:offset + size], dtype=np.uint8)
         pages[::_PAGE_SIZE] = 0  # one write per page: the content of a newly plugged block is undefined

@@ -8,11 +8,14 @@ blocks were discarded: they are holes in the file). Restore refuses a bitmap tha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from memvisor.devices.mem.device import COUNTER_NAMES, VirtioMemDevice
 from memvisor.snapshot.codec import StateError, require
+
+if TYPE_CHECKING:  # numpy and the device model (which needs numpy) only when a virtio-mem state is used
+    import numpy as np
+
+    from memvisor.devices.mem.device import VirtioMemDevice
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class MemState:
         blocks = self.region_size // self.block_size
         require(len(self.plugged) == (blocks + 7) // 8, "plugged",
                 f"is {len(self.plugged)} bytes, the region's {blocks} blocks need {(blocks + 7) // 8}")  # fmt: skip
+        import numpy as np
+
         bits = np.unpackbits(np.frombuffer(self.plugged, np.uint8), bitorder="little")
         require(not bits[blocks:].any(), "plugged", "marks blocks past the end of the region")
         for name in ("requested_size", "usable_region_size"):
@@ -42,11 +47,15 @@ class MemState:
             require(value >= 0, f"counters.{name}", "is negative")
 
     def plugged_blocks(self) -> np.ndarray:
+        import numpy as np
+
         blocks = self.region_size // self.block_size
         return np.unpackbits(np.frombuffer(self.plugged, np.uint8), bitorder="little")[:blocks].astype(bool)
 
 
 def save_mem(device: VirtioMemDevice) -> MemState:
+    import numpy as np
+
     with device.lock:
         bits = device.plugged_blocks()
         return MemState(
@@ -70,6 +79,8 @@ def check_mem(device: VirtioMemDevice, state: MemState, where: str) -> None:
 
 def restore_mem(device: VirtioMemDevice, state: MemState) -> None:
     """Load the bitmap and sizes (the blocks' contents come with the memory image)."""
+    from memvisor.devices.mem.device import COUNTER_NAMES
+
     with device.lock:
         device.load_plugged_state(state.plugged_blocks(), state.requested_size, state.usable_region_size)
         device.apply_plugged_access()  # plugged blocks readable before the memory image goes into them
