@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 
 PROBE = """
@@ -62,32 +60,23 @@ def test_memvisor_run_imports_nothing_a_boot_does_not_need(tmp_path: Path) -> No
 # hinting): the session, the devices, the snapshot code and the control server (--qmp). numpy costs seconds of
 # start-up in the lab and only a save, virtio-mem or hinting needs it.
 RESTORE_PROBE = """
-import sys, types
-if sys.argv[1] == "stub-memory":  # memvisor.snapshot.memory imports numpy until the lead's change: stand in for it
-    stub = types.ModuleType("memvisor.snapshot.memory")
-    stub.load_region = lambda *args: None
-    sys.modules["memvisor.snapshot.memory"] = stub
+import sys
 import memvisor.vmm.session, memvisor.vmm.devices, memvisor.vmm.snapshot, memvisor.vmm.control
-import memvisor.devices.balloon.state, memvisor.snapshot.fileformat
+import memvisor.devices.balloon.state, memvisor.snapshot.fileformat, memvisor.snapshot.memory
 from memvisor.devices.balloon.state import _pack, _unpack
 assert _unpack(_pack(bytearray(100)), 100) == bytearray(100)  # an empty balloon's bitmaps round-trip
 print(*sorted(sys.modules))
 """
 
 
-def restore_path_modules(memory: str) -> list[str]:
-    result = subprocess.run([sys.executable, "-c", RESTORE_PROBE, memory], capture_output=True, text=True,
+def restore_path_modules() -> list[str]:
+    result = subprocess.run([sys.executable, "-c", RESTORE_PROBE], capture_output=True, text=True,
                             cwd=REPO, timeout=60, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()[-1].split()
 
 
 def test_restoring_a_balloon_machine_imports_no_numpy() -> None:
-    modules = restore_path_modules("stub-memory")
-    assert "memvisor.vmm.snapshot" in modules and "memvisor.devices.balloon.state" in modules
+    modules = restore_path_modules()
+    assert "memvisor.vmm.snapshot" in modules and "memvisor.snapshot.memory" in modules
     assert "numpy" not in modules, "imported numpy: import it inside the functions that need it"
-
-
-@pytest.mark.xfail(reason="the lead's change (memvisor.snapshot.memory imports numpy)", strict=False)
-def test_restore_with_the_real_snapshot_memory_imports_no_numpy() -> None:
-    assert "numpy" not in restore_path_modules("real")

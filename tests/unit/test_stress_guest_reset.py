@@ -321,8 +321,9 @@ def test_qemu_gets_the_guest_and_devices_memvisor_gets(script: ModuleType, tmp_p
     assert _after(argv, "-smp") == ["2"] and _after(argv, "-m") == ["2048M,maxmem=3072M"]
     assert _after(argv, "-kernel") == ["/img/vmlinuz"] and _after(argv, "-initrd") == ["/run/initrd-pci.img"]
     (cmdline,) = _after(argv, "-append")
-    assert "pci=off" not in cmdline and cmdline.endswith("reboot=acpi no5lvl reboot=t")  # the last reboot= wins
+    assert "pci=off" not in cmdline and cmdline.endswith("no5lvl reboot=t")  # the last reboot= wins
     assert _after(argv, "-device") == [
+        "virtio-serial-pci,id=agent-serial", "virtconsole,chardev=agent,id=agent-port",  # the guest agent's channel
         "virtio-balloon-pci,id=balloon0,deflate-on-oom=off,free-page-hint=on,iothread=balloon0-hints",
         "virtio-mem-pci,id=vm0,memdev=vm0-mem,block-size=2M,requested-size=0,unplugged-inaccessible=on",
     ]
@@ -330,11 +331,11 @@ def test_qemu_gets_the_guest_and_devices_memvisor_gets(script: ModuleType, tmp_p
     assert _after(argv, "-qmp") == [f"unix:{tmp_path}/s/qemu-qmp.sock,server=on,wait=off"]  # sockets off --logs
     plain = script.qemu_machine(script.parse_args(["--vmm", "qemu", "--qemu-accel", "tcg"]), Path("/k"), Path("/i"),
                                 tmp_path, tmp_path)  # fmt: skip
-    assert _after(plain.argv(), "-device") == ["virtio-balloon-pci,id=balloon0,deflate-on-oom=off"]
+    assert _after(plain.argv(), "-device") [2:] == ["virtio-balloon-pci,id=balloon0,deflate-on-oom=off"]
     assert _after(plain.argv(), "-m") == ["1024M"] and plain.argv()[1:5] == ["-accel", "tcg", "-cpu", "max"]
     virtio_mem_only = script.parse_args(["--vmm", "qemu", "--no-balloon", "--virtio-mem", "512M"])
     assert [d.split(",")[0] for d in _after(script.qemu_machine(virtio_mem_only, Path("/k"), Path("/i"), tmp_path,
-                                                                tmp_path).argv(), "-device")] == ["virtio-mem-pci"]  # fmt: skip
+                                                                tmp_path).argv(), "-device")] [2:] == ["virtio-mem-pci"]  # fmt: skip
 
 
 def test_qemus_reset_events_become_reset_lines(script: ModuleType) -> None:
