@@ -53,9 +53,10 @@ CANCEL_BANDWIDTH = 8 * MiB
 # during the first pass: issue 13); on shadow paging, the lab's default since 2026-12-02, it passed (146 MiB sent
 # for 1 GiB, 172 MiB skipped as hinted free) and runs in CI.
 # (channel, devices, balloon: inflate before and check the balloon after the migration)
+# The plain guest (no devices) migrates between the namespaces: a plain variant over unix: as well would add
+# about 2.5 min to CI's guest stage and nothing the hinting variant (unix:) and the namespace one do not cover.
 HINTING = "virtio-balloon,id=balloon0,free-page-hint=on"
-VARIANTS = [pytest.param("unix", [], False, id="unix-plain"),
-            pytest.param("tcp", [BALLOON], True, id="tcp-balloon"),
+VARIANTS = [pytest.param("tcp", [BALLOON], True, id="tcp-balloon"),
             pytest.param("unix", [HINTING], False, id="unix-hinting"),
             pytest.param("netns", [], False, id="netns-tcp")]  # fmt: skip
 # The destination's port in its own fresh namespace, where nothing else listens.
