@@ -7,10 +7,14 @@ without complaint but the guest would not survive (an unknown MP state, an MSR l
 Restore order (restore_vcpu), learnt from other VMMs' bugs (Firecracker issues 4099 and 4666,
 kata-containers 13798):
   CPUID -> TSC frequency -> special registers -> registers -> XSAVE/FPU -> XCRs -> debug registers
-  -> LAPIC -> MSRs (TSC first, TSC_DEADLINE last) -> events -> MP state.
+  -> LAPIC -> MSRs (all but the two clock MSRs) -> events -> MP state;
+then, for every vCPU, right before the vCPUs first run (restore_vcpu_clock): TSC -> TSC_DEADLINE, and last the
+VM clock (KVM_SET_CLOCK).
 The LAPIC goes before the MSRs, else the TSC-deadline write is dropped while the LAPIC timer is not in
 deadline mode and the guest's next timer never fires; the TSC goes before TSC_DEADLINE, which is an
-absolute TSC value. The VM clock (restore_vm) is set before any vCPU runs.
+absolute TSC value. The TSC goes last of all because the guest's TSC counts from the moment it is written:
+written with the other MSRs, every second spent restoring the devices and starting the VMM's threads passed
+in the guest too (a `sleep 5` in a restored guest measured 7.1 s by its own clock in the lab).
 """
 
 from __future__ import annotations
@@ -169,12 +173,12 @@ def capture_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
     )
 
 
-def ordered_msrs(msrs: dict[int, int]) -> list[tuple[int, int]]:
-    """The MSRs in restore order: the TSC first, TSC_DEADLINE last, the rest in between."""
-    first = [(MSR_IA32_TSC, msrs[MSR_IA32_TSC])] if MSR_IA32_TSC in msrs else []
-    last = [(MSR_IA32_TSC_DEADLINE, msrs[MSR_IA32_TSC_DEADLINE])] if MSR_IA32_TSC_DEADLINE in msrs else []
-    middle = [(i, v) for i, v in msrs.items() if i not in (MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE)]
-    return first + middle + last
+CLOCK_MSRS = (MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE)  # in this order, and after everything else
+
+
+def clock_msrs(msrs: dict[int, int]) -> list[tuple[int, int]]:
+    """The TSC then TSC_DEADLINE, those of them that were saved."""
+    return [(index, msrs[index]) for index in CLOCK_MSRS if index in msrs]
 
 
 def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
@@ -203,12 +207,18 @@ def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
         vcpu.set_xcrs(_from_raw(structs.KvmXcrs, state.xcrs))
     vcpu.set_debugregs(_from_raw(structs.KvmDebugregs, state.debugregs))
     vcpu.set_lapic(_from_raw(structs.KvmLapicState, state.lapic))
-    write_msrs(vcpu, ordered_msrs(state.msr_dict))
+    write_msrs(vcpu, [(i, v) for i, v in state.msr_dict.items() if i not in CLOCK_MSRS])
     events = _from_raw(structs.KvmVcpuEvents, state.events)
     events.flags |= structs.KVM_VCPUEVENT_VALID_NMI_PENDING | structs.KVM_VCPUEVENT_VALID_SIPI_VECTOR
     events.flags |= structs.KVM_VCPUEVENT_VALID_SHADOW
     vcpu.set_vcpu_events(events)
     vcpu.set_mp_state(state.mp_state)
+
+
+def restore_vcpu_clock(vcpu: Vcpu, state: VcpuState) -> None:
+    """The TSC, then TSC_DEADLINE (an absolute TSC value, armed against the TSC just written): after
+    restore_vcpu, right before the vCPU first runs, so no restore work passes in the guest's time."""
+    write_msrs(vcpu, clock_msrs(state.msr_dict))
 
 
 def write_msrs(vcpu: Vcpu, msrs: list[tuple[int, int]]) -> list[int]:

@@ -142,6 +142,7 @@ class Machine:
         self._parked = 0  # vCPU threads waiting in _park
         self._outcome_listeners: list[Callable[[Outcome], None]] = []
         self._vcpu_states: dict[int, str] = {}
+        self._before_first_run: list[Callable[[], None]] = []  # see before_first_run
         self._trails: dict[int, ExitTrail] = {}  # each vCPU's previous exit (KVM_CAP_SYNC_REGS), by index
         self.boot_started = 0.0
         self.ports = PortBus()
@@ -281,10 +282,17 @@ class Machine:
                 ranges.append(NumaMemory(attached.region.gpa, attached.region.size, node, hotpluggable=True))
         return ranges
 
+    def before_first_run(self, step: Callable[[], None]) -> None:
+        """Run `step` in start(), right before the vCPU threads start (a restore sets the guest's clocks there)."""
+        self._before_first_run.append(step)
+
     def start(self) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(KICK_SIGNAL, _ignore_signal)
         self.boot_started = time.monotonic()
+        steps, self._before_first_run = self._before_first_run, []
+        for step in steps:
+            step()
         for vcpu in self.vcpus:
             classes = vcpu.enable_sync_regs(SYNC_CLASSES)  # 0 without KVM_CAP_SYNC_REGS: then no trail
             if classes:

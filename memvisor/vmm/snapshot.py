@@ -10,9 +10,10 @@ held for the whole save, so no host thread can write guest memory or change devi
 
 The machine state is data (MachineState); restoring checks it all against the machine built from the restore
 command line before anything is loaded: memory size, vCPU count, NUMA nodes and devices must match, and a
-state that fails any check leaves no VM running. Restore order: interrupt controllers and PIT, then every vCPU
-(memvisor.snapshot.cpu gives its order: LAPIC before MSRs, TSC before TSC_DEADLINE), the devices, guest RAM,
-and last the VM clock, before any vCPU runs.
+state that fails any check leaves no VM running. Restore order: guest RAM, interrupt controllers and PIT,
+every vCPU but its clock MSRs (memvisor.snapshot.cpu gives the order: LAPIC before MSRs), the devices; then, in
+Machine.start right before the vCPU threads start, each vCPU's TSC and TSC_DEADLINE and last the VM clock, so
+the guest's time resumes when it runs again.
 
 Devices: virtio-pmem (its contents are its backing file: restore needs the same file), virtio-mem (its
 plugged blocks' contents are saved with RAM, unplugged blocks are holes) and virtio-balloon (inflated pages
@@ -69,6 +70,7 @@ from memvisor.snapshot.cpu import (
     capture_vcpu,
     capture_vm,
     restore_vcpu,
+    restore_vcpu_clock,
     restore_vm,
     savable_msrs,
 )
@@ -420,7 +422,15 @@ def _load_state(machine: Machine, state: MachineState) -> None:
     machine.agent_on_com2 = state.agent_on_com2
     if state.agent_ready:
         machine.agent.mark_ready()
-    machine.vm.set_clock(state.vm.clock)  # the VM clock last, right before the vCPUs run
+    machine.before_first_run(lambda: _start_clocks(machine, state))
+
+
+def _start_clocks(machine: Machine, state: MachineState) -> None:
+    """Each vCPU's TSC and TSC deadline, then the VM clock: the guest's time goes on from here, when its vCPUs
+    are about to run, not from when the state was loaded (memvisor.snapshot.cpu says why)."""
+    for vcpu, cpu in zip(machine.vcpus, state.cpus, strict=True):
+        restore_vcpu_clock(vcpu, cpu)
+    machine.vm.set_clock(state.vm.clock)
     signal_paused(machine)
 
 

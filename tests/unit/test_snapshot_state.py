@@ -16,8 +16,9 @@ from memvisor.snapshot.cpu import (
     MSR_KVM_SYSTEM_TIME_NEW,
     VcpuState,
     VmState,
-    ordered_msrs,
+    clock_msrs,
     restore_vcpu,
+    restore_vcpu_clock,
 )
 
 
@@ -115,12 +116,10 @@ def test_missing_and_unknown_fields_are_refused() -> None:
         decode(VmState, [1, 2])
 
 
-def test_msrs_restore_tsc_first_and_tsc_deadline_last() -> None:
+def test_the_clock_msrs_are_the_tsc_then_tsc_deadline_and_only_those() -> None:
     msrs = {MSR_IA32_TSC_DEADLINE: 9, MSR_KVM_SYSTEM_TIME_NEW: 8, MSR_IA32_TSC: 7, 0x174: 1}
-    order = [index for index, _ in ordered_msrs(msrs)]
-    assert order[0] == MSR_IA32_TSC
-    assert order[-1] == MSR_IA32_TSC_DEADLINE
-    assert sorted(order) == sorted(msrs)
+    assert clock_msrs(msrs) == [(MSR_IA32_TSC, 7), (MSR_IA32_TSC_DEADLINE, 9)]
+    assert clock_msrs({0x174: 1}) == []
 
 
 class RecordingVcpu:
@@ -154,14 +153,17 @@ class RecordingVcpu:
 
 def test_restore_order_cpuid_first_lapic_before_msrs_events_and_mp_state_last() -> None:
     vcpu = RecordingVcpu()
-    restore_vcpu(vcpu, vcpu_state())  # type: ignore[arg-type]
+    state = vcpu_state(msrs=((MSR_IA32_TSC, 1234), (0x174, 1), (MSR_IA32_TSC_DEADLINE, 5678)))
+    restore_vcpu(vcpu, state)  # type: ignore[arg-type]
     calls = vcpu.calls
     assert calls[0] == "set_cpuid2"
     assert calls.index("set_sregs") < calls.index("set_lapic") < calls.index("write_msrs")
     assert calls.index("set_xsave") < calls.index("write_msrs")
     assert calls.index("write_msrs") < calls.index("set_vcpu_events") < calls.index("set_mp_state")
     assert calls[-1] == "set_mp_state"
-    assert vcpu.msr_order == [MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]
+    assert vcpu.msr_order == [0x174]  # the clock MSRs wait for restore_vcpu_clock
+    restore_vcpu_clock(vcpu, state)  # type: ignore[arg-type]
+    assert vcpu.msr_order == [0x174, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]
 
 
 def test_restore_refuses_a_state_for_another_vcpu() -> None:
@@ -172,9 +174,11 @@ def test_restore_refuses_a_state_for_another_vcpu() -> None:
 def test_a_refused_optional_msr_is_skipped_and_a_critical_one_fails() -> None:
     vcpu = RecordingVcpu()
     vcpu.refuse = frozenset({0x1A0})
-    restore_vcpu(vcpu, vcpu_state(msrs=((MSR_IA32_TSC, 1), (0x1A0, 1), (0x277, 6), (MSR_IA32_TSC_DEADLINE, 2))))  # type: ignore[arg-type]
-    assert vcpu.msr_order == [MSR_IA32_TSC, 0x277, MSR_IA32_TSC_DEADLINE]
+    state = vcpu_state(msrs=((MSR_IA32_TSC, 1), (0x1A0, 1), (0x277, 6), (MSR_IA32_TSC_DEADLINE, 2)))
+    restore_vcpu(vcpu, state)  # type: ignore[arg-type]
+    restore_vcpu_clock(vcpu, state)  # type: ignore[arg-type]
+    assert vcpu.msr_order == [0x277, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]
     vcpu = RecordingVcpu()
     vcpu.refuse = frozenset({MSR_IA32_TSC_DEADLINE})
     with pytest.raises(StateError, match=r"vcpus\[0\]\.msrs: KVM refused MSR 0x6e0"):
-        restore_vcpu(vcpu, vcpu_state())  # type: ignore[arg-type]
+        restore_vcpu_clock(vcpu, vcpu_state())  # type: ignore[arg-type]
