@@ -29,7 +29,6 @@ in QEMU's memory): their sizes are printed under the table, to be read against t
 import argparse
 import collections
 import collections.abc
-import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -39,15 +38,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 MARKER_LINE = re.compile(rb"memvisor-init: started at uptime ([0-9.]+)\s*\n")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.backends import BACKENDS, host_pages, memvisor_args, qemu_ram_options  # noqa: E402
 from memvisor.guest.image import find_guest_image  # noqa: E402
-from memvisor.memory.backend import HUGEPAGES_2M, THP_SHMEM_CONTROL  # noqa: E402
 from memvisor.vmm.config import BASE_CMDLINE  # noqa: E402
 
 Argv = Callable[[Path, Path, int, Path], list[str]]
@@ -114,15 +113,13 @@ def boot_once(
     return reached - started, uptime, rss, exits
 
 
-# --memory-backend: memvisor's choice, and QEMU's memory backend object for the same host pages. QEMU advises
-# MADV_HUGEPAGE on all its RAM itself, so the host's shmem THP setting decides 4k against thp for both (set here).
-QEMU_BACKENDS = {"4k": "", "thp": "", "hugetlb": ",hugetlb=on,hugetlbsize=2M"}
+# --memory-backend: the same host pages for both VMMs (benchmarks/backends.py, which also sets the host up).
 BACKEND = "4k"
 
 
 def memvisor_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path) -> list[str]:
     return [sys.executable, "-m", "memvisor", "run", "--lab", "off", "--memory", f"{memory_mib}M",
-            "--memory-backend", BACKEND,
+            *memvisor_args(BACKEND),
             "--kernel", str(kernel), "--initrd", str(initrd), "--console", str(console),
             "--qmp", str(console.with_suffix(".qmp"))]  # fmt: skip
 
@@ -131,7 +128,7 @@ def qemu_argv(kernel: Path, initrd: Path, memory_mib: int, console: Path, machin
     return [
         "qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-smp", "1", "-nodefaults", "-no-user-config",
         "-display", "none", "-m", f"{memory_mib}M",
-        "-object", f"memory-backend-memfd,id=ram,size={memory_mib}M{QEMU_BACKENDS[BACKEND]}",
+        "-object", f"memory-backend-memfd,id=ram,size={memory_mib}M{qemu_ram_options(BACKEND)}",
         "-machine", f"{machine},memory-backend=ram",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", BASE_CMDLINE,
         "-serial", f"file:{console}", "-serial", "null",
@@ -174,30 +171,14 @@ def main() -> int:
     parser.add_argument("--json", help="also write the raw numbers to this file ('-': print them)")
     parser.add_argument("--kernels", default="bzImage,vmlinux",
                         help="which kernel files each VMM boots, comma-separated: bzImage, vmlinux")  # fmt: skip
-    parser.add_argument("--memory-backend", choices=list(QEMU_BACKENDS), default="4k",
+    parser.add_argument("--memory-backend", choices=BACKENDS, default="4k",
                         help="host pages behind guest RAM, for both VMMs (sets the host's shmem THP and hugetlbfs "
                         "pool for the run and puts them back: needs root)")  # fmt: skip
     args = parser.parse_args()
     global BACKEND
     BACKEND = args.memory_backend
-    with host_pages(args.memory_backend, args.memory):
+    with host_pages(args.memory_backend, args.memory << 20):  # one VMM at a time holds the guest's RAM
         return _benchmark(args)
-
-
-@contextlib.contextmanager
-def host_pages(backend: str, memory_mib: int) -> Iterator[None]:
-    """The host set for `backend`: shmem THP never (4k) or advise (thp); enough 2 MiB pages (hugetlb)."""
-    shmem = THP_SHMEM_CONTROL.read_text().split("[")[1].split("]")[0]
-    nr = HUGEPAGES_2M / "nr_hugepages"
-    pages = int(nr.read_text())
-    try:
-        THP_SHMEM_CONTROL.write_text("advise" if backend == "thp" else "never")
-        if backend == "hugetlb":  # one VMM at a time holds the guest's RAM
-            nr.write_text(str(pages + memory_mib // 2 + 8))
-        yield
-    finally:
-        THP_SHMEM_CONTROL.write_text(shmem)
-        nr.write_text(str(pages))
 
 
 def _benchmark(args: argparse.Namespace) -> int:

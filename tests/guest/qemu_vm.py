@@ -92,14 +92,17 @@ def balloon_device(*, hint: bool = False, reporting: bool = False, deflate_on_oo
 
 
 def virtio_mem_device(max_size: int, *, ident: str = "vm0", block_size: int = 2 * MiB,
-                      unplugged_inaccessible: bool | None = None) -> list[str]:  # fmt: skip
-    """A memfd backend of `max_size` and a virtio-mem-pci device on it, nothing plugged (requested-size=0)."""
+                      unplugged_inaccessible: bool | None = None, backend_options: str = "",
+                      device_options: str = "") -> list[str]:  # fmt: skip
+    """A memfd backend of `max_size` and a virtio-mem-pci device on it, nothing plugged (requested-size=0);
+    `backend_options` and `device_options` (",hugetlb=on,...", ",prealloc=on") go after each one's own."""
     if max_size <= 0 or max_size % block_size:
         raise ValueError(f"virtio-mem max-size {max_size} is not a positive multiple of the block size {block_size}")
     spec = f"virtio-mem-pci,id={ident},memdev={ident}-mem,block-size={block_size >> 20}M,requested-size=0"
     if unplugged_inaccessible is not None:
         spec += f",unplugged-inaccessible={'on' if unplugged_inaccessible else 'off'}"
-    return ["-object", f"memory-backend-memfd,id={ident}-mem,size={max_size >> 20}M", "-device", spec]
+    return ["-object", f"memory-backend-memfd,id={ident}-mem,size={max_size >> 20}M{backend_options}",
+            "-device", spec + device_options]  # fmt: skip
 
 
 def pmem_device(file: Path, size: int, *, ident: str = "pm0") -> list[str]:
@@ -126,6 +129,7 @@ class QemuMachine:
     name: str = "qemu"  # prefix of the files in `work`
     sockets: Path | None = None  # where the UNIX sockets go (default: `work`; a 9p share is no place for them)
     incoming: str | None = None  # `-incoming URI` (unix:PATH, defer): wait for a migration stream, no boot
+    ram_options: str = ""  # after guest RAM's `memory-backend-memfd,id=ram,size=...`, e.g. ",hugetlb=on,hugetlbsize=2M"
 
     @property
     def qmp_socket(self) -> Path:
@@ -168,7 +172,8 @@ class QemuMachine:
         argv = [
             self.binary, "-accel", self.accel, "-cpu", "host" if self.accel == "kvm" else "max",
             "-smp", str(self.vcpus), "-nodefaults", "-no-user-config", "-display", "none",
-            "-m", size, "-object", f"memory-backend-memfd,id=ram,size={memory}", "-machine", "pc,memory-backend=ram",
+            "-m", size, "-object", f"memory-backend-memfd,id=ram,size={memory}{self.ram_options}",
+            "-machine", "pc,memory-backend=ram",
             "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline,
             "-serial", f"file:{self.console}",
             "-chardev", f"socket,id=agent,path={self.agent_socket},server=on,wait=off",
