@@ -52,6 +52,23 @@ def check_config(config: dict[str, Any], machine: Machine) -> None:
                               f"start the destination with {fix}")  # fmt: skip
 
 
+def write_pages(region: MemoryRegion, offset: int, data: memoryview, gpa: int) -> None:
+    """Put `data` at `offset` of `region`: pwrite(2) to its memfd where it has one of 4 KiB pages, else through
+    the mapping. Into memory never touched (all of it, on a fresh destination) pwrite is about 3x faster than a
+    store through the mapping, which faults in every page on its own (dev host, 1 GiB in 1 MiB writes: 0.53 s
+    against 1.54 s); hugetlbfs files cannot be written with pwrite. The mapping is MAP_SHARED of that file at
+    offset 0: the guest sees the same pages."""
+    if region.fd is None or region.page_size != PAGE_SIZE:
+        region.view[offset : offset + len(data)] = data
+        return
+    done = 0
+    try:
+        while done < len(data):
+            done += os.pwrite(region.fd, data[done:], offset + done)
+    except OSError as error:
+        raise StreamError(f"PAGES: cannot write {gpa:#x}+{len(data):#x}: {error.strerror}") from None
+
+
 class Receiver:
     """Applies records to the machine's memory and devices."""
 
@@ -79,7 +96,7 @@ class Receiver:
         gpa, count, data = stream.parse_range(record)
         region, offset = self._region(record, gpa, count)
         if record.type == stream.PAGES:
-            region.view[offset : offset + len(data)] = data
+            write_pages(region, offset, data, gpa)
         else:
             try:
                 region.discard(offset, count * PAGE_SIZE, "migration-zero")

@@ -175,6 +175,7 @@ class LiveMigrationJob:
                 reply["total-time"] = elapsed
             if self.status == "completed":
                 reply["downtime"] = stats.downtime_ms
+                reply["x-downtime-parts"] = dict(stats.downtime_parts)  # ms by step of the stop phase
             reply["ram"] = {
                 "transferred": stats.transferred,
                 "remaining": stats.remaining if self.running else 0,

@@ -3,11 +3,17 @@
     1 setup    subscribe to the dirty tracker, start a free page hint round (a balloon with free-page-hint),
                send CONFIG and wait for the destination's ACK (it refuses another machine before any RAM)
     2 passes   pass 1 sends every page, each later pass the pages written since the previous one; a pass
-               ends by reading the dirty set; when it fits the downtime limit at the bandwidth measured in the
-               pass (or after `max_passes`), the loop ends
+               ends by reading the dirty set; when it fits the downtime limit (or after `max_passes`), the
+               loop ends. The estimate (DowntimeEstimate) is the pass's fixed part (its time outside sending
+               pages: the backed-set scan, masks, dirty log reads, which the final pass repeats) plus the
+               dirty pages' bytes at the pass's page bandwidth plus a cost per run of them (timed at setup,
+               Sender.run_seconds: the final pass's pages are scattered, pass 1's runs are long)
     3 final    hinting stops, the vCPUs are parked and the devices held (memvisor.vmm.snapshot.quiesced), the
-               last dirty pages go, then STATE (the snapshot's MachineState) and END; the destination ACKs
-               and runs the guest; this machine stays paused ("postmigrate")
+               last dirty pages go (no dirty log clears: nothing writes), then STATE (the snapshot's
+               MachineState) and END; the destination loads the state (creating its vCPUs) and ACKs, then
+               runs the guest; this machine stays paused ("postmigrate"). Each step is timed in
+               `MigrationStats.downtime_parts` (query-migrate's x-downtime-parts). Not in the estimate:
+               pausing, the device state's capture and send, the destination's load and ACK, its resume
 
 What is not sent (counted by reason in `MigrationStats.skipped`):
 - "free-page-hint": pages the guest hinted free in this round and did not write since (the hinting
@@ -63,6 +69,16 @@ DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's defaults
 DEFAULT_MAX_BANDWIDTH = 128 << 20  # bytes per second
 DEFAULT_MAX_PASSES = 30
 CHUNK_PAGES = 16384  # 64 MiB: the hinted set is read again before each chunk of a pass
+IOV_MAX = 1024  # buffers in one sendmsg (Linux UIO_MAXIOV)
+MEASURED_SECONDS = 0.01  # a pass that spent less sending pages keeps the previous pass's page bandwidth
+CALIBRATION_RUNS = 64  # single pages read at the start to time what a run costs (Sender.run_seconds)
+
+
+def _lap(parts: dict[str, int], name: str, since: float) -> float:
+    """Record in `parts` the ms from `since` to now under `name`; now."""
+    now = time.monotonic()
+    parts[name] = int((now - since) * 1000)
+    return now
 
 
 class MigrationCancelled(MemvisorError):
@@ -92,6 +108,7 @@ class MigrationStats:
     setup_ms: int = 0
     downtime_ms: int = 0
     throttle_percent: int = 0  # share of time the vCPUs are held (throttle.py)
+    downtime_parts: dict[str, int] = field(default_factory=dict)  # ms by stop phase step; "expected"
     dirty_log: str = ""  # "manual-protect" (KVM_CLEAR_DIRTY_LOG per chunk) or "kvm-clears" (KVM_GET_DIRTY_LOG's own)
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
 
@@ -147,19 +164,79 @@ def virtio_mem_held(machine: Machine) -> Iterator[None]:
                 device.busy = before
 
 
-def _runs(pfns: np.ndarray, limit: int) -> Iterator[tuple[int, int]]:
-    """Consecutive runs of the sorted `pfns` as (first, count), each at most `limit` long."""
+def run_bounds(pfns: np.ndarray, limit: int) -> tuple[list[int], list[int]]:
+    """Consecutive runs of the sorted `pfns` as (firsts, counts), each at most `limit` long (a longer run is cut
+    into `limit`-long runs and a rest), computed with numpy: no Python work per page nor per run."""
     import numpy as np
 
     if not pfns.size:
-        return
+        return [], []
     breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    for chunk in np.split(pfns, breaks):
-        first, count = int(chunk[0]), int(chunk.size)
-        while count:
-            step = min(count, limit)
-            yield first, step
-            first, count = first + step, count - step
+    starts = np.concatenate(([0], breaks))
+    counts = np.diff(np.concatenate((starts, [pfns.size])))
+    firsts = pfns[starts]
+    if counts.max() > limit:
+        cuts = -(-counts // limit)  # runs each run is cut into
+        which = np.repeat(np.arange(counts.size), cuts)
+        offsets = (np.arange(which.size) - np.repeat(np.cumsum(cuts) - cuts, cuts)) * limit
+        firsts = firsts[which] + offsets
+        counts = np.minimum(counts[which] - offsets, limit)
+    return firsts.tolist(), counts.tolist()
+
+
+def _runs(pfns: np.ndarray, limit: int) -> Iterator[tuple[int, int]]:
+    """Consecutive runs of the sorted `pfns` as (first, count), each at most `limit` long."""
+    firsts, counts = run_bounds(pfns, limit)
+    yield from zip(firsts, counts, strict=True)
+
+
+def send_pieces(sock: socket.socket, pieces: list[bytes | memoryview]) -> None:
+    """`sock.sendall` of the concatenated `pieces` without concatenating them: sendmsg(2) of up to IOV_MAX
+    buffers at a time (one system call for a whole batch of records and their pages), resumed after a
+    partial write."""
+    views = [memoryview(piece).cast("B") for piece in pieces if len(piece)]
+    index = 0
+    while index < len(views):
+        sent = sock.sendmsg(views[index : index + IOV_MAX])
+        while index < len(views) and sent >= len(views[index]):
+            sent -= len(views[index])
+            index += 1
+        if sent:
+            views[index] = views[index][sent:]
+
+
+@dataclass(frozen=True)
+class DowntimeEstimate:
+    """What the final pass is expected to take (ms), from what the previous pass measured."""
+
+    fixed_ms: int  # a pass's work whatever it sends: the backed-set scan, the skip masks, the dirty log reads
+    pages_ms: int  # the pages to send: their bytes at the pass's page bandwidth, plus a cost per run
+
+    @property
+    def total_ms(self) -> int:
+        return self.fixed_ms + self.pages_ms
+
+    def fits(self, limit_ms: int) -> bool:
+        """The final pass fits `limit_ms`. More passes shrink only the pages' part: when the fixed part leaves
+        less than a quarter of the limit, the pages get that quarter (throttling the guest to get the pages under
+        an unreachable limit would slow it for nothing)."""
+        return self.pages_ms <= max(limit_ms - self.fixed_ms, limit_ms // 4)
+
+
+def estimate_downtime(fixed_s: float, page_bandwidth: float, pages: int, runs: int, run_s: float) -> DowntimeEstimate:
+    """`pages` in `runs` runs still to send, at `page_bandwidth` bytes/s and `run_s` seconds a run, after the
+    `fixed_s` every pass costs."""
+    pages_s = pages * PAGE_SIZE / max(page_bandwidth, 1.0) + runs * run_s
+    return DowntimeEstimate(int(fixed_s * 1000), int(pages_s * 1000))
+
+
+def count_runs(mask: np.ndarray) -> int:
+    """Runs of consecutive True in the bool array `mask`."""
+    import numpy as np
+
+    if not mask.size:
+        return 0
+    return int(mask[0]) + int(np.count_nonzero(mask[1:] & ~mask[:-1]))
 
 
 class Sender:
@@ -171,14 +248,13 @@ class Sender:
         self._window_start = time.monotonic()
         self._window_bytes = 0
         self._buffer = memoryview(bytearray(stream.MAX_PAGES_PER_RECORD * PAGE_SIZE))  # one record's pages
+        self.page_seconds = 0.0  # time spent in send_region_pages (reading, checking and sending pages)
 
     def send(self, *pieces: bytes | memoryview) -> None:
         if self.cancelled.is_set():
             raise MigrationCancelled("the migration was cancelled (migrate_cancel)")
-        size = 0
-        for piece in pieces:
-            self.sock.sendall(piece)
-            size += len(piece)
+        send_pieces(self.sock, list(pieces))
+        size = sum(len(piece) for piece in pieces)
         self.stats.transferred += size
         self._window_bytes += size
         limit = self.params.max_bandwidth
@@ -200,6 +276,15 @@ class Sender:
                           backed: np.ndarray, *, first_pass: bool) -> None:  # fmt: skip
         """Send the pages `start + i` of `region` for which `wanted[i]`: data read with `reader` (from the memfd,
         never through the mapping: pages.py), or ZERO runs (`backed[i]` False: a hole, zero without reading it)."""
+
+        started = time.monotonic()
+        try:
+            self._send_region_pages(region, reader, start, wanted, backed, first_pass=first_pass)
+        finally:
+            self.page_seconds += time.monotonic() - started
+
+    def _send_region_pages(self, region: MemoryRegion, reader: RegionReader, start: int, wanted: np.ndarray,
+                           backed: np.ndarray, *, first_pass: bool) -> None:  # fmt: skip
         import numpy as np
 
         unbacked = wanted & ~backed
@@ -209,21 +294,70 @@ class Sender:
             self.send_zero_runs(region, start, unbacked)
             self.stats.skipped["reported"] += int(np.count_nonzero(unbacked))
         self.stats.remaining = max(0, self.stats.remaining - int(np.count_nonzero(unbacked)) * PAGE_SIZE)
-        for first, count in _runs(np.flatnonzero(wanted & backed) + start, stream.MAX_PAGES_PER_RECORD):
-            view = self._buffer[: count * PAGE_SIZE]
-            reader.read(first * PAGE_SIZE, view)
-            nonzero = np.asarray(np.frombuffer(view, dtype=np.uint64).reshape(count, PAGE_SIZE // 8).any(axis=1))
-            edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
-            for part in np.split(np.arange(count), edges):
-                first_page, size = int(part[0]), int(part.size)
-                gpa = region.gpa + (first + first_page) * PAGE_SIZE
-                if nonzero[first_page]:
-                    self.send(*stream.pages_record(gpa, view[first_page * PAGE_SIZE : (first_page + size) * PAGE_SIZE]))
-                    self.stats.normal += size
-                else:
-                    self.send(stream.zero_record(gpa, size))
-                    self.stats.duplicate += size
-            self.stats.remaining = max(0, self.stats.remaining - count * PAGE_SIZE)
+        firsts, counts = run_bounds(np.flatnonzero(wanted & backed) + start, stream.MAX_PAGES_PER_RECORD)
+        batch: list[tuple[int, int]] = []  # runs read into the buffer, one after the other
+        used = 0
+        for first, count in zip(firsts, counts, strict=True):
+            if used + count > stream.MAX_PAGES_PER_RECORD:
+                self._send_batch(region, batch, used)
+                batch, used = [], 0
+            reader.read(first * PAGE_SIZE, self._buffer[used * PAGE_SIZE : (used + count) * PAGE_SIZE])
+            batch.append((first, count))
+            used += count
+        if batch:
+            self._send_batch(region, batch, used)
+
+    def _send_batch(self, region: MemoryRegion, batch: list[tuple[int, int]], used: int) -> None:
+        """The runs `batch` (first page of `region`, count), read one after the other into the first `used`
+        pages of the buffer: one zero check for all of them, then each run as PAGES records for its data and ZERO
+        records for its zero pages, all in one send. The records are the ones a run at a time would give."""
+        pieces, normal, duplicate = self._batch_records(region, batch, used)
+        self.send(*pieces)
+        self.stats.normal += normal
+        self.stats.duplicate += duplicate
+        self.stats.remaining = max(0, self.stats.remaining - used * PAGE_SIZE)
+
+    def _batch_records(self, region: MemoryRegion, batch: list[tuple[int, int]],
+                       used: int) -> tuple[list[bytes | memoryview], int, int]:  # fmt: skip
+        """The records of `_send_batch` as pieces to send, and the counts of pages they carry as data and as zero."""
+        import numpy as np
+
+        view = self._buffer[: used * PAGE_SIZE]
+        nonzero = np.asarray(np.frombuffer(view, dtype=np.uint64).reshape(used, PAGE_SIZE // 8).any(axis=1))
+        firsts = np.array([first for first, _ in batch], dtype=np.int64)
+        counts = np.array([count for _, count in batch], dtype=np.int64)
+        run_starts = np.cumsum(counts) - counts  # offset of each run in the buffer
+        cut = np.zeros(used, dtype=bool)  # a record starts at each run, and where data turns zero or back
+        cut[run_starts] = True
+        cut[1:] |= nonzero[1:] != nonzero[:-1]
+        starts = np.flatnonzero(cut)
+        sizes = np.diff(np.append(starts, used))
+        pfns = np.repeat(firsts - run_starts, counts)[starts] + starts
+        pieces: list[bytes | memoryview] = []
+        normal = duplicate = 0
+        records = zip(starts.tolist(), sizes.tolist(), pfns.tolist(), nonzero[starts].tolist(), strict=True)
+        for offset, size, pfn, data in records:
+            gpa = region.gpa + pfn * PAGE_SIZE
+            if data:
+                pieces += stream.pages_record(gpa, view[offset * PAGE_SIZE : (offset + size) * PAGE_SIZE])
+                normal += size
+            else:
+                pieces.append(stream.zero_record(gpa, size))
+                duplicate += size
+        return pieces, normal, duplicate
+
+    def run_seconds(self, region: MemoryRegion, reader: RegionReader, runs: int = CALIBRATION_RUNS) -> float:
+        """What one more run of pages costs the sender beyond its bytes: reading `runs` single pages spread over
+        `region` into the buffer and building their records, timed, nothing sent. A pass of scattered dirty pages
+        (the final one's) pays this for each run, a cost the bandwidth of a pass of long runs does not show."""
+        pages = region.size // PAGE_SIZE
+        runs = max(1, min(runs, pages, stream.MAX_PAGES_PER_RECORD))
+        started = time.monotonic()
+        batch = [(index * pages // runs, 1) for index in range(runs)]
+        for position, (first, _) in enumerate(batch):
+            reader.read(first * PAGE_SIZE, self._buffer[position * PAGE_SIZE : (position + 1) * PAGE_SIZE])
+        self._batch_records(region, batch, runs)
+        return (time.monotonic() - started) / runs
 
 
 class PreCopy:
@@ -306,7 +440,9 @@ class PreCopy:
         if entries:
             self.sender.send(stream.json_record(stream.PLUGGED, {"devices": entries}))
 
-    def _send_pass(self, wanted: np.ndarray, *, first_pass: bool) -> None:
+    def _send_pass(self, wanted: np.ndarray, *, first_pass: bool, final: bool = False) -> None:
+        """One pass over `wanted`. The `final` one runs with the vCPUs parked and the devices held: nothing writes
+        guest memory, so its chunks are not cleared in the dirty log (each clear reads KVM's whole bitmap)."""
         import numpy as np
 
         self.stats.passes += 1
@@ -334,7 +470,8 @@ class PreCopy:
                     raise MemvisorError(f"the guest stopped during the migration ({what}): nothing was moved")
                 end = min(start + CHUNK_PAGES, pages)
                 consumer = self._consumer
-                if consumer is not None and consumer.manual:  # before reading: a write from now on is logged
+                # before reading: a write from now on is logged
+                if consumer is not None and consumer.manual and not final:
                     self.machine.dirty_tracker.clear(region.gpa + start * PAGE_SIZE, (end - start) * PAGE_SIZE)
                 part = wanted[base + start : base + end].copy()
                 if part.any():
@@ -413,24 +550,34 @@ class PreCopy:
                 with contextlib.suppress(MemvisorError):  # the guest's driver may not offer hinting
                     self.hooks.hint_start()
                     hinting = True
+            run_s = max(self.sender.run_seconds(r, self._readers[r.name]) for r in self.regions)
             self.stats.setup_ms = int((time.monotonic() - started) * 1000)
             self.on_active()
             wanted = np.ones(self._limit(), dtype=bool)
             first_pass = True
+            page_bandwidth = 0.0  # bytes/s while sending pages, from the last pass that sent enough to tell
             while True:
                 pass_start, sent_before = time.monotonic(), self.stats.transferred
+                paged_before = self.sender.page_seconds
                 self._send_pass(wanted, first_pass=first_pass)
                 first_pass = False
                 elapsed = max(time.monotonic() - pass_start, 1e-3)
+                paged = max(self.sender.page_seconds - paged_before, 1e-6)
                 wanted = self._fit(consumer.take_mask())
                 dirty = int(np.count_nonzero(wanted))
-                to_send = int(np.count_nonzero(self._to_send(wanted)))
-                bandwidth = max((self.stats.transferred - sent_before) / elapsed, 1.0)
+                to_send_mask = self._to_send(wanted)
+                to_send = int(np.count_nonzero(to_send_mask))
+                sent = self.stats.transferred - sent_before
+                bandwidth = max(sent / elapsed, 1.0)
                 self.stats.mbps = bandwidth * 8 / 1e6
                 self.stats.dirty_pages_rate = int(dirty / elapsed)
-                self.stats.expected_downtime_ms = int(to_send * PAGE_SIZE / bandwidth * 1000)
+                if paged >= MEASURED_SECONDS or not page_bandwidth:
+                    page_bandwidth = sent / paged if paged >= MEASURED_SECONDS else bandwidth
+                runs = count_runs(to_send_mask)
+                estimate = estimate_downtime(elapsed - paged, page_bandwidth, to_send, runs, run_s)
+                self.stats.expected_downtime_ms = estimate.total_ms
                 self.stats.remaining = to_send * PAGE_SIZE
-                converged = self.stats.expected_downtime_ms <= self.params.downtime_limit_ms
+                converged = estimate.fits(self.params.downtime_limit_ms)
                 if converged or self.stats.passes >= self.params.max_passes:
                     break
                 throttle.after_pass(self.stats.passes, converged)
@@ -439,13 +586,22 @@ class PreCopy:
             if hinting and self.hooks.hint_stop is not None:
                 with contextlib.suppress(MemvisorError):
                     self.hooks.hint_stop()
-            stop_start = time.monotonic()
+            parts = self.stats.downtime_parts
+            parts["expected"] = self.stats.expected_downtime_ms
+            stop_start = lap = time.monotonic()
             with quiesced(self.machine):
+                lap = _lap(parts, "pause", lap)
                 wanted |= self._fit(consumer.take_mask())
-                self._send_pass(wanted, first_pass=False)
+                lap = _lap(parts, "dirty-sync", lap)
+                self._send_pass(wanted, first_pass=False, final=True)
+                lap = _lap(parts, "pages", lap)
                 state = encode(capture_machine(self.machine))
+                lap = _lap(parts, "capture", lap)
                 self.sender.send(stream.json_record(stream.STATE, state), stream.encode_record(stream.END))
+                lap = _lap(parts, "send-state", lap)
                 self._wait_ack("the end of the stream")
+                lap = _lap(parts, "destination", lap)
+            _lap(parts, "release", lap)
             self.stats.downtime_ms = int((time.monotonic() - stop_start) * 1000)
         finally:
             throttle.stop()

@@ -287,6 +287,7 @@ def test_the_job_completes_and_cancel_stops_a_running_one(no_kvm_state: None, tm
     job.wait(10)
     info = job.info()
     assert info["status"] == "completed" and "downtime" in info and not resumed
+    assert info["x-downtime-parts"]["destination"] <= info["downtime"]  # the stop phase by step (source.py)
     assert dst.page(5) == src.page(5)
     # cancel: the destination never answers the CONFIG
     job.set_parameters({"max-bandwidth": 0})

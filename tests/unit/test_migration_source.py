@@ -150,9 +150,9 @@ class PassRecorder:
         self.wanted: list[set[int]] = []
         send_pass = PreCopy._send_pass
 
-        def recorded(precopy: PreCopy, wanted: np.ndarray, *, first_pass: bool) -> None:
+        def recorded(precopy: PreCopy, wanted: np.ndarray, *, first_pass: bool, final: bool = False) -> None:
             self.wanted.append(set(np.flatnonzero(wanted).tolist()) if not first_pass else set())
-            send_pass(precopy, wanted, first_pass=first_pass)
+            send_pass(precopy, wanted, first_pass=first_pass, final=final)
 
         monkeypatch.setattr(PreCopy, "_send_pass", recorded)
 
@@ -314,3 +314,31 @@ def test_a_to_b_and_back_to_a_with_a_guest_writing_during_every_pass(monkeypatch
         assert stats.dirty_log == "kvm-clears"
     finally:
         writer.stop()
+
+
+def test_the_final_pass_clears_no_dirty_log_and_the_stop_phase_is_timed_by_step(no_kvm_state: None) -> None:
+    """The final pass runs with the vCPUs parked: its chunks are not cleared in KVM's log (each clear reads
+    the whole bitmap), the earlier passes' are. Each step of the stop phase is timed in `downtime_parts`."""
+    src, dst = FakeMachine(manual_dirty_log=True), FakeMachine()
+    for pfn in range(16):
+        src.guest_write(pfn, b"d" * PAGE_SIZE)
+    clears: list[int] = []
+    current = [0]
+    clear = src.dirty_tracker.clear
+
+    def counted(gpa: int, size: int) -> None:
+        clears.append(current[0])
+        clear(gpa, size)
+
+    src.dirty_tracker.clear = counted  # type: ignore[method-assign]
+
+    def between(number: int) -> None:
+        current[0] = number
+
+    stats = migrate(src, dst, params=MigrationParameters(max_bandwidth=0), between_passes=between)
+    assert stats.passes == 2
+    assert set(clears) == {1}
+    assert dst.page(3) == b"d" * PAGE_SIZE
+    parts = stats.downtime_parts
+    assert list(parts) == ["expected", "pause", "dirty-sync", "pages", "capture", "send-state", "destination", "release"]
+    assert sum(v for k, v in parts.items() if k != "expected") <= stats.downtime_ms + 7
