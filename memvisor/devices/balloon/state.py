@@ -26,23 +26,37 @@ from memvisor.snapshot.codec import StateError, require
 HINT_STATES = tuple(state.value for state in HintState)
 
 
-def _pack(bits: bytearray) -> bytes:
-    """One byte per page (0 or 1) packed to one bit per page, little-endian bit order."""
-    if bits.count(0) == len(bits):  # nothing inflated or hinted: all zero bytes, without importing numpy
-        return bytes((len(bits) + 7) // 8)
-    import numpy as np
+# Bit planes for bytes.translate: _BIT[r] maps a packed byte to its bit r (0 or 1), _PLANE[r] a page's byte
+# (any non-zero value is a set page) to the value of bit r in a packed byte (0 or 1 << r).
+_BIT = tuple(bytes((value >> r) & 1 for value in range(256)) for r in range(8))
+_PLANE = tuple(bytes(0 if value == 0 else 1 << r for value in range(256)) for r in range(8))
 
-    return np.packbits(np.frombuffer(bytes(bits), dtype=np.uint8).astype(bool), bitorder="little").tobytes()
+
+def _pack(bits: bytearray) -> bytes:
+    """One byte per page (0 or 1) packed to one bit per page, little-endian bit order (page 8j+r is bit r of
+    byte j). Never numpy (see _unpack): each bit plane is a strided slice and a translate, at C speed."""
+    size = (len(bits) + 7) // 8
+    if bits.count(0) == len(bits):  # nothing inflated or hinted: all zero bytes
+        return bytes(size)
+    padded = bytes(bits) + bytes(size * 8 - len(bits))
+    packed = 0
+    for r in range(8):
+        packed |= int.from_bytes(padded[r::8].translate(_PLANE[r]), "little")
+    return packed.to_bytes(size, "little")
 
 
 def _unpack(data: bytes, size: int) -> bytearray:
-    """The inverse of _pack: `size` bytes, one per page. numpy only when a bit is set (a restore of a balloon
-    with nothing inflated or hinted does not import it)."""
+    """The inverse of _pack: `size` bytes, one per page. Never numpy: a migration destination restores the
+    balloon inside the guest's downtime, in a process that has not imported numpy, whose import costs seconds
+    in the lab (a hinted bitmap made the destination's step 2.5 s). Eight translates and strided slice
+    assignments at C speed, no Python work per page nor per byte."""
     if data.count(0) == len(data):
         return bytearray(size)
-    import numpy as np
-
-    return bytearray(np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[:size].tobytes())
+    expanded = bytearray(len(data) * 8)
+    for r in range(8):
+        expanded[r::8] = data.translate(_BIT[r])
+    del expanded[size:]
+    return expanded
 
 
 @dataclass(frozen=True)
