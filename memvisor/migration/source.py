@@ -6,8 +6,9 @@
                ends by reading the dirty set; when it fits the downtime limit (or after `max_passes`), the
                loop ends. The estimate (DowntimeEstimate) is the pass's fixed part (its time outside sending
                pages: the backed-set scan, masks, dirty log reads, which the final pass repeats) plus the
-               dirty pages' bytes at the pass's page bandwidth plus a cost per run of them (timed at setup,
-               Sender.run_seconds: the final pass's pages are scattered, pass 1's runs are long)
+               dirty pages' bytes at the pass's page bandwidth (net of its runs' cost, pass_bandwidth) plus a
+               cost per run of them (timed at setup, Sender.run_seconds: the final pass's pages are scattered,
+               pass 1's runs are long)
     3 final    hinting stops, the vCPUs are parked and the devices held (memvisor.vmm.snapshot.quiesced), the
                last dirty pages go (no dirty log clears: nothing writes), then STATE (the snapshot's
                MachineState) and END; the destination loads the state (creating its vCPUs) and ACKs, then
@@ -230,6 +231,15 @@ def estimate_downtime(fixed_s: float, page_bandwidth: float, pages: int, runs: i
     return DowntimeEstimate(int(fixed_s * 1000), int(pages_s * 1000))
 
 
+def pass_bandwidth(sent: int, paged: float, runs: int, run_s: float) -> float:
+    """Bytes/s of a pass's pages net of their runs' cost: `sent` bytes in `paged` seconds of sending pages, `runs`
+    runs read at `run_s` seconds each. The estimate adds `runs * run_s` for the next pass's runs, so a pass of
+    scattered pages (the later passes of an idle guest) measured by its gross time counted its runs twice: the
+    same pass again was expected to take its time plus its runs' cost, and a migration that fitted did not
+    converge. At least a tenth of `paged` is kept as the bytes' time (a run cost timed too high at setup)."""
+    return sent / max(paged - runs * run_s, paged / 10, 1e-6)
+
+
 def count_runs(mask: np.ndarray) -> int:
     """Runs of consecutive True in the bool array `mask`."""
     import numpy as np
@@ -249,6 +259,7 @@ class Sender:
         self._window_bytes = 0
         self._buffer = memoryview(bytearray(stream.MAX_PAGES_PER_RECORD * PAGE_SIZE))  # one record's pages
         self.page_seconds = 0.0  # time spent in send_region_pages (reading, checking and sending pages)
+        self.runs = 0  # runs of pages read and sent in send_region_pages (each one read, one or more records)
 
     def send(self, *pieces: bytes | memoryview) -> None:
         if self.cancelled.is_set():
@@ -295,6 +306,7 @@ class Sender:
             self.stats.skipped["reported"] += int(np.count_nonzero(unbacked))
         self.stats.remaining = max(0, self.stats.remaining - int(np.count_nonzero(unbacked)) * PAGE_SIZE)
         firsts, counts = run_bounds(np.flatnonzero(wanted & backed) + start, stream.MAX_PAGES_PER_RECORD)
+        self.runs += len(firsts)
         batch: list[tuple[int, int]] = []  # runs read into the buffer, one after the other
         used = 0
         for first, count in zip(firsts, counts, strict=True):
@@ -558,7 +570,7 @@ class PreCopy:
             page_bandwidth = 0.0  # bytes/s while sending pages, from the last pass that sent enough to tell
             while True:
                 pass_start, sent_before = time.monotonic(), self.stats.transferred
-                paged_before = self.sender.page_seconds
+                paged_before, runs_before = self.sender.page_seconds, self.sender.runs
                 self._send_pass(wanted, first_pass=first_pass)
                 first_pass = False
                 elapsed = max(time.monotonic() - pass_start, 1e-3)
@@ -571,8 +583,10 @@ class PreCopy:
                 bandwidth = max(sent / elapsed, 1.0)
                 self.stats.mbps = bandwidth * 8 / 1e6
                 self.stats.dirty_pages_rate = int(dirty / elapsed)
-                if paged >= MEASURED_SECONDS or not page_bandwidth:
-                    page_bandwidth = sent / paged if paged >= MEASURED_SECONDS else bandwidth
+                if paged >= MEASURED_SECONDS:
+                    page_bandwidth = pass_bandwidth(sent, paged, self.sender.runs - runs_before, run_s)
+                elif not page_bandwidth:
+                    page_bandwidth = bandwidth
                 runs = count_runs(to_send_mask)
                 estimate = estimate_downtime(elapsed - paged, page_bandwidth, to_send, runs, run_s)
                 self.stats.expected_downtime_ms = estimate.total_ms
