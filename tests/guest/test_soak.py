@@ -11,7 +11,7 @@ on the emulated nested paging is issue 13's open one and is reported as an xfail
 
 Two sizes of move (MEMVISOR_SOAK_SIZE):
 - `small`, the default and what CI runs: 200 rounds on 2 vCPUs. Before the rounds virtio-mem plugs a 64M base
-  (one Linux memory block added, half onlined); each round then moves the balloon RAM -> RAM-16M -> RAM and
+  (one Linux memory block added, half onlined); each round then moves the balloon RAM -> RAM-8M -> RAM and
   virtio-mem 64M -> 72M -> 64M. Linux 6.1 plugs and unplugs in 4 MiB sub-blocks
   (tests/guest/test_virtio_mem.py) inside that 128 MiB memory block, so the rounds exercise sub-block plug and
   unplug (memvisor's 2M blocks; for an unplug the guest migrates the sub-blocks' pages away,
@@ -76,7 +76,7 @@ class SoakSize:
 
 
 SIZES = {
-    "small": SoakSize("small", balloon=16 * MiB, mem_base=64 * MiB, mem_step=8 * MiB, tolerance=2 * MiB,
+    "small": SoakSize("small", balloon=8 * MiB, mem_base=64 * MiB, mem_step=8 * MiB, tolerance=2 * MiB,
                       poll=0.15, every=20, default_rounds=200, budget_per_round=3.9, timeout_per_round=10),
     "large": SoakSize("large", balloon=256 * MiB, mem_base=0, mem_step=1 * GiB, tolerance=4 * MiB,
                       poll=0.5, every=1, default_rounds=1, budget_per_round=None, timeout_per_round=300),
@@ -120,10 +120,11 @@ def soak_settings(environ: Mapping[str, str]) -> SoakSettings:
 
 
 SETTINGS = soak_settings(os.environ)
-# One writer per vCPU: fill 64M of tmpfs (fresh pages, some of them just deflated or plugged), free it, again;
-# the pause leaves the guest's own balloon and virtio-mem work some CPU.
-WRITER = ("while :; do dd if=/dev/zero of=/dev/shm/fill$N bs=1M count=64 2>/dev/null; rm -f /dev/shm/fill$N; "
-          "sleep 0.2; done")  # fmt: skip
+# One writer per vCPU: fill 32M of tmpfs (fresh pages, some of them just deflated or plugged), free it, again;
+# the pause leaves the guest's own balloon and virtio-mem work some CPU (in the lab, with 64M and 0.2 s pauses
+# the writers held both vCPUs and a 16M inflate took 3.1 s: 7.1 s a round, 24 min for 200).
+WRITER = ("while :; do dd if=/dev/zero of=/dev/shm/fill$N bs=1M count=32 2>/dev/null; rm -f /dev/shm/fill$N; "
+          "sleep 1; done")  # fmt: skip
 DEVICES = ["virtio-balloon,id=balloon0", f"virtio-mem,id=vm0,max-size={MEM_MAX // MiB}M,requested-size=0"]
 
 

@@ -639,7 +639,7 @@ def _machine_shell(vcpus: int) -> Machine:
     machine._parked = 0
     machine._outcome = None
     machine._outcome_listeners = []
-    machine._trails = {}
+    machine._trails, machine._before_first_run = {}, []
     machine.exit_counts = collections.Counter()
     machine.ports = machine_module.PortBus()
     machine.mmio = []
