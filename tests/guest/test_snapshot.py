@@ -18,6 +18,11 @@ import pytest
 from tests.guest.conftest import memvisor
 from tests.guest.vm import GuestVM, wait_until
 
+# The restored guest's `sleep 5` must end 5 s later by its own clock. In the lab the guest's kvm-clock runs over
+# a TSC that its kernel finds unstable (L1 is QEMU TCG), and a `sleep 5` there took 6.6 s with no snapshot at
+# all on a loaded lab, and 7.1 and 9.2 s across a restore (docs/LAB.md, "Guest clocks in the lab"): the lab
+# bound only catches a timer that never fires. On hardware KVM the bound is tight.
+SLEEP_BOUND = 20.0 if os.environ.get("MEMVISOR_IN_LAB") == "1" else 7.0
 SLEEPER = (
     "(s=$(cut -d' ' -f1 /proc/uptime); sleep 5; e=$(cut -d' ' -f1 /proc/uptime); echo \"$s $e\" > /tmp/woke)"
     " >/dev/null 2>&1 </dev/null &"
@@ -83,7 +88,7 @@ def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: P
         waited = time.monotonic() - restored_at
         start, end = (float(v) for v in woke)
         # By the guest's own clock the sleep took 5 s (not much more: no timer was lost) ...
-        assert 5.0 <= end - start < 7.0, woke
+        assert 5.0 <= end - start < SLEEP_BOUND, (woke, f"bound {SLEEP_BOUND} s")
         # ... and it ended soon after the restore, not after some timeout.
         assert waited < 45, waited
         # The wall clock was corrected after the restore (the snapshot sat on disk meanwhile).
