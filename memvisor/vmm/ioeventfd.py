@@ -34,7 +34,6 @@ few ioctls per Status write of its own vCPU, nothing that outlives the machine.
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 import threading
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from memvisor.errors import MemvisorError, UsageError
 from memvisor.kvm import ioctls
+from memvisor.lazylog import lazy_logger
 from memvisor.virtio.device import STATUS_DRIVER_OK
 from memvisor.virtio.mmio import QUEUE_NOTIFY, STATUS, VirtioMmioTransport
 
@@ -51,7 +51,7 @@ from memvisor.virtio.mmio import QUEUE_NOTIFY, STATUS, VirtioMmioTransport
 if TYPE_CHECKING:
     from memvisor.vmm.event_loop import EventfdLoop
 
-log = logging.getLogger(__name__)
+log = lazy_logger(__name__)  # imports logging at its first message
 
 ENV = "MEMVISOR_IOEVENTFD"
 NOTIFY_WIDTH = 4  # QueueNotify is a 32-bit register

@@ -36,6 +36,7 @@ NOT_AT_START = [
     "memvisor.vmm.event_loop", "selectors",  # the device-event thread: only with MEMVISOR_IOEVENTFD=1
     "memvisor.boot.bzimage",  # only for a bzImage kernel
     "shutil",  # argparse's default help width: memvisor.cli.main finds it without
+    "logging",  # the device models log only when something fails (memvisor/lazylog.py)
 ]  # fmt: skip
 
 
