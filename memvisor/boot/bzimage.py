@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memvisor.boot.layout import KERNEL_LOAD_ADDR
+from memvisor.boot.zeropage import SETUP_HEADER_OFFSET
 from memvisor.errors import MemvisorError
 
-SETUP_HEADER_OFFSET = 0x1F1
 BOOT_FLAG = 0xAA55
 HEADER_MAGIC = b"HdrS"
 MIN_BOOT_PROTOCOL = 0x020C  # 2.12: xloadflags and 64-bit entry

@@ -2,11 +2,11 @@
 
 import struct
 
-from memvisor.boot.bzimage import SETUP_HEADER_OFFSET
 from memvisor.boot.e820 import E820_ENTRY, E820_MAX_ENTRIES_ZEROPAGE, E820Entry
 
 BOOT_PARAMS_SIZE = 4096
 # Offsets in struct boot_params.
+SETUP_HEADER_OFFSET = 0x1F1  # struct setup_header hdr, where a bzImage has it too (bzimage.py)
 ACPI_RSDP_ADDR = 0x070  # __u64
 EXT_RAMDISK_IMAGE = 0x0C0  # __u32
 EXT_RAMDISK_SIZE = 0x0C4  # __u32

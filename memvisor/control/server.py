@@ -21,7 +21,6 @@ bytes is dropped; a client that hangs up mid-command is forgotten once the comma
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -33,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from memvisor.control import commands
+from memvisor.control.aio import asyncio  # asyncio without ssl: see aio.py
 from memvisor.control.errors import COMMAND_NOT_FOUND, QmpError
 from memvisor.control.events import event_message
 from memvisor.control.machine_api import EventData, MachineControl

@@ -29,12 +29,12 @@ signal; the transport never calls into a device while holding a lock a device co
 from __future__ import annotations
 
 import abc
-import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from memvisor.errors import GuestFault
+from memvisor.lazylog import lazy_logger
 from memvisor.memory.guest_memory import GuestMemoryError
 from memvisor.virtio.queue import VirtqueueError
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from memvisor.memory.guest_memory import GuestMemory
     from memvisor.virtio.queue import DescriptorChain, SplitVirtqueue
 
-log = logging.getLogger(__name__)
+log = lazy_logger(__name__)  # imports logging at its first message
 
 # What a request handler given to `VirtioDevice.drain` returns: the bytes written into the chain's
 # device-writable buffers (the chain is returned now), or None (the device keeps it and answers later).

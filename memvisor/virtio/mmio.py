@@ -22,11 +22,11 @@ counted (`errors`) and kept in `last_error`.
 
 from __future__ import annotations
 
-import logging
 import struct
 import threading
 from collections.abc import Callable
 
+from memvisor.lazylog import lazy_logger
 from memvisor.memory.guest_memory import GuestMemory
 from memvisor.virtio.device import (
     STATUS_ACKNOWLEDGE,
@@ -45,7 +45,7 @@ from memvisor.virtio.device import (
 )
 from memvisor.virtio.queue import SplitVirtqueue, VirtqueueError
 
-log = logging.getLogger(__name__)
+log = lazy_logger(__name__)  # imports logging at its first message
 
 MMIO_WINDOW_SIZE = 0x1000
 

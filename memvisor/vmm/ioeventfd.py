@@ -34,20 +34,24 @@ few ioctls per Status write of its own vCPU, nothing that outlives the machine.
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 import threading
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from memvisor.errors import MemvisorError, UsageError
 from memvisor.kvm import ioctls
+from memvisor.lazylog import lazy_logger
 from memvisor.virtio.device import STATUS_DRIVER_OK
 from memvisor.virtio.mmio import QUEUE_NOTIFY, STATUS, VirtioMmioTransport
-from memvisor.vmm.event_loop import EventfdLoop, make_eventfd, take
 
-log = logging.getLogger(__name__)
+# The device-event thread (and `selectors` under it) only with the fast path on: every machine imports this module
+# for `requested`, and in the lab each module costs tens of milliseconds of start-up (BENCHMARKS.md).
+if TYPE_CHECKING:
+    from memvisor.vmm.event_loop import EventfdLoop
+
+log = lazy_logger(__name__)  # imports logging at its first message
 
 ENV = "MEMVISOR_IOEVENTFD"
 NOTIFY_WIDTH = 4  # QueueNotify is a 32-bit register
@@ -86,6 +90,8 @@ class Irqfd:
         self._vm = vm
         self.gsi = gsi
         self._lock = threading.Lock()  # no write after close (the fd number could be reused by then)
+        from memvisor.vmm.event_loop import make_eventfd
+
         self._fd = make_eventfd()
         try:
             vm.irqfd(self._fd, gsi)
@@ -128,6 +134,8 @@ class NotifyWindow:
         self._loop = loop
         self.base = base
         self.transport = transport
+        from memvisor.vmm.event_loop import make_eventfd
+
         self._fds = [make_eventfd() for _ in transport.queues]
         self._assigned = [False] * len(self._fds)
         self._closed = False
@@ -184,6 +192,8 @@ class NotifyWindow:
                 return  # stays on the MMIO exit path: the same semantics, only slower
         self._assigned[index] = assign
         if not assign:
+            from memvisor.vmm.event_loop import take
+
             take(fd)  # a notify signalled before the reset does not reach the next driver
 
     def close(self) -> None:
@@ -209,6 +219,8 @@ class DeviceEvents:
                 f"{ENV}=1 needs {' and '.join(missing)}, which this KVM does not report: unset {ENV}"
             )
         self._vm = vm
+        from memvisor.vmm.event_loop import EventfdLoop
+
         self.loop = EventfdLoop("device-events")
         self.irqfds: dict[int, Irqfd] = {}
         self.windows: list[NotifyWindow] = []

@@ -5,28 +5,39 @@ decompresses the kernel) and an uncompressed ELF vmlinux (each loadable segment 
 entered at the ELF entry: boot/elf.py). Everything else, the zero page included, is the same for both.
 """
 
+from __future__ import annotations
+
 import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from memvisor.boot import layout, pagetables
 from memvisor.boot.acpi.tables import AcpiTables
-from memvisor.boot.bzimage import BzImage, parse_bzimage
 from memvisor.boot.e820 import build_e820
 from memvisor.boot.elf import ElfKernel, is_elf, parse_elf_kernel
 from memvisor.boot.zeropage import build_zero_page
 from memvisor.errors import MemvisorError
 from memvisor.memory.guest_memory import GuestMemory
 
-KernelImage = BzImage | ElfKernel
+# The bzImage parser only for a bzImage: the built image boots its vmlinux, and each module imported is start-up
+# time of every boot in the lab (BENCHMARKS.md).
+if TYPE_CHECKING:
+    from memvisor.boot.bzimage import BzImage
+
+KernelImage: TypeAlias = "BzImage | ElfKernel"
 
 
 def read_kernel(path: Path) -> KernelImage:
     """The kernel at `path`, a vmlinux (ELF) or a bzImage, parsed; MemvisorError naming what is wrong."""
-    return parse_elf_kernel(path) if is_elf(path) else parse_bzimage(path)
+    if is_elf(path):
+        return parse_elf_kernel(path)
+    from memvisor.boot.bzimage import parse_bzimage
+
+    return parse_bzimage(path)
 
 
 @dataclass(frozen=True)

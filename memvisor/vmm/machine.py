@@ -20,10 +20,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from memvisor.boot import cpu, layout
-from memvisor.boot.acpi.tables import NumaMemory, VirtioMmioSlot, build_acpi_tables
 from memvisor.devices.acpi_pm import AcpiPowerManagement
 from memvisor.devices.console import VirtioConsoleDevice
 from memvisor.devices.i8042 import I8042
@@ -42,7 +41,11 @@ from memvisor.vmm.dirty_log import PageMask
 from memvisor.vmm.dirty_tracker import DirtyConsumer, DirtyTracker
 from memvisor.vmm.exit_trail import SYNC_CLASSES, ExitTrail, page_walk_lines
 from memvisor.vmm.ioeventfd import DeviceEvents, requested
-from memvisor.vmm.loader import load_kernel, read_kernel
+
+# The kernel loader and the ACPI tables only boot a guest: a restore (memvisor/vmm/snapshot.py) needs neither, and
+# each module imported costs tens of milliseconds of start-up in the lab (BENCHMARKS.md). load() imports them.
+if TYPE_CHECKING:
+    from memvisor.boot.acpi.tables import NumaMemory
 
 KICK_SIGNAL = signal.SIGUSR1
 CONSOLE_TAIL_LINES = 20  # console lines a triple fault's report carries
@@ -147,7 +150,7 @@ class Machine:
         self.boot_started = 0.0
         self.ports = PortBus()
         self.mmio: list[tuple[int, int, MmioDevice]] = []
-        self.virtio_slots: list[VirtioMmioSlot] = []
+        self.virtio_slots: list[tuple[int, int]] = []  # (base, GSI) of each virtio-mmio device, for the DSDT
         self._next_slot = 0
 
         self.vm.set_tss_addr(layout.TSS_ADDR)
@@ -225,7 +228,7 @@ class Machine:
             raise MemvisorError(f"too many virtio devices: at most {layout.VIRTIO_MMIO_SLOTS}")
         base, gsi = layout.virtio_mmio_slot(self._next_slot)
         self._next_slot += 1
-        self.virtio_slots.append(VirtioMmioSlot(base, gsi))
+        self.virtio_slots.append((base, gsi))
         return base, gsi
 
     def virtio_interrupt(self, gsi: int) -> Callable[[], None]:
@@ -256,11 +259,14 @@ class Machine:
 
     # Boot.
     def load(self) -> None:
+        from memvisor.boot.acpi.tables import VirtioMmioSlot, build_acpi_tables
+        from memvisor.vmm.loader import load_kernel, read_kernel
+
         image = read_kernel(self.config.kernel)
         acpi = build_acpi_tables(
             self.config.vcpus,
             [(layout.COM1_PORT, layout.COM1_GSI), (layout.COM2_PORT, layout.COM2_GSI)],
-            self.virtio_slots,
+            [VirtioMmioSlot(base, gsi) for base, gsi in self.virtio_slots],
             numa_nodes=self.config.numa_nodes,
             numa_memory=self._numa_memory(),
         )
@@ -273,8 +279,10 @@ class Machine:
             cpu.setup_vcpu(vcpu, supported, self.config.vcpus, loaded.entry_point)
             self.vcpus.append(vcpu)
 
-    def _numa_memory(self) -> list[NumaMemory]:
+    def _numa_memory(self) -> "list[NumaMemory]":
         """Boot RAM on node 0; each virtio-mem region on its device's node (hotpluggable)."""
+        from memvisor.boot.acpi.tables import NumaMemory
+
         ranges = [NumaMemory(gpa, size, 0) for gpa, size in layout.ram_ranges(self.config.memory)]
         for attached in self.devices:
             if attached.spec.type == "virtio-mem" and attached.region is not None:

@@ -20,6 +20,7 @@ from memvisor.cli.main import main
 status = main(["run", "--lab", "off", "--memory", "1G", "--kernel", sys.argv[1], "--initrd", sys.argv[2],
                "--console", sys.argv[3]])
 import memvisor.vmm.devices  # what build_machine imports before it opens /dev/kvm
+import memvisor.vmm.loader  # what Machine.load imports to boot (the probe's kernel is an ELF)
 print(status, *sorted(sys.modules))  # (not json: the probe must not import what it looks for)
 """
 
@@ -32,6 +33,10 @@ NOT_AT_START = [
     "memvisor.devices.pmem",
     "ctypes.util",  # find_library runs `ldconfig -p` in a subprocess
     "subprocess", "tempfile", "tomllib", "hashlib", "json", "socket", "http",
+    "memvisor.vmm.event_loop", "selectors",  # the device-event thread: only with MEMVISOR_IOEVENTFD=1
+    "memvisor.boot.bzimage",  # only for a bzImage kernel
+    "shutil",  # argparse's default help width: memvisor.cli.main finds it without
+    "logging",  # the device models log only when something fails (memvisor/lazylog.py)
 ]  # fmt: skip
 
 
@@ -80,3 +85,18 @@ def test_restoring_a_balloon_machine_imports_no_numpy() -> None:
     modules = restore_path_modules()
     assert "memvisor.vmm.snapshot" in modules and "memvisor.snapshot.memory" in modules
     assert "numpy" not in modules, "imported numpy: import it inside the functions that need it"
+
+
+# Booting, not restoring: the kernel loader and the ACPI tables (Machine.load). The QMP server's asyncio without
+# ssl (memvisor/control/aio.py). The opt-in eventfd fast path's thread.
+NOT_IN_RESTORE = [
+    "memvisor.vmm.loader", "memvisor.boot.bzimage", "memvisor.boot.elf", "memvisor.boot.e820",
+    "memvisor.boot.acpi.tables", "memvisor.vmm.event_loop", "ssl", "_ssl",
+]  # fmt: skip
+
+
+def test_restoring_imports_neither_the_boot_loader_nor_ssl() -> None:
+    modules = restore_path_modules()
+    assert "memvisor.vmm.control" in modules and "asyncio" in modules
+    loaded = [name for name in NOT_IN_RESTORE if name in modules]
+    assert loaded == [], f"imported on the restore path: {loaded}; import them where they are used"

@@ -28,18 +28,18 @@ A broken device touches no queue until the driver resets it.
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from memvisor.lazylog import lazy_logger
 from memvisor.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice, VirtioDeviceError, feature_bit
 
 if TYPE_CHECKING:
     from memvisor.memory.guest_memory import GuestMemory
     from memvisor.virtio.queue import DescriptorChain, SplitVirtqueue
 
-log = logging.getLogger(__name__)
+log = lazy_logger(__name__)  # imports logging at its first message
 
 VIRTIO_ID_CONSOLE = 3
 # struct virtio_console_config {le16 cols; le16 rows; le32 max_nr_ports; le32 emerg_wr}, virtio 1.2 section 5.3.4.
