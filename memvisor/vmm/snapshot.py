@@ -430,8 +430,28 @@ def _start_clocks(machine: Machine, state: MachineState) -> None:
     are about to run, not from when the state was loaded (memvisor.snapshot.cpu says why)."""
     for vcpu, cpu in zip(machine.vcpus, state.cpus, strict=True):
         restore_vcpu_clock(vcpu, cpu)
-    machine.vm.set_clock(state.vm.clock)
+    machine.vm.set_clock(resume_clock(machine, state))
     signal_paused(machine)
+
+
+def resume_clock(machine: Machine, state: MachineState) -> int:
+    """The kvmclock to resume at: KVM_GET_CLOCK's saved value when KVM said it is the guest's own (TSC-stable),
+    else what the guest's pvclock page gives for the first vCPU's saved TSC (memvisor.snapshot.pvclock says why)."""
+    from memvisor.kvm.structs import KVM_CLOCK_TSC_STABLE
+    from memvisor.snapshot.cpu import MSR_IA32_TSC, MSR_KVM_SYSTEM_TIME_NEW
+    from memvisor.snapshot.pvclock import guest_clock_ns
+
+    if state.vm.clock_flags & KVM_CLOCK_TSC_STABLE or not state.cpus:
+        return state.vm.clock
+    msrs = state.cpus[0].msr_dict
+    if MSR_KVM_SYSTEM_TIME_NEW not in msrs or MSR_IA32_TSC not in msrs:
+        return state.vm.clock
+    guest = guest_clock_ns(msrs[MSR_KVM_SYSTEM_TIME_NEW], msrs[MSR_IA32_TSC], machine.memory.read)
+    if guest is None:
+        return state.vm.clock
+    log.info("restore: kvmclock %d ns from the guest's pvclock page (KVM's saved count: %d ns, %+.3f s)",
+             guest, state.vm.clock, (state.vm.clock - guest) / 1e9)  # fmt: skip
+    return guest
 
 
 def correct_guest_clock(machine: Machine, timeout: float = 60.0) -> threading.Thread:
