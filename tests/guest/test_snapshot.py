@@ -19,10 +19,11 @@ from tests.guest.conftest import memvisor
 from tests.guest.vm import GuestVM, wait_until
 
 # The restored guest's `sleep 5` must end 5 s later by its own clock. In the lab the guest's kvm-clock runs over
-# a TSC that its kernel finds unstable (L1 is QEMU TCG), and a `sleep 5` there took 6.6 s with no snapshot at
-# all on a loaded lab, and 7.1 and 9.2 s across a restore (docs/LAB.md, "Guest clocks in the lab"): the lab
-# bound only catches a timer that never fires. On hardware KVM the bound is tight.
-SLEEP_BOUND = 20.0 if os.environ.get("MEMVISOR_IN_LAB") == "1" else 7.0
+# a TSC its kernel finds unstable (L1 is QEMU TCG) and its timers run up to about 1.6 s late when the lab is
+# loaded (a `sleep 5` took 6.6 s with no snapshot at all), so the lab's bound is 8 s; on hardware KVM it is 7 s.
+# Before the restore resumed kvmclock from the guest's own pvclock page (memvisor/snapshot/pvclock.py) the
+# restored clock jumped about 10 s here and the sleep measured 7.1 and 9.2 s (docs/LAB.md).
+SLEEP_BOUND = 8.0 if os.environ.get("MEMVISOR_IN_LAB") == "1" else 7.0
 SLEEPER = (
     "(s=$(cut -d' ' -f1 /proc/uptime); sleep 5; e=$(cut -d' ' -f1 /proc/uptime); echo \"$s $e\" > /tmp/woke)"
     " >/dev/null 2>&1 </dev/null &"
@@ -87,6 +88,7 @@ def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: P
                           what="the guest's sleep 5 to end")  # fmt: skip
         waited = time.monotonic() - restored_at
         start, end = (float(v) for v in woke)
+        print(f"the restored guest's sleep 5 took {end - start:.2f} s by its own clock (bound {SLEEP_BOUND} s)")
         # By the guest's own clock the sleep took 5 s (not much more: no timer was lost) ...
         assert 5.0 <= end - start < SLEEP_BOUND, (woke, f"bound {SLEEP_BOUND} s")
         # ... and it ended soon after the restore, not after some timeout.
