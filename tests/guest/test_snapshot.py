@@ -129,6 +129,7 @@ def test_kvm_vcpu_and_vm_state_save_restore_save_gives_equal_state() -> None:
         capture_vcpu,
         capture_vm,
         restore_vcpu,
+        restore_vcpu_clock,
         restore_vm,
         savable_msrs,
     )
@@ -157,6 +158,7 @@ def test_kvm_vcpu_and_vm_state_save_restore_save_gives_equal_state() -> None:
     restore_vm(second, saved_vm)
     copy = second.create_vcpu(0)
     restore_vcpu(copy, saved)
+    restore_vcpu_clock(copy, saved)  # what Machine.start does right before the vCPU threads
     again, again_vm = capture_vcpu(copy, msrs), capture_vm(second)
 
     before, after = saved.msr_dict, again.msr_dict
