@@ -1,7 +1,7 @@
 """Guest tests: each boots real Debian guests with memvisor on KVM.
 
 They need hardware KVM, so on machines without it the whole folder runs inside one lab boot:
-`memvisor lab --memory 6G -- .venv/bin/pytest tests/guest` (what scripts/test does).
+`scripts/guest-tests` (what scripts/test does: two tests at a time, then the `alone` ones, in one `memvisor lab`).
 """
 
 import contextlib
@@ -60,10 +60,11 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """With MEMVISOR_GUEST_PROGRESS set (scripts/guest-tests), each phase's outcome is recorded as it ends."""
+    """With MEMVISOR_GUEST_PROGRESS set (scripts/guest-tests), each phase's outcome is recorded as it ends: by
+    pytest itself, or under pytest-xdist by the controller alone (its workers' reports all reach it)."""
     target = os.environ.get(progress.ENV)
-    if target and report.nodeid.startswith("tests/guest/"):
-        progress.record(Path(target), report.when, report.outcome, report.nodeid)
+    if target and report.nodeid.startswith("tests/guest/") and "PYTEST_XDIST_WORKER" not in os.environ:
+        progress.record(Path(target), report.when, report.outcome, report.nodeid, report.duration)
 
 
 @pytest.hookimpl(wrapper=True)

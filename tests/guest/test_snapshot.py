@@ -50,6 +50,7 @@ def _save_ends(vm: GuestVM, path: Path) -> dict:  # type: ignore[type-arg]
     return info
 
 
+@pytest.mark.alone  # its bound on the restored sleep: scripts/guest-tests runs it with no other guest busy
 def test_restored_guest_wakes_from_sleep_on_time_and_snapshots_again(tmp_path: Path) -> None:
     snap = tmp_path / "vm.snap"
     first = tmp_path / "first"

@@ -233,6 +233,7 @@ def mem_size_is(vm: GuestVM, size: int) -> Callable[[], bool]:
     return lambda: vm.cmd("qom-get", path="vm0", property="size") == size
 
 
+@pytest.mark.alone  # its budget of time per round: scripts/guest-tests runs it with no other guest busy
 @pytest.mark.timeout(SETTINGS.timeout)
 @pytest.mark.parametrize("vcpus", SETTINGS.vcpu_counts)
 def test_resize_rounds_while_the_guest_writes_memory(tmp_path: Path, vcpus: int) -> None:

@@ -193,3 +193,47 @@ def test_anything_else_stays_a_failure(stderr: str, environ: dict[str, str]) -> 
     from tests.guest.conftest import known_lab_reset
 
     assert known_lab_reset([stderr], environ, nested_paging=True) is None
+
+
+def test_the_record_keeps_each_tests_time_and_the_table_ranks_them(tmp_path: Path) -> None:
+    record = tmp_path / "progress"
+    for phase, seconds in [("setup", 0.5), ("call", 40.0), ("teardown", 1.5)]:
+        progress.record(record, phase, "passed", B, seconds)  # a node id with a space in it
+    progress.record(record, "call", "passed", A, 90.0)
+    done = progress.read(record)
+    assert done.seconds == {B: 42.0, A: 90.0}
+    lines = progress.times_table(done, limit=1).splitlines()
+    assert lines[0].split() == ["90.0", "s", A] and "1 more" in lines[1] and lines[2].split()[:2] == ["132.0", "s"]
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected"),
+    [([0, 0], 0), ([0, 5], 0), ([5, 0], 0), ([5, 5], 5), ([1, 0], 1), ([0, 1], 1), ([1, 2], 2), ([124, 1], 124)],
+)
+def test_two_phases_give_the_worse_status(stage: ModuleType, statuses: list[int], expected: int) -> None:
+    assert stage.combined_status(statuses) == expected
+
+
+def test_the_phases_run_the_shared_tests_on_workers_then_the_alone_ones(
+    stage: ModuleType, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    runs: list[list[str]] = []
+
+    class Done:
+        def __init__(self, argv: list[str], **_: object) -> None:
+            runs.append(argv)
+            self.returncode = 0 if len(runs) == 1 else 5
+
+    monkeypatch.setattr(stage.subprocess, "run", Done)
+    monkeypatch.setattr(sys, "argv", ["guest-tests", "--phases", "tests/guest", "-k", "boot"])
+    assert stage.main() == 0
+    first, second = runs
+    assert first[1:4] == ["tests/guest", "-k", "boot"] and first[-6:] == ["-n", "2", "--dist", "loadfile", "-m", "not alone"]
+    assert second[1:] == ["tests/guest", "-k", "boot", "-m", "alone"]
+
+
+def test_the_lab_runs_the_phases_with_the_record(stage: ModuleType, tmp_path: Path) -> None:
+    argv = stage.lab_argv(1800.0, tmp_path / "progress", ["-k", "x"], [])
+    phases = argv.index("--phases")
+    assert argv[phases - 1].endswith("scripts/guest-tests") and argv[phases + 1] == "tests/guest"
+    assert argv[argv.index("--memory") + 1] == stage.LAB_MEMORY
