@@ -1,5 +1,5 @@
 """`memvisor manager` started as a user would, for the manual manager checks in this folder
-(manual_manager_two_guests.py, manual_manager_check.py) and benchmarks/overcommit_scenario.py, and its
+(test_manager.py, manual_manager_check.py) and benchmarks/overcommit_scenario.py, and its
 decision log read back."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ A QEMU 7.2 guest (virtio-balloon-pci, no agent channel for the manager) runs alo
 manager detects it as QEMU, turns its stats polling on and takes its idle memory back. It stays out of CI because
 QEMU's guest needs its virtio_pci module loaded through the benchmark's agent first (45 s of lab time), and beside
 memvisor guests on the lab's two cores that setup timed out. The two-memvisor-guest check is
-tests/guest/manual_manager_two_guests.py; both start the manager with tests/guest/manager_run.py.
+tests/guest/test_manager.py; both start the manager with tests/guest/manager_run.py.
 """
 
 import time

@@ -74,6 +74,7 @@ def expected_info(memaddr: int, requested: int, size: int) -> list[str]:
 
 
 # Writing 900M into fresh guest memory costs one host page fault per 4 KiB page: about 250 s in the lab.
+@pytest.mark.alone  # it reads the lab's MemAvailable, which another test's guests move
 @pytest.mark.timeout(1200)
 def test_virtio_mem_grows_and_shrinks_on_its_numa_node(tmp_path: Path) -> None:
     with GuestVM(tmp_path, memory="512M", devices=[DEVICE], extra=["--numa-nodes", "2"]) as vm:

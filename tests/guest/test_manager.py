@@ -1,13 +1,11 @@
 """Issue 10: the overcommit manager holds two memvisor guests inside a host memory budget, with no guest OOM.
 
-NOT in CI yet (file name without test_): in its lab run of 2026-11-30 19:31 UTC guest b triple-faulted
-(KVM_EXIT_SHUTDOWN) while its balloon was being inflated from 461M toward 430M, memvisor restarted it, and the
-restarted guest's stats polling was off (the manager now turns it back on). A guest crash under balloon
-inflation is a VMM/guest bug to find first; rename this file to test_manager.py once it passes reliably. That
-reset was issue 13's, of the lab's emulated nested paging; on shadow paging (the lab's default since 2026-12-02)
-the test passed in its first run (2026-12-02: inside the budget after 53 s, 257M + 257M after 140 s, guest a's
-256M written in 112 s, no OOM kill). By hand:
-    .venv/bin/memvisor lab --memory 6G -- .venv/bin/pytest tests/guest/manual_manager_two_guests.py -v -s
+In CI since 2026-12-02. Its history: in its lab run of 2026-11-30 guest b triple-faulted (KVM_EXIT_SHUTDOWN) while
+its balloon was being inflated, memvisor restarted it, and the restarted guest's stats polling was off (the manager
+now turns it back on). That reset was issue 13's, of the lab's emulated nested paging; on shadow paging (the lab's
+default since 2026-12-02) the test passed in its first run (inside the budget after 53 s, 257M + 257M after 140 s,
+guest a's 256M written in 112 s, no OOM kill). By hand:
+    .venv/bin/python scripts/guest-tests -k manager
 
 Two 1G guests (virtio-balloon with free page reporting, no deflate-on-oom: giving memory back is the manager's
 job here) run side by side under `memvisor manager --budget 1400M --interval 2`, started as a user would:
